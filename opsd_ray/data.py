@@ -1,0 +1,267 @@
+"""Training data: read a source, validate every row up front, shuffle deterministically.
+
+Sources: jsonl, parquet, a saved Hugging Face dataset folder (read with pyarrow), a Hub id
+(needs the `datasets` package and a network), or `builtin:<file>` shipped in opsd_ray/assets/data.
+Which columns hold the question, the reference solution and the final answer is configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from opsd_ray.config import ConfigError
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "data"
+CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+
+
+@dataclass
+class Example:
+    id: int  # row index in the source, stable across shuffles
+    question: str
+    reference: str
+    answer: str | None
+
+
+@dataclass
+class DataReport:
+    source: str
+    rows_read: int = 0
+    valid: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    without_answer: int = 0
+
+    def summary(self) -> str:
+        parts = [f"data: {self.valid}/{self.rows_read} rows valid from {self.source}"]
+        if self.skipped:
+            parts.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
+        if self.without_answer:
+            parts.append(f"{self.without_answer} valid rows have no final answer")
+        return "; ".join(parts)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- reading
+def resolve_path(path: str) -> str:
+    if path.startswith("builtin:"):
+        local = ASSETS / path.removeprefix("builtin:")
+        if not local.exists():
+            known = sorted(p.name for p in ASSETS.glob("*.jsonl"))
+            raise ConfigError(f"no built-in data file '{local.name}'; built-in files: {', '.join(known)}")
+        return str(local)
+    return path
+
+
+def detect_format(path: str) -> str:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return "hf_disk"
+    if p.suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if p.suffix == ".parquet":
+        return "parquet"
+    if p.exists():
+        raise ConfigError(f"data.path={path}: cannot tell the format from the name; set data.format")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return "hub"
+    raise ConfigError(f"data.path: no such file or folder: {path}")
+
+
+def read_rows(path: str, fmt: str = "auto", split: str = "train") -> tuple[list[Any], int]:
+    """All rows of a source as Python objects, plus the number of lines that were not valid JSON."""
+    path = resolve_path(path)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "jsonl":
+        return _read_jsonl(Path(path).expanduser())
+    if fmt == "parquet":
+        return pq.read_table(Path(path).expanduser()).to_pylist(), 0
+    if fmt == "hf_disk":
+        return _read_hf_disk(Path(path).expanduser(), split), 0
+    if fmt == "hub":
+        return _read_hub(path, split), 0
+    raise ConfigError(f"data.format={fmt!r} is not one of: auto, jsonl, parquet, hf_disk, hub")
+
+
+def _read_jsonl(path: Path) -> tuple[list[Any], int]:
+    rows, bad = [], 0
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    return rows, bad
+
+
+def _read_hf_disk(path: Path, split: str) -> list[Any]:
+    """A folder written by `Dataset.save_to_disk` (arrow stream files), or a DatasetDict of them."""
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        if split not in splits:
+            raise ConfigError(f"{path}: no split '{split}' (splits: {', '.join(splits)}); set data.split")
+        path = path / split
+    files = sorted(path.glob("*.arrow"))
+    if not files:
+        raise ConfigError(f"{path}: not a saved Hugging Face dataset (no .arrow files)")
+    tables = []
+    for f in files:
+        with pa.memory_map(str(f)) as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    return pa.concat_tables(tables).to_pylist()
+
+
+def _read_hub(repo_id: str, split: str) -> list[Any]:
+    try:
+        import datasets  # optional: pip install 'opsd_ray[hub]'
+    except ImportError:
+        raise ConfigError(
+            f"data.path={repo_id} looks like a Hub id, which needs `pip install datasets` and a network; "
+            "offline, download it elsewhere and pass data.path=/path/to/file.parquet"
+        ) from None
+    try:
+        return datasets.load_dataset(repo_id, split=split).to_list()
+    except Exception as e:  # network or auth problems: say what to do instead
+        raise ConfigError(
+            f"could not load {repo_id} from the Hub ({type(e).__name__}: {str(e)[:200]}); "
+            "offline, pass data.path=/path/to/a/local/copy"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- validation
+def _text_field(row: dict, key: str) -> tuple[str | None, str | None]:
+    """(value, skip reason)."""
+    if key not in row or row[key] is None:
+        return None, f"missing_{key}"
+    value = row[key]
+    if not isinstance(value, str):
+        return None, f"non_text_{key}"
+    if not value.strip():
+        return None, f"empty_{key}"
+    return value.strip(), None
+
+
+def _answer(row: dict, reference: str, data_cfg: Any) -> str | None:
+    if data_cfg.answer_key:
+        value = row.get(data_cfg.answer_key)
+        return None if value is None or str(value).strip() == "" else str(value).strip()
+    if data_cfg.answer_pattern:
+        matches = re.findall(data_cfg.answer_pattern, reference, flags=re.MULTILINE)
+        return matches[-1].strip() if matches else None
+    return None
+
+
+def validate_rows(rows: list[Any], data_cfg: Any, count_tokens=None, source: str = "") -> tuple[list[Example], DataReport]:
+    """Keep rows with non-empty text question/reference within the token budgets, drop duplicates.
+
+    `count_tokens(text) -> int` enables the token-budget checks (skipped when None).
+    """
+    report = DataReport(source=source or str(data_cfg.path), rows_read=len(rows))
+    skipped: Counter[str] = Counter()
+    seen: set[str] = set()
+    examples: list[Example] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            skipped["not_an_object"] += 1
+            continue
+        question, why = _text_field(row, data_cfg.question_key)
+        reference, why_ref = (None, None) if why else _text_field(row, data_cfg.reference_key)
+        if why or why_ref:
+            skipped[why or why_ref] += 1
+            continue
+        if data_cfg.strip_calculator_notes:
+            reference = CALCULATOR_NOTE.sub("", reference)
+        if count_tokens is not None:
+            if count_tokens(reference) > data_cfg.max_reference_tokens:
+                skipped["reference_over_token_budget"] += 1
+                continue
+            if count_tokens(question) > data_cfg.max_question_tokens:
+                skipped["question_over_token_budget"] += 1
+                continue
+        key = " ".join(question.split())
+        if key in seen:
+            skipped["duplicate_question"] += 1
+            continue
+        seen.add(key)
+        answer = _answer(row, reference, data_cfg)
+        report.without_answer += answer is None
+        examples.append(Example(id=i, question=question, reference=reference, answer=answer))
+    report.skipped = dict(skipped)
+    report.valid = len(examples)
+    return examples, report
+
+
+def load_examples(data_cfg: Any, count_tokens=None, seed: int = 0) -> tuple[list[Example], DataReport]:
+    """Read, validate and shuffle (deterministic per seed); zero valid rows is an error."""
+    rows, bad_json = read_rows(data_cfg.path, data_cfg.format, data_cfg.split)
+    examples, report = validate_rows(rows, data_cfg, count_tokens, source=str(data_cfg.path))
+    if bad_json:
+        report.rows_read += bad_json
+        report.skipped["invalid_json"] = bad_json
+    if not examples:
+        raise ConfigError(
+            f"no valid rows in {data_cfg.path} ({report.summary()}); check data.question_key="
+            f"{data_cfg.question_key} and data.reference_key={data_cfg.reference_key}"
+        )
+    random.Random(seed).shuffle(examples)
+    if data_cfg.limit is not None:
+        examples = examples[: data_cfg.limit]
+    return examples, report
+
+
+def write_parquet(examples: list[Example], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist([asdict(e) for e in examples])
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclass
+class PromptSampler:
+    """Batches of examples without replacement; each epoch is a fresh seeded permutation.
+
+    The state (epoch, position) goes into checkpoints so a resumed run sees the same prompts.
+    """
+
+    examples: list[Example]
+    batch_size: int
+    seed: int = 0
+    epoch: int = 0
+    position: int = 0
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> list[Example]:
+        batch: list[Example] = []
+        order = self._order()
+        while len(batch) < self.batch_size:
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            batch.append(self.examples[order[self.position]])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,112 @@
+import json
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from opsd_ray.config import ConfigError, load_train_config
+from opsd_ray.data import PromptSampler, load_examples, read_rows, validate_rows
+
+
+def data_cfg(path, **kw):
+    base = dict(path=str(path), format="auto", split="train", question_key="question", reference_key="solution",
+                answer_key=None, answer_pattern=None, strip_calculator_notes=False, max_reference_tokens=10,
+                max_question_tokens=100, limit=None)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+BAD_ROWS = [
+    {"question": "What is 1+1?", "solution": "1+1=2. \\boxed{2}"},
+    {"question": "What is 2+2?"},  # missing reference
+    {"question": "", "solution": "x"},  # empty question
+    {"question": "What is 3+3?", "solution": 6},  # non-text reference
+    {"question": "What is 1+1?", "solution": "again"},  # duplicate question
+    {"question": "Long?", "solution": "word " * 50},  # over the token budget
+    ["not", "an", "object"],
+    {"question": "What is 4+4?", "solution": "   "},  # blank reference
+]
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+
+
+def count_words(text):
+    return len(text.split())
+
+
+def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    write_jsonl(path, BAD_ROWS, extra_lines=["{not json"])
+    examples, report = load_examples(data_cfg(path, answer_pattern=r"\\boxed\{([^}]*)\}"), count_words)
+    assert [e.question for e in examples] == ["What is 1+1?"]
+    assert examples[0].answer == "2"
+    assert report.rows_read == len(BAD_ROWS) + 1 and report.valid == 1
+    assert report.skipped == {
+        "missing_solution": 1, "empty_question": 1, "non_text_solution": 1, "duplicate_question": 1,
+        "reference_over_token_budget": 1, "not_an_object": 1, "empty_solution": 1, "invalid_json": 1,
+    }
+    assert "skipped" in report.summary()
+
+
+def test_zero_valid_rows_is_an_error_naming_the_columns(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    write_jsonl(path, [{"q": "a", "s": "b"}])
+    with pytest.raises(ConfigError, match="question_key"):
+        load_examples(data_cfg(path))
+
+
+def test_gsm8k_preset_strips_calculator_notes_and_reads_the_answer():
+    cfg = load_train_config(["data=gsm8k"])
+    examples, report = load_examples(cfg.data, seed=0)
+    assert report.valid > 7000 and report.rows_read == 7473
+    first = next(e for e in examples if e.question.startswith("Natalia sold clips"))
+    assert "<<" not in first.reference and "48/2 = 24 clips" in first.reference
+    assert first.answer == "72"
+    assert all(e.answer for e in examples)
+
+
+def test_parquet_and_saved_hf_dataset_read_the_same_rows(tmp_path):
+    rows = [{"question": f"q{i}", "solution": f"s{i}", "answer": str(i)} for i in range(5)]
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, tmp_path / "d.parquet")
+    folder = tmp_path / "hf" / "train"
+    folder.mkdir(parents=True)
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (tmp_path / "hf" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    assert read_rows(str(tmp_path / "d.parquet"))[0] == rows
+    assert read_rows(str(tmp_path / "hf"))[0] == rows
+    with pytest.raises(ConfigError, match="no split 'test'"):
+        read_rows(str(tmp_path / "hf"), split="test")
+    examples, _ = validate_rows(rows, data_cfg(tmp_path, answer_key="answer"))
+    assert [e.answer for e in examples] == ["0", "1", "2", "3", "4"]
+
+
+def test_shuffle_is_deterministic_per_seed(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"question": f"q{i}", "solution": "s"} for i in range(50)])
+    a, _ = load_examples(data_cfg(path), seed=1)
+    b, _ = load_examples(data_cfg(path), seed=1)
+    c, _ = load_examples(data_cfg(path), seed=2)
+    assert [e.id for e in a] == [e.id for e in b] != [e.id for e in c]
+
+
+def test_sampler_covers_each_epoch_and_resumes_exactly(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"question": f"q{i}", "solution": "s"} for i in range(10)])
+    examples, _ = load_examples(data_cfg(path))
+    s = PromptSampler(examples, batch_size=4, seed=3)
+    seen = [e.id for _ in range(2) for e in s.next_batch()] + [e.id for e in s.next_batch()][:2]
+    assert sorted(seen) == list(range(10))  # one epoch = every example once
+    state = s.state_dict()
+    expected = [e.id for e in s.next_batch()]
+    resumed = PromptSampler(examples, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    assert [e.id for e in resumed.next_batch()] == expected
