@@ -1,0 +1,92 @@
+"""Ray plumbing: start or join Ray, check that the roles fit, place actors in placement groups."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from opsd_ray.config import ConfigError
+
+
+@dataclass
+class RoleRequest:
+    role: str
+    count: int
+    cpus: float
+    gpus: float
+
+    def total(self) -> tuple[float, float]:
+        return self.count * self.cpus, self.count * self.gpus
+
+
+def role_requests(cfg) -> list[RoleRequest]:
+    ro, sc, le = cfg.rollout, cfg.scoring, cfg.learner
+    return [
+        RoleRequest("rollout", ro.num_workers, ro.cpus_per_worker, ro.gpus_per_worker * ro.tensor_parallel_size),
+        RoleRequest("scoring", sc.num_workers, sc.cpus_per_worker, sc.gpus_per_worker),
+        RoleRequest("learner", 1, le.cpus, le.gpus),
+    ]
+
+
+def check_fits(requests: list[RoleRequest], available: dict[str, float]) -> None:
+    """Fail before anything loads: what was asked, what exists, what to change."""
+    need_cpu = sum(r.total()[0] for r in requests)
+    need_gpu = sum(r.total()[1] for r in requests)
+    have_cpu, have_gpu = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    if need_cpu <= have_cpu + 1e-9 and need_gpu <= have_gpu + 1e-9:
+        return
+    asked = "; ".join(f"{r.role}: {r.count} x ({r.cpus:g} CPU, {r.gpus:g} GPU)" for r in requests)
+    raise ConfigError(
+        f"the roles need {need_cpu:g} CPUs and {need_gpu:g} GPUs ({asked}) but the Ray cluster has "
+        f"{have_cpu:g} CPUs and {have_gpu:g} GPUs. Lower rollout.num_workers / scoring.num_workers or the "
+        "per-worker cpus_per_worker / gpus_per_worker / learner.gpus, or add nodes to the cluster."
+    )
+
+
+def init_ray(cfg) -> None:
+    """Join $RAY_ADDRESS / ray.address when given, else start local Ray (dashboard off, loopback only)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
+    for key in ("OPSD_RAY_CACHE", "OPSD_RAY_RECIPES"):
+        if key in os.environ:
+            env["env_vars"][key] = os.environ[key]
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    # Local: logical CPUs may exceed the physical ones so fractional roles always fit on one machine.
+    need = sum(r.total()[0] for r in role_requests(cfg))
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", runtime_env=env,
+             log_to_driver=True, configure_logging=False)
+
+
+def placed(actor_cls, request: RoleRequest, index: int, pg):
+    """Actor options for bundle `index` of the role's placement group."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    opts = {"num_cpus": request.cpus, "num_gpus": request.gpus}
+    if pg is not None:
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
+    return actor_cls.options(**opts)
+
+
+def role_placement_group(request: RoleRequest, timeout_s: float = 600):
+    """One bundle per worker, packed; None when a worker asks for no resources at all."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    bundle = {k: v for k, v in (("CPU", request.cpus), ("GPU", request.gpus)) if v > 0}
+    if not bundle:
+        return None
+    pg = placement_group([dict(bundle) for _ in range(request.count)], strategy="PACK",
+                         name=f"opsd_ray_{request.role}_{os.getpid()}")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(f"placement group for {request.role} ({request.count} x {bundle}) not ready after "
+                          f"{timeout_s:.0f}s: the cluster cannot place it") from None
+    return pg

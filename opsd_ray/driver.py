@@ -1,0 +1,250 @@
+"""The driver (also the Ray job entrypoint): the paper's algorithm, one step at a time.
+
+    for step in 1..T:
+        q, r      <- sample a batch of prompts
+        y_hat     <- rollout: the student pi_theta writes its solutions            (RolloutWorker x R)
+        frozen    <- scoring: pi_0 reads y_hat under (q, r), (r) and (q) at once  (ScoringWorker x S)
+        theta     <- learner: JSD(pi_theta || P_target) with P_target from frozen (Learner)
+        sync      <- the new adapter goes to every rollout worker
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+
+from opsd_ray.cluster import check_fits, init_ray, placed, role_placement_group, role_requests
+from opsd_ray.config import save_config
+from opsd_ray.data import PromptSampler, load_examples
+from opsd_ray.prompts import build_prompt_ids
+from opsd_ray.scoring import VARIANTS, ScoringItem, merge, split_evenly
+
+
+# ----------------------------------------------------------------------------- run folder
+def run_dir(cfg) -> Path:
+    if not cfg.run.name:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg.run.name = f"{cfg.model.name}-{cfg.data.name}-{cfg.objective.mode}-{stamp}"
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """Newest complete checkpoint: temp folders (.step_N.tmp-*) are never picked up."""
+    steps = [p for p in (folder / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists()]
+    return max(steps, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+class MetricsLog:
+    """metrics.jsonl (one record per step) and TensorBoard scalars."""
+
+    def __init__(self, folder: Path, keep_until_step: int):
+        self.path = folder / "metrics.jsonl"
+        kept = []
+        if self.path.exists():  # a resumed run drops what the crashed run logged after its checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=keep_until_step + 1)
+        except ImportError:  # tensorboard is a dependency; stay usable without it
+            print("tensorboard not installed: metrics go to metrics.jsonl only")
+
+    def log(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(k.replace(".", "/"), v, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- roles
+class Roles:
+    """The Ray actors of one run: rollout workers, scoring workers and the learner."""
+
+    def __init__(self, cfg, engine: str):
+        import ray
+
+        from opsd_ray.learner import Learner
+        from opsd_ray.rollout import RolloutWorker
+        from opsd_ray.scoring import ScoringWorker
+
+        req = {r.role: r for r in role_requests(cfg)}
+        check_fits(list(req.values()), ray.cluster_resources())
+        self.pgs = {role: role_placement_group(r) for role, r in req.items()}
+
+        def threads(r):
+            return max(1, round(r.cpus)) if r.gpus == 0 else None
+
+        max_len = cfg.data.max_reference_tokens + cfg.data.max_question_tokens + cfg.rollout.max_new_tokens + 512
+        self.rollout = [
+            placed(ray.remote(RolloutWorker), req["rollout"], i, self.pgs["rollout"]).remote(
+                cfg.model, cfg.rollout, engine, cfg.run.seed, threads(req["rollout"]), max_len)
+            for i in range(cfg.rollout.num_workers)
+        ]
+        self.scoring = [
+            placed(ray.remote(ScoringWorker), req["scoring"], i, self.pgs["scoring"]).remote(
+                cfg.model, cfg.scoring, threads(req["scoring"]))
+            for i in range(cfg.scoring.num_workers)
+        ]
+        self.learner = placed(ray.remote(Learner), req["learner"], 0, self.pgs["learner"]).remote(
+            cfg, threads(req["learner"]))
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in [*self.rollout, *self.scoring, self.learner]:
+            ray.kill(a)
+        for pg in self.pgs.values():
+            if pg is not None:
+                remove_placement_group(pg)
+
+
+def adapter_config(cfg) -> dict:
+    from opsd_ray.learner import lora_config
+    from opsd_ray.models import resolve_model_path
+
+    conf = lora_config(cfg.model).to_dict()
+    conf["base_model_name_or_path"] = resolve_model_path(cfg.model)
+    conf["target_modules"] = sorted(conf["target_modules"])
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in conf.items()}
+
+
+def sync_adapter(roles: Roles, adapter_conf: dict) -> int:
+    """Learner -> every rollout worker; returns the adapter version now used for generation."""
+    import ray
+
+    version, state = ray.get(roles.learner.adapter_state.remote())
+    ref = ray.put(state)
+    ray.get([w.load_adapter.remote(version, ref, adapter_conf) for w in roles.rollout])
+    return version
+
+
+def rollout(roles: Roles, requests: list[tuple[int, list[int], int]]):
+    import ray
+
+    parts = split_evenly(requests, len(roles.rollout))
+    results = ray.get([w.generate.remote(p) for w, p in zip(roles.rollout, parts, strict=True) if p])
+    return [t for part in results for t in part]
+
+
+def score(roles: Roles, items: list[ScoringItem], variants: tuple[str, ...]):
+    import ray
+
+    parts = split_evenly(items, len(roles.scoring))
+    return merge(ray.get([w.score.remote(p, variants) for w, p in zip(roles.scoring, parts, strict=True) if p]))
+
+
+def step_variants(cfg, step: int) -> tuple[str, ...]:
+    """PMI needs all three; standard OPSD needs the teacher, plus the reference probe on diagnostics steps."""
+    every = cfg.train.diagnostics_every
+    diagnostics = every > 0 and (step % every == 0 or step == 1)
+    if cfg.objective.mode == "pmi":
+        return VARIANTS, diagnostics
+    return (("teacher", "reference_only") if diagnostics else ("teacher",)), diagnostics
+
+
+def request_seed(seed: int, step: int, index: int) -> int:
+    """Sampling seed of one trajectory: depends on (run seed, step, position) only."""
+    return (seed * 1_000_003 + step * 10_007 + index) % (2**31 - 1)
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg) -> Path:
+    import ray
+    from tqdm import tqdm
+
+    from opsd_ray.models import load_tokenizer
+    from opsd_ray.rollout import pick_engine
+
+    folder = run_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / "config.yaml")
+    tok = load_tokenizer(cfg.model)
+    examples, report = load_examples(
+        cfg.data, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]), seed=cfg.run.seed)
+    report.save(folder / "data_report.json")
+    print(report.summary(), flush=True)
+    engine = pick_engine(cfg.rollout.engine)
+    sampler = PromptSampler(examples, cfg.train.batch_size, seed=cfg.run.seed)
+
+    init_ray(cfg)
+    roles = Roles(cfg, engine)
+    start = 0
+    resume_from = None
+    if cfg.checkpoint.resume == "auto":
+        resume_from = latest_checkpoint(folder)
+    elif cfg.checkpoint.resume != "never":
+        resume_from = Path(cfg.checkpoint.resume)
+    if resume_from is not None:
+        state = ray.get(roles.learner.load_checkpoint.remote(str(resume_from)))
+        sampler.load_state_dict(state["sampler"])
+        start = int(state["step"])
+        print(f"resumed from {resume_from} (step {start})", flush=True)
+    log = MetricsLog(folder, keep_until_step=start)
+    adapter_conf = adapter_config(cfg)
+    print(f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} "
+          f"engine={engine} rollout x{cfg.rollout.num_workers} scoring x{cfg.scoring.num_workers}", flush=True)
+
+    version = sync_adapter(roles, adapter_conf)
+    bar = tqdm(range(start + 1, cfg.train.steps + 1), initial=start, total=cfg.train.steps, desc="train",
+               dynamic_ncols=True)
+    try:
+        for step in bar:
+            record = train_step(cfg, roles, sampler, tok, step, version)
+            t0 = time.perf_counter()
+            version = sync_adapter(roles, adapter_conf)
+            record["time/sync"] = time.perf_counter() - t0
+            record["time/step"] += record["time/sync"]
+            record["tokens_per_s"] = record["num_tokens"] / record["time/step"]
+            log.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+                ckpt = folder / "checkpoints" / f"step_{step}"
+                ray.get(roles.learner.save_checkpoint.remote(
+                    str(ckpt), {"step": step, "sampler": sampler.state_dict(), "run": cfg.run.name}))
+        final = ray.get(roles.learner.save_adapter.remote(str(folder / "final")))
+    finally:
+        log.close()
+        roles.shutdown()
+    print(f"\ndone: {cfg.train.steps} steps\n  metrics:     {log.path}\n  tensorboard: {folder / 'tensorboard'}\n"
+          f"  adapter:     {final}\n  checkpoints: {folder / 'checkpoints'}\n  config:      {folder / 'config.yaml'}",
+          flush=True)
+    return folder
+
+
+def train_step(cfg, roles: Roles, sampler: PromptSampler, tok, step: int, version: int) -> dict:
+    import ray
+
+    t0 = time.perf_counter()
+    batch = sampler.next_batch()
+    prompts = [build_prompt_ids(tok, ex.question, ex.reference, cfg.model, cfg.prompt) for ex in batch]
+    requests = [(ex.id, p.student, request_seed(cfg.run.seed, step, i)) for i, (ex, p) in enumerate(zip(batch, prompts))]
+    trajectories = rollout(roles, requests)
+    t1 = time.perf_counter()
+    items = [ScoringItem(p, t.response_ids) for p, t in zip(prompts, trajectories, strict=True)]
+    variants, diagnostics = step_variants(cfg, step)
+    frozen = score(roles, items, variants)
+    t2 = time.perf_counter()
+    metrics = ray.get(roles.learner.train_step.remote(
+        items, [t.adapter_version for t in trajectories], frozen, diagnostics))
+    t3 = time.perf_counter()
+    lengths = [len(t.response_ids) for t in trajectories]
+    record = {"step": step, "adapter_version_used": version, **metrics,
+              "response_length": sum(lengths) / len(lengths),
+              "truncation_rate": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
+              "wire_bytes_per_token": frozen.bytes_per_token,
+              "time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/learning": t3 - t2, "time/step": t3 - t0}
+    return record
