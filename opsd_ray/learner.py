@@ -82,12 +82,18 @@ class Learner:
     def train_step(self, items: list[ScoringItem], versions: list[int], frozen: FrozenBatch,
                    diagnostics: bool = False) -> dict[str, float]:
         check_staleness(versions, self.version, self.cfg.rollout.max_staleness)
+        metrics = self.backward(items, frozen, diagnostics)
+        metrics.update(self.optimizer_step())
+        return metrics
+
+    def backward(self, items: list[ScoringItem], frozen: FrozenBatch, diagnostics: bool = False) -> dict[str, float]:
+        """Accumulate the step's gradient over micro-batches; each loss is divided by the step's token count."""
         o, mb = self.cfg.objective, self.cfg.learner.micro_batch_size
         total = frozen.num_tokens
         head = self.lm_head if frozen.wire_format == "hidden" else None
         self.model.train()
         decoder = self.model.get_base_model().get_decoder()
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {"loss": 0.0}
         offset = 0
         for i in range(0, len(items), mb):
             chunk = items[i : i + mb]
@@ -102,11 +108,15 @@ class Learner:
                 normalizer=total, diagnostics=diagnostics,
             )
             loss.backward()
+            sums["loss"] += float(loss.detach())
             for k, v in metrics.items():
                 if k != "num_tokens":
-                    sums[k] = sums.get(k, 0.0) + v * n
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-        assert offset == total, f"frozen batch has {total} tokens, trajectories {offset}"
+                    sums[k] = sums.get(k, 0.0) + v * n / total  # per-token means over the whole step
+        if offset != total:
+            raise ValueError(f"frozen batch has {total} tokens but the trajectories have {offset}")
+        return {**sums, "num_tokens": total}
+
+    def optimizer_step(self) -> dict[str, float]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = self.cfg.learner.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -114,10 +124,7 @@ class Learner:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        out = {k: (v if k == "loss" else v / max(total, 1)) for k, v in sums.items()}
-        out.update(grad_norm=float(grad_norm), lr=self.scheduler.get_last_lr()[0], num_tokens=total,
-                   adapter_version=self.version)
-        return out
+        return {"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], "adapter_version": self.version}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, folder: str, trainer_state: dict) -> str:

@@ -1,0 +1,143 @@
+"""The learner and scoring in-process on the tiny model: normalisation, wire formats, staleness."""
+
+import pytest
+import torch
+
+from opsd_ray.config import load_train_config
+from opsd_ray.learner import Learner, StaleRolloutError, check_staleness
+from opsd_ray.prompts import build_prompt_ids
+from opsd_ray.scoring import VARIANTS, ScoringItem, score, split_evenly
+
+Q = ["What is 2+3?", "Natalia sold 48 clips in April and half as many in May. How many in total?",
+     "A train goes 60 km in 1.5 hours. What is its speed?", "Compute 7*8."]
+R = ["2+3=5. #### 5", "48/2=24, 48+24=72. #### 72", "60/1.5=40 km/h. #### 40", "7*8=56. #### 56"]
+
+
+def make_cfg(*extra):
+    return load_train_config(["model=tiny", "train.batch_size=4", "learner.micro_batch_size=4", "learner.lr=1e-2",
+                              "objective.chunk_size=16", *extra])
+
+
+@pytest.fixture(scope="module")
+def batch():
+    from opsd_ray.models import load_model, load_tokenizer
+
+    cfg = make_cfg()
+    tok = load_tokenizer(cfg.model)
+    g = torch.Generator().manual_seed(0)
+    items = [ScoringItem(build_prompt_ids(tok, q, r, cfg.model, cfg.prompt),
+                         torch.randint(0, 151_000, (n,), generator=g).tolist()) for q, r, n in zip(Q, R, [5, 17, 9, 12])]
+    base = load_model(cfg.model).eval()
+    return items, base
+
+
+def one_step(cfg, items, frozen, diagnostics=True):
+    learner = Learner(cfg)
+    metrics = learner.train_step(items, [0] * len(items), frozen, diagnostics=diagnostics)
+    _, state = learner.adapter_state()
+    return metrics, state
+
+
+def assert_same_update(a, b, tol=1e-5):
+    """Same loss and gradient norm (Adam's first step hides the gradient's scale), same new adapter."""
+    (ma, sa), (mb, sb) = a, b
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=tol, abs=1e-7)
+    assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=10 * tol)
+    for k in sa:  # entries with |g| ~ Adam's eps may flip; 1e-3 of the step size (lr 1e-2) is allowed
+        torch.testing.assert_close(sa[k], sb[k], rtol=tol, atol=1e-5)
+
+
+def gradients(cfg, items, frozen):
+    learner = Learner(cfg)
+    metrics = learner.backward(items, frozen, diagnostics=True)
+    return metrics, {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.requires_grad}
+
+
+def test_micro_batches_do_not_change_the_gradient(batch):
+    """The loss of each micro-batch is divided by the token count of the whole step."""
+    items, base = batch
+    frozen = score(base, items, micro_batch_size=4)
+    full_m, full_g = gradients(make_cfg("learner.micro_batch_size=4"), items, frozen)
+    micro_m, micro_g = gradients(make_cfg("learner.micro_batch_size=1"), items, frozen)
+    assert full_m["num_tokens"] == sum(len(i.response) for i in items) == 43
+    for k in full_m:
+        assert micro_m[k] == pytest.approx(full_m[k], rel=1e-5, abs=1e-7), k
+    scale = max(g.abs().max() for g in full_g.values())
+    assert scale > 0
+    for k in full_g:
+        torch.testing.assert_close(micro_g[k], full_g[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
+
+
+def test_wire_formats_hidden_and_logits_give_the_same_step(batch):
+    items, base = batch
+    hidden = score(base, items, wire_format="hidden")
+    logits = score(base, items, wire_format="logits")
+    assert hidden.bytes_per_token == 3 * 64 * 4  # 3 variants x H float32
+    assert logits.bytes_per_token == 3 * 151_936 * 4
+    assert_same_update(one_step(make_cfg(), items, hidden), one_step(make_cfg(), items, logits), tol=1e-4)
+
+
+def test_scoring_micro_batch_and_split_do_not_change_targets(batch):
+    items, base = batch
+    whole = score(base, items, micro_batch_size=4)
+    for mb in (1, 3):
+        other = score(base, items, micro_batch_size=mb)
+        for v in VARIANTS:
+            torch.testing.assert_close(whole.tensors[v], other.tensors[v], rtol=1e-5, atol=1e-5)
+    assert [len(p) for p in split_evenly(list(range(7)), 3)] == [3, 2, 2]
+
+
+def test_scoring_matches_a_plain_forward_of_each_variant(batch):
+    """The one-pass batch of 3 x N padded sequences equals separate unpadded forwards."""
+    from opsd_ray.prompts import scoring_sequences
+
+    items, base = batch
+    frozen = score(base, items, wire_format="logits", micro_batch_size=4)
+    item = items[1]
+    offset = len(items[0].response)
+    for v in VARIANTS:
+        seq = scoring_sequences(item.prompts, item.response)[v]
+        with torch.no_grad():
+            logits = base(input_ids=torch.tensor([seq.ids])).logits[0, seq.predict_slice]
+        torch.testing.assert_close(frozen.tensors[v][offset : offset + len(item.response)], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_step(batch):
+    items, base = batch
+    frozen = score(base, items)
+    assert_same_update(one_step(make_cfg(), items, frozen),
+                       one_step(make_cfg("learner.gradient_checkpointing=true"), items, frozen))
+
+
+def test_standard_mode_needs_only_the_teacher(batch):
+    items, base = batch
+    frozen = score(base, items, variants=("teacher",))
+    metrics, _ = one_step(make_cfg("objective.mode=standard"), items, frozen, diagnostics=False)
+    assert metrics["loss"] > 0 and "kl_target_base" not in metrics
+
+
+def test_stale_rollouts_are_refused():
+    check_staleness([3, 3], 3, 0)
+    check_staleness([2, 3], 3, 1)
+    with pytest.raises(StaleRolloutError, match="max_staleness=0"):
+        check_staleness([2, 3], 3, 0)
+    with pytest.raises(StaleRolloutError):
+        check_staleness([4], 3, 5)  # from the future: a bug upstream
+
+
+def test_checkpoint_round_trip(batch, tmp_path):
+    items, base = batch
+    frozen = score(base, items)
+    cfg = make_cfg()
+    a = Learner(cfg)
+    a.train_step(items, [0] * 4, frozen)
+    path = a.save_checkpoint(str(tmp_path / "step_1"), {"step": 1, "sampler": {"epoch": 0, "position": 4}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]  # no temp folder left behind
+    b = Learner(cfg)
+    state = b.load_checkpoint(path)
+    assert state["step"] == 1 and b.version == 1
+    ma = a.train_step(items, [1] * 4, frozen)
+    mb = b.train_step(items, [1] * 4, frozen)
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
+    for (k, va), vb in zip(a.adapter_state()[1].items(), b.adapter_state()[1].values()):
+        torch.testing.assert_close(va, vb, msg=k)
