@@ -29,7 +29,7 @@ def _train(args: list[str], show_config: bool) -> int:
 def _prepare_data(args: list[str]) -> int:
     """Turn a source into a clean parquet file, with the same skipped-rows report as training."""
     from opsd_ray.config import Config, compose, validate_train
-    from opsd_ray.data import load_examples, write_parquet
+    from opsd_ray.data import load_examples, token_counter, write_parquet
 
     overrides = parse_overrides(args)
     out = overrides.pop("out", None)
@@ -43,8 +43,7 @@ def _prepare_data(args: list[str]) -> int:
     if overrides.pop("count_tokens", "true") != "false":
         from opsd_ray.models import load_tokenizer
 
-        tok = load_tokenizer(cfg.model)
-        count_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        count_tokens = token_counter(load_tokenizer(cfg.model))
     examples, report = load_examples(cfg.data, count_tokens, seed=cfg.run.seed)
     out_path = Path(out)
     write_parquet(examples, out_path)

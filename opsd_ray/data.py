@@ -164,15 +164,19 @@ def _answer(row: dict, reference: str, data_cfg: Any) -> str | None:
     return None
 
 
+def token_counter(tokenizer):
+    """count_tokens(texts) -> lengths, batched (the fast tokenizer encodes a list in parallel)."""
+    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
 def validate_rows(rows: list[Any], data_cfg: Any, count_tokens=None, source: str = "") -> tuple[list[Example], DataReport]:
     """Keep rows with non-empty text question/reference within the token budgets, drop duplicates.
 
-    `count_tokens(text) -> int` enables the token-budget checks (skipped when None).
+    `count_tokens(texts) -> list[int]` enables the token-budget checks (skipped when None).
     """
     report = DataReport(source=source or str(data_cfg.path), rows_read=len(rows))
     skipped: Counter[str] = Counter()
-    seen: set[str] = set()
-    examples: list[Example] = []
+    candidates: list[tuple[int, dict, str, str]] = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             skipped["not_an_object"] += 1
@@ -184,13 +188,19 @@ def validate_rows(rows: list[Any], data_cfg: Any, count_tokens=None, source: str
             continue
         if data_cfg.strip_calculator_notes:
             reference = CALCULATOR_NOTE.sub("", reference)
-        if count_tokens is not None:
-            if count_tokens(reference) > data_cfg.max_reference_tokens:
-                skipped["reference_over_token_budget"] += 1
-                continue
-            if count_tokens(question) > data_cfg.max_question_tokens:
-                skipped["question_over_token_budget"] += 1
-                continue
+        candidates.append((i, row, question, reference))
+    if count_tokens is not None and candidates:
+        ref_len = count_tokens([c[3] for c in candidates])
+        q_len = count_tokens([c[2] for c in candidates])
+    seen: set[str] = set()
+    examples: list[Example] = []
+    for k, (i, row, question, reference) in enumerate(candidates):
+        if count_tokens is not None and ref_len[k] > data_cfg.max_reference_tokens:
+            skipped["reference_over_token_budget"] += 1
+            continue
+        if count_tokens is not None and q_len[k] > data_cfg.max_question_tokens:
+            skipped["question_over_token_budget"] += 1
+            continue
         key = " ".join(question.split())
         if key in seen:
             skipped["duplicate_question"] += 1

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from datetime import datetime
 from pathlib import Path
 
 from opsd_ray.cluster import check_fits, init_ray, placed, role_placement_group, role_requests
 from opsd_ray.config import save_config
-from opsd_ray.data import PromptSampler, load_examples
+from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.prompts import build_prompt_ids
 from opsd_ray.scoring import VARIANTS, ScoringItem, merge, split_evenly
 
@@ -85,7 +86,8 @@ class Roles:
         self.pgs = {role: role_placement_group(r) for role, r in req.items()}
 
         def threads(r):
-            return max(1, round(r.cpus)) if r.gpus == 0 else None
+            # The phases run one after another, so a CPU-only role may use every core of its node.
+            return os.cpu_count() if r.gpus == 0 else None
 
         max_len = cfg.data.max_reference_tokens + cfg.data.max_question_tokens + cfg.rollout.max_new_tokens + 512
         self.rollout = [
@@ -173,8 +175,7 @@ def train(cfg) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
     tok = load_tokenizer(cfg.model)
-    examples, report = load_examples(
-        cfg.data, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]), seed=cfg.run.seed)
+    examples, report = load_examples(cfg.data, token_counter(tok), seed=cfg.run.seed)
     report.save(folder / "data_report.json")
     print(report.summary(), flush=True)
     engine = pick_engine(cfg.rollout.engine)

@@ -22,3 +22,23 @@ def test_show_config_prints_resolved_yaml():
 def test_presets_subcommand():
     r = run_cli("presets")
     assert r.returncode == 0 and "smollm2-135m" in r.stdout and "math-cot-20k" in r.stdout
+
+
+def test_prepare_data_writes_clean_parquet_and_a_report(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "raw.jsonl"
+    rows = [{"q": "What is 1+1?", "s": "1+1=2 \\boxed{2}"}, {"q": "What is 1+1?", "s": "dup"}, {"q": "x"},
+            {"q": "What is 2+2?", "s": "4 \\boxed{4}"}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "clean.parquet"
+    r = run_cli("prepare-data", "model=tiny", "data=openthoughts-math-30k", f"data.path={src}", "data.question_key=q",
+                "data.reference_key=s", f"out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = pq.read_table(out).to_pylist()
+    assert sorted((t["question"], t["answer"]) for t in table) == [("What is 1+1?", "2"), ("What is 2+2?", "4")]
+    report = json.loads((tmp_path / "clean.report.json").read_text())
+    assert report["skipped"] == {"duplicate_question": 1, "missing_s": 1} and report["valid"] == 2
+    assert "skipped" in r.stdout

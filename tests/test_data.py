@@ -37,8 +37,8 @@ def write_jsonl(path, rows, extra_lines=()):
             f.write(line + "\n")
 
 
-def count_words(text):
-    return len(text.split())
+def count_words(texts):
+    return [len(t.split()) for t in texts]
 
 
 def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path):

@@ -93,8 +93,8 @@ def test_train_vllm_engine_both_modes(local_ray, tmp_path, small_data, mode):
 
 def _learned_adapter(cfg):
     """A learner actor after one real training step on rollouts of its version-0 adapter."""
-    from opsd_ray.driver import Roles, adapter_config, sync_adapter, train_step
     from opsd_ray.data import PromptSampler, load_examples
+    from opsd_ray.driver import Roles, adapter_config, sync_adapter, train_step
     from opsd_ray.models import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
@@ -134,11 +134,11 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
 
 
 def test_one_and_two_scoring_workers_give_the_same_targets(local_ray, tmp_path, small_data):
+    from opsd_ray.data import load_examples
     from opsd_ray.driver import score
     from opsd_ray.models import load_tokenizer
     from opsd_ray.prompts import build_prompt_ids
     from opsd_ray.scoring import VARIANTS, ScoringItem, ScoringWorker
-    from opsd_ray.data import load_examples
 
     cfg = tiny_cfg(tmp_path, small_data, "scoring.micro_batch_size=2")
     tok = load_tokenizer(cfg.model)
