@@ -78,7 +78,9 @@ class PromptConfig:
         "After reading the reference solution above, solve the problem yourself: reason on your own "
         "rather than copying the reference."
     )
-    reference_only_instruction: str = "Now reason about the solution on your own rather than copying the reference."
+    reference_only_instruction: str = (
+        "Now reason about the solution on your own rather than copying the reference."
+    )
 
 
 @dataclass
@@ -318,27 +320,49 @@ def validate_train(cfg: DictConfig) -> None:
     _check(o.chunk_size >= 1, f"objective.chunk_size must be >= 1 (got {o.chunk_size})")
     _check(le.lr > 0, f"learner.lr must be > 0 (got {le.lr})")
     _check(le.grad_clip >= 0, f"learner.grad_clip must be >= 0 (got {le.grad_clip}); 0 disables it")
-    _check(len(le.adam_betas) == 2 and all(0 <= b < 1 for b in le.adam_betas),
-           f"learner.adam_betas must be two numbers in [0, 1) (got {list(le.adam_betas)})")
+    _check(
+        len(le.adam_betas) == 2 and all(0 <= b < 1 for b in le.adam_betas),
+        f"learner.adam_betas must be two numbers in [0, 1) (got {list(le.adam_betas)})",
+    )
     _check(t.steps >= 1, f"train.steps must be >= 1 (got {t.steps})")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
-    for name, mb in (("learner.micro_batch_size", le.micro_batch_size), ("scoring.micro_batch_size", sc.micro_batch_size)):
+    for name, mb in (
+        ("learner.micro_batch_size", le.micro_batch_size),
+        ("scoring.micro_batch_size", sc.micro_batch_size),
+    ):
         _check(mb >= 1, f"{name} must be >= 1 (got {mb})")
-    _check(t.batch_size % le.micro_batch_size == 0,
-           f"train.batch_size ({t.batch_size}) must be divisible by learner.micro_batch_size ({le.micro_batch_size})")
-    _check(t.batch_size % ro.num_workers == 0,
-           f"train.batch_size ({t.batch_size}) must be divisible by rollout.num_workers ({ro.num_workers})")
-    _check(t.batch_size >= sc.num_workers,
-           f"scoring.num_workers ({sc.num_workers}) must be <= train.batch_size ({t.batch_size})")
-    for name, n in (("rollout.num_workers", ro.num_workers), ("scoring.num_workers", sc.num_workers),
-                    ("rollout.tensor_parallel_size", ro.tensor_parallel_size)):
+    _check(
+        t.batch_size % le.micro_batch_size == 0,
+        f"train.batch_size ({t.batch_size}) must be divisible by learner.micro_batch_size ({le.micro_batch_size})",
+    )
+    _check(
+        t.batch_size % ro.num_workers == 0,
+        f"train.batch_size ({t.batch_size}) must be divisible by rollout.num_workers ({ro.num_workers})",
+    )
+    _check(
+        t.batch_size >= sc.num_workers,
+        f"scoring.num_workers ({sc.num_workers}) must be <= train.batch_size ({t.batch_size})",
+    )
+    for name, n in (
+        ("rollout.num_workers", ro.num_workers),
+        ("scoring.num_workers", sc.num_workers),
+        ("rollout.tensor_parallel_size", ro.tensor_parallel_size),
+    ):
         _check(n >= 1, f"{name} must be >= 1 (got {n})")
-    for name, v in (("rollout.gpus_per_worker", ro.gpus_per_worker), ("scoring.gpus_per_worker", sc.gpus_per_worker),
-                    ("learner.gpus", le.gpus), ("rollout.cpus_per_worker", ro.cpus_per_worker),
-                    ("scoring.cpus_per_worker", sc.cpus_per_worker), ("learner.cpus", le.cpus)):
+    for name, v in (
+        ("rollout.gpus_per_worker", ro.gpus_per_worker),
+        ("scoring.gpus_per_worker", sc.gpus_per_worker),
+        ("learner.gpus", le.gpus),
+        ("rollout.cpus_per_worker", ro.cpus_per_worker),
+        ("scoring.cpus_per_worker", sc.cpus_per_worker),
+        ("learner.cpus", le.cpus),
+    ):
         _check(v >= 0, f"{name} must be >= 0 (got {v})")
     _check(ro.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1 (got {ro.max_new_tokens})")
-    _check(ro.temperature > 0, f"rollout.temperature must be > 0 (got {ro.temperature}); on-policy sampling needs it")
+    _check(
+        ro.temperature > 0,
+        f"rollout.temperature must be > 0 (got {ro.temperature}); on-policy sampling needs it",
+    )
     _check(0 < ro.top_p <= 1, f"rollout.top_p must be in (0, 1] (got {ro.top_p})")
     _check(ro.max_staleness >= 0, f"rollout.max_staleness must be >= 0 (got {ro.max_staleness})")
     _check(t.diagnostics_every >= 0, f"train.diagnostics_every must be >= 0 (got {t.diagnostics_every})")
@@ -346,11 +370,16 @@ def validate_train(cfg: DictConfig) -> None:
     _check(cfg.eval.every >= 0, f"eval.every must be >= 0 (got {cfg.eval.every})")
     _check(cfg.eval.n_samples >= 1, f"eval.n_samples must be >= 1 (got {cfg.eval.n_samples})")
     _check(cfg.model.lora.r >= 1, f"model.lora.r must be >= 1 (got {cfg.model.lora.r})")
-    _check(0 <= cfg.model.lora.dropout < 1, f"model.lora.dropout must be in [0, 1) (got {cfg.model.lora.dropout})")
+    _check(
+        0 <= cfg.model.lora.dropout < 1,
+        f"model.lora.dropout must be in [0, 1) (got {cfg.model.lora.dropout})",
+    )
     _check(cfg.data.max_reference_tokens >= 1, "data.max_reference_tokens must be >= 1")
     resume = cfg.checkpoint.resume
-    _check(resume in ("auto", "never") or Path(resume).is_dir(),
-           f"checkpoint.resume={resume!r}: expected auto, never, or an existing step_<N> folder")
+    _check(
+        resume in ("auto", "never") or Path(resume).is_dir(),
+        f"checkpoint.resume={resume!r}: expected auto, never, or an existing step_<N> folder",
+    )
     check_paths(cfg)
 
 
@@ -360,7 +389,11 @@ def check_paths(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not value or value.startswith("builtin:"):
             continue
-        looks_local = value.startswith(("/", "./", "../", "~")) or Path(value).suffix in (".jsonl", ".json", ".parquet")
+        looks_local = value.startswith(("/", "./", "../", "~")) or Path(value).suffix in (
+            ".jsonl",
+            ".json",
+            ".parquet",
+        )
         if looks_local and not Path(value).expanduser().exists():
             raise ConfigError(f"{key}: no such file or folder: {value}")
 

@@ -169,7 +169,9 @@ def token_counter(tokenizer):
     return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def validate_rows(rows: list[Any], data_cfg: Any, count_tokens=None, source: str = "") -> tuple[list[Example], DataReport]:
+def validate_rows(
+    rows: list[Any], data_cfg: Any, count_tokens=None, source: str = ""
+) -> tuple[list[Example], DataReport]:
     """Keep rows with non-empty text question/reference within the token budgets, drop duplicates.
 
     `count_tokens(texts) -> list[int]` enables the token-budget checks (skipped when None).

@@ -45,8 +45,11 @@ class MetricsLog:
         self.path = folder / "metrics.jsonl"
         kept = []
         if self.path.exists():  # a resumed run drops what the crashed run logged after its checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step
+            ]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.tb = None
         try:
@@ -89,19 +92,24 @@ class Roles:
             # The phases run one after another, so a CPU-only role may use every core of its node.
             return os.cpu_count() if r.gpus == 0 else None
 
-        max_len = cfg.data.max_reference_tokens + cfg.data.max_question_tokens + cfg.rollout.max_new_tokens + 512
+        max_len = (
+            cfg.data.max_reference_tokens + cfg.data.max_question_tokens + cfg.rollout.max_new_tokens + 512
+        )
         self.rollout = [
             placed(ray.remote(RolloutWorker), req["rollout"], i, self.pgs["rollout"]).remote(
-                cfg.model, cfg.rollout, engine, cfg.run.seed, threads(req["rollout"]), max_len)
+                cfg.model, cfg.rollout, engine, cfg.run.seed, threads(req["rollout"]), max_len
+            )
             for i in range(cfg.rollout.num_workers)
         ]
         self.scoring = [
             placed(ray.remote(ScoringWorker), req["scoring"], i, self.pgs["scoring"]).remote(
-                cfg.model, cfg.scoring, threads(req["scoring"]))
+                cfg.model, cfg.scoring, threads(req["scoring"])
+            )
             for i in range(cfg.scoring.num_workers)
         ]
         self.learner = placed(ray.remote(Learner), req["learner"], 0, self.pgs["learner"]).remote(
-            cfg, threads(req["learner"]))
+            cfg, threads(req["learner"])
+        )
 
     def shutdown(self) -> None:
         import ray
@@ -146,7 +154,9 @@ def score(roles: Roles, items: list[ScoringItem], variants: tuple[str, ...]):
     import ray
 
     parts = split_evenly(items, len(roles.scoring))
-    return merge(ray.get([w.score.remote(p, variants) for w, p in zip(roles.scoring, parts, strict=True) if p]))
+    return merge(
+        ray.get([w.score.remote(p, variants) for w, p in zip(roles.scoring, parts, strict=True) if p])
+    )
 
 
 def step_variants(cfg, step: int) -> tuple[str, ...]:
@@ -196,12 +206,20 @@ def train(cfg) -> Path:
         print(f"resumed from {resume_from} (step {start})", flush=True)
     log = MetricsLog(folder, keep_until_step=start)
     adapter_conf = adapter_config(cfg)
-    print(f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} "
-          f"engine={engine} rollout x{cfg.rollout.num_workers} scoring x{cfg.scoring.num_workers}", flush=True)
+    print(
+        f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} "
+        f"engine={engine} rollout x{cfg.rollout.num_workers} scoring x{cfg.scoring.num_workers}",
+        flush=True,
+    )
 
     version = sync_adapter(roles, adapter_conf)
-    bar = tqdm(range(start + 1, cfg.train.steps + 1), initial=start, total=cfg.train.steps, desc="train",
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(start + 1, cfg.train.steps + 1),
+        initial=start,
+        total=cfg.train.steps,
+        desc="train",
+        dynamic_ncols=True,
+    )
     try:
         for step in bar:
             record = train_step(cfg, roles, sampler, tok, step, version)
@@ -214,15 +232,20 @@ def train(cfg) -> Path:
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
                 ckpt = folder / "checkpoints" / f"step_{step}"
-                ray.get(roles.learner.save_checkpoint.remote(
-                    str(ckpt), {"step": step, "sampler": sampler.state_dict(), "run": cfg.run.name}))
+                ray.get(
+                    roles.learner.save_checkpoint.remote(
+                        str(ckpt), {"step": step, "sampler": sampler.state_dict(), "run": cfg.run.name}
+                    )
+                )
         final = ray.get(roles.learner.save_adapter.remote(str(folder / "final")))
     finally:
         log.close()
         roles.shutdown()
-    print(f"\ndone: {cfg.train.steps} steps\n  metrics:     {log.path}\n  tensorboard: {folder / 'tensorboard'}\n"
-          f"  adapter:     {final}\n  checkpoints: {folder / 'checkpoints'}\n  config:      {folder / 'config.yaml'}",
-          flush=True)
+    print(
+        f"\ndone: {cfg.train.steps} steps\n  metrics:     {log.path}\n  tensorboard: {folder / 'tensorboard'}\n"
+        f"  adapter:     {final}\n  checkpoints: {folder / 'checkpoints'}\n  config:      {folder / 'config.yaml'}",
+        flush=True,
+    )
     return folder
 
 
@@ -232,20 +255,31 @@ def train_step(cfg, roles: Roles, sampler: PromptSampler, tok, step: int, versio
     t0 = time.perf_counter()
     batch = sampler.next_batch()
     prompts = [build_prompt_ids(tok, ex.question, ex.reference, cfg.model, cfg.prompt) for ex in batch]
-    requests = [(ex.id, p.student, request_seed(cfg.run.seed, step, i)) for i, (ex, p) in enumerate(zip(batch, prompts))]
+    requests = [
+        (ex.id, p.student, request_seed(cfg.run.seed, step, i))
+        for i, (ex, p) in enumerate(zip(batch, prompts))
+    ]
     trajectories = rollout(roles, requests)
     t1 = time.perf_counter()
     items = [ScoringItem(p, t.response_ids) for p, t in zip(prompts, trajectories, strict=True)]
     variants, diagnostics = step_variants(cfg, step)
     frozen = score(roles, items, variants)
     t2 = time.perf_counter()
-    metrics = ray.get(roles.learner.train_step.remote(
-        items, [t.adapter_version for t in trajectories], frozen, diagnostics))
+    metrics = ray.get(
+        roles.learner.train_step.remote(items, [t.adapter_version for t in trajectories], frozen, diagnostics)
+    )
     t3 = time.perf_counter()
     lengths = [len(t.response_ids) for t in trajectories]
-    record = {"step": step, "adapter_version_used": version, **metrics,
-              "response_length": sum(lengths) / len(lengths),
-              "truncation_rate": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
-              "wire_bytes_per_token": frozen.bytes_per_token,
-              "time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/learning": t3 - t2, "time/step": t3 - t0}
+    record = {
+        "step": step,
+        "adapter_version_used": version,
+        **metrics,
+        "response_length": sum(lengths) / len(lengths),
+        "truncation_rate": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
+        "wire_bytes_per_token": frozen.bytes_per_token,
+        "time/rollout": t1 - t0,
+        "time/scoring": t2 - t1,
+        "time/learning": t3 - t2,
+        "time/step": t3 - t0,
+    }
     return record

@@ -40,8 +40,13 @@ def lora_config(model_cfg):
     from peft import LoraConfig
 
     lo = model_cfg.lora
-    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                      target_modules=list(lo.target_modules), task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=list(lo.target_modules),
+        task_type="CAUSAL_LM",
+    )
 
 
 class Learner:
@@ -64,7 +69,9 @@ class Learner:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         params = [p for p in self.model.parameters() if p.requires_grad]
         le = cfg.learner
-        self.optimizer = torch.optim.AdamW(params, lr=le.lr, betas=tuple(le.adam_betas), weight_decay=le.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=le.lr, betas=tuple(le.adam_betas), weight_decay=le.weight_decay
+        )
         warmup = max(le.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
@@ -79,14 +86,17 @@ class Learner:
         return self.version, {k: v.detach().cpu().clone() for k, v in state.items()}
 
     # ------------------------------------------------------------------ training
-    def train_step(self, items: list[ScoringItem], versions: list[int], frozen: FrozenBatch,
-                   diagnostics: bool = False) -> dict[str, float]:
+    def train_step(
+        self, items: list[ScoringItem], versions: list[int], frozen: FrozenBatch, diagnostics: bool = False
+    ) -> dict[str, float]:
         check_staleness(versions, self.version, self.cfg.rollout.max_staleness)
         metrics = self.backward(items, frozen, diagnostics)
         metrics.update(self.optimizer_step())
         return metrics
 
-    def backward(self, items: list[ScoringItem], frozen: FrozenBatch, diagnostics: bool = False) -> dict[str, float]:
+    def backward(
+        self, items: list[ScoringItem], frozen: FrozenBatch, diagnostics: bool = False
+    ) -> dict[str, float]:
         """Accumulate the step's gradient over micro-batches; each loss is divided by the step's token count."""
         o, mb = self.cfg.objective, self.cfg.learner.micro_batch_size
         total = frozen.num_tokens
@@ -103,9 +113,19 @@ class Learner:
             offset += n
             variants = FrozenVariants(rows["teacher"], rows.get("reference_only"), rows.get("base"))
             loss, metrics = opsd_loss(
-                student, variants, mode=o.mode, beta=o.beta, clip=o.clip or None, center=o.center, lam=o.lam,
-                temperature=o.temperature, chunk_size=o.chunk_size, lm_head=self.lm_head, frozen_lm_head=head,
-                normalizer=total, diagnostics=diagnostics,
+                student,
+                variants,
+                mode=o.mode,
+                beta=o.beta,
+                clip=o.clip or None,
+                center=o.center,
+                lam=o.lam,
+                temperature=o.temperature,
+                chunk_size=o.chunk_size,
+                lm_head=self.lm_head,
+                frozen_lm_head=head,
+                normalizer=total,
+                diagnostics=diagnostics,
             )
             loss.backward()
             sums["loss"] += float(loss.detach())
@@ -124,7 +144,11 @@ class Learner:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        return {"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], "adapter_version": self.version}
+        return {
+            "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0],
+            "adapter_version": self.version,
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, folder: str, trainer_state: dict) -> str:
@@ -133,8 +157,10 @@ class Learner:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         self.model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   tmp / "optimizer.pt")
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            tmp / "optimizer.pt",
+        )
         torch.save(rng_state(), tmp / "rng.pt")
         state = dict(trainer_state, adapter_version=self.version)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")

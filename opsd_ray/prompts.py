@@ -67,11 +67,15 @@ class PromptIds:
 
 def build_prompt_ids(tokenizer: Any, question: str, reference: str, model_cfg: Any, p: Any) -> PromptIds:
     thinking = bool(model_cfg.enable_thinking)
-    teacher_thinking = thinking if model_cfg.teacher_enable_thinking is None else bool(model_cfg.teacher_enable_thinking)
+    teacher_thinking = (
+        thinking if model_cfg.teacher_enable_thinking is None else bool(model_cfg.teacher_enable_thinking)
+    )
     style = model_cfg.thinking_style
     return PromptIds(
         student=chat_prompt_ids(tokenizer, student_text(question, p), thinking=thinking, style=style),
-        teacher=chat_prompt_ids(tokenizer, teacher_text(question, reference, p), thinking=teacher_thinking, style=style),
+        teacher=chat_prompt_ids(
+            tokenizer, teacher_text(question, reference, p), thinking=teacher_thinking, style=style
+        ),
         reference_only=chat_prompt_ids(
             tokenizer, reference_only_text(reference, p), thinking=teacher_thinking, style=style
         ),

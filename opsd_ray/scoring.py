@@ -17,7 +17,12 @@ import torch
 from opsd_ray.prompts import PromptIds, append_response
 
 VARIANTS = ("teacher", "reference_only", "base")
-_PROMPT_OF = {"teacher": "teacher", "reference_only": "reference_only", "base": "student", "student": "student"}
+_PROMPT_OF = {
+    "teacher": "teacher",
+    "reference_only": "reference_only",
+    "base": "student",
+    "student": "student",
+}
 
 
 @dataclass
@@ -54,13 +59,17 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def response_hidden(decoder, items: list[ScoringItem], variants: tuple[str, ...], pad_id: int) -> dict[str, torch.Tensor]:
+def response_hidden(
+    decoder, items: list[ScoringItem], variants: tuple[str, ...], pad_id: int
+) -> dict[str, torch.Tensor]:
     """One forward pass over len(variants) x len(items) sequences; rows at the response positions.
 
     Row j of a variant's result is the final hidden state that predicts response token j.
     Right padding keeps position ids 0..len-1 for every real token, so padding changes nothing.
     """
-    seqs = [append_response(getattr(it.prompts, _PROMPT_OF[v]), it.response) for v in variants for it in items]
+    seqs = [
+        append_response(getattr(it.prompts, _PROMPT_OF[v]), it.response) for v in variants for it in items
+    ]
     ids, mask = pad_right([s.ids for s in seqs], pad_id)
     device = next(decoder.parameters()).device
     hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
@@ -89,8 +98,10 @@ def score(
     hidden = {v: torch.cat(p) for v, p in parts.items()}
     if wire_format == "logits":
         head = model.get_output_embeddings()
-        hidden = {v: torch.cat([head(h[j : j + logits_chunk]) for j in range(0, len(h), logits_chunk)])
-                  for v, h in hidden.items()}
+        hidden = {
+            v: torch.cat([head(h[j : j + logits_chunk]) for j in range(0, len(h), logits_chunk)])
+            for v, h in hidden.items()
+        }
     elif wire_format != "hidden":
         raise ValueError(f"unknown wire format {wire_format!r} (hidden | logits)")
     num_tokens = sum(len(it.response) for it in items)
@@ -129,5 +140,11 @@ class ScoringWorker:
         self.cfg = scoring_cfg
 
     def score(self, items: list[ScoringItem], variants: tuple[str, ...]) -> FrozenBatch:
-        return score(self.model, items, variants=variants, wire_format=self.cfg.wire_format,
-                     micro_batch_size=self.cfg.micro_batch_size, pad_id=self.pad_id)
+        return score(
+            self.model,
+            items,
+            variants=variants,
+            wire_format=self.cfg.wire_format,
+            micro_batch_size=self.cfg.micro_batch_size,
+            pad_id=self.pad_id,
+        )
