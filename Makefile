@@ -35,10 +35,22 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check opsd_ray tests bench
+	$(VENV)/bin/ruff check opsd_ray tests cluster
 
 train: install
 	$(VENV)/bin/opsd-ray train model=$(MODEL) data=$(DATA) $(if $(STEPS),train.steps=$(STEPS)) $(if $(RUN),run.name=$(RUN)) $(ARGS)
+
+# Submit a training run to a running Ray cluster as a Ray job (cluster/submit.py; README "GPU and cluster use"):
+#   make submit MODEL=qwen3-8b DATA=math-cot-20k RAY_ADDRESS=http://head:8265 OUTPUT_DIR=/shared/runs
+# JOB_ENV="K=V ...": environment of the job; JOB_PYTHON: the cluster's python; WAIT=1: follow the logs.
+RAY_ADDRESS ?=
+OUTPUT_DIR ?=
+JOB_ENV ?=
+JOB_PYTHON ?= python
+WAIT ?=
+.PHONY: submit
+submit: install
+	$(PY) cluster/submit.py $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) --python $(JOB_PYTHON) $(if $(WAIT),--wait) $(foreach e,$(JOB_ENV),--env $(e)) model=$(MODEL) data=$(DATA) $(if $(STEPS),train.steps=$(STEPS)) $(if $(RUN),run.name=$(RUN)) $(if $(OUTPUT_DIR),run.output_dir=$(OUTPUT_DIR)) $(ARGS)
 
 bench: install
 	$(PY) -m opsd_ray.bench all $(if $(QUICK),--quick)

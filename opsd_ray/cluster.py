@@ -22,7 +22,9 @@ class RoleRequest:
 def role_requests(cfg) -> list[RoleRequest]:
     ro, sc, le = cfg.rollout, cfg.scoring, cfg.learner
     return [
-        RoleRequest("rollout", ro.num_workers, ro.cpus_per_worker, ro.gpus_per_worker * ro.tensor_parallel_size),
+        RoleRequest(
+            "rollout", ro.num_workers, ro.cpus_per_worker, ro.gpus_per_worker * ro.tensor_parallel_size
+        ),
         RoleRequest("scoring", sc.num_workers, sc.cpus_per_worker, sc.gpus_per_worker),
         RoleRequest("learner", 1, le.cpus, le.gpus),
     ]
@@ -39,7 +41,8 @@ def check_fits(requests: list[RoleRequest], available: dict[str, float]) -> None
     raise ConfigError(
         f"the roles need {need_cpu:g} CPUs and {need_gpu:g} GPUs ({asked}) but the Ray cluster has "
         f"{have_cpu:g} CPUs and {have_gpu:g} GPUs. Lower rollout.num_workers / scoring.num_workers or the "
-        "per-worker cpus_per_worker / gpus_per_worker / learner.gpus, or add nodes to the cluster."
+        "per-worker cpus_per_worker / gpus_per_worker / learner.gpus, or add nodes to the cluster "
+        "(`opsd-ray plan model=<m> data=<d> gpus=<n>` suggests a split of n GPUs)."
     )
 
 
@@ -50,7 +53,12 @@ def init_ray(cfg) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
+    env = {
+        "env_vars": {
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+        }
+    }
     for key in ("OPSD_RAY_CACHE", "OPSD_RAY_RECIPES"):
         if key in os.environ:
             env["env_vars"][key] = os.environ[key]
@@ -60,8 +68,14 @@ def init_ray(cfg) -> None:
     # Local: logical CPUs may exceed the physical ones so fractional roles always fit on one machine.
     need = sum(r.total()[0] for r in role_requests(cfg))
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", runtime_env=env,
-             log_to_driver=True, configure_logging=False)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        runtime_env=env,
+        log_to_driver=True,
+        configure_logging=False,
+    )
 
 
 def placed(actor_cls, request: RoleRequest, index: int, pg):
@@ -82,11 +96,16 @@ def role_placement_group(request: RoleRequest, timeout_s: float = 600):
     bundle = {k: v for k, v in (("CPU", request.cpus), ("GPU", request.gpus)) if v > 0}
     if not bundle:
         return None
-    pg = placement_group([dict(bundle) for _ in range(request.count)], strategy="PACK",
-                         name=f"opsd_ray_{request.role}_{os.getpid()}")
+    pg = placement_group(
+        [dict(bundle) for _ in range(request.count)],
+        strategy="PACK",
+        name=f"opsd_ray_{request.role}_{os.getpid()}",
+    )
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise ConfigError(f"placement group for {request.role} ({request.count} x {bundle}) not ready after "
-                          f"{timeout_s:.0f}s: the cluster cannot place it") from None
+        raise ConfigError(
+            f"placement group for {request.role} ({request.count} x {bundle}) not ready after "
+            f"{timeout_s:.0f}s: the cluster cannot place it"
+        ) from None
     return pg

@@ -128,7 +128,7 @@ class LearnerConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     micro_batch_size: int = 4
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True  # paper setting
 
 
 @dataclass

@@ -53,13 +53,13 @@ class Learner:
     def __init__(self, cfg, num_threads: int | None = None):
         from peft import get_peft_model
 
-        from opsd_ray.models import load_model, load_tokenizer
+        from opsd_ray.models import default_device, load_model, load_tokenizer
 
         if num_threads:
             torch.set_num_threads(num_threads)
         torch.manual_seed(cfg.run.seed)  # LoRA init
         self.cfg = cfg
-        base = load_model(cfg.model)
+        base = load_model(cfg.model, device=default_device())
         if cfg.learner.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
@@ -109,7 +109,7 @@ class Learner:
             chunk = items[i : i + mb]
             n = sum(len(it.response) for it in chunk)
             student = response_hidden(decoder, chunk, ("student",), self.pad_id)["student"]
-            rows = {v: t[offset : offset + n] for v, t in frozen.tensors.items()}
+            rows = {v: t[offset : offset + n].to(self.lm_head.device) for v, t in frozen.tensors.items()}
             offset += n
             variants = FrozenVariants(rows["teacher"], rows.get("reference_only"), rows.get("base"))
             loss, metrics = opsd_loss(

@@ -153,6 +153,11 @@ def load_tokenizer(model_cfg):
     )
 
 
+def default_device() -> str:
+    """The GPU Ray gave this process, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(model_cfg, *, dtype=None, device="cpu"):
     """AutoModelForCausalLM with the preset dtype and attention (train/eval mode left as is).
 

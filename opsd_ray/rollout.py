@@ -65,10 +65,10 @@ class HFEngine:
         from peft import get_peft_model
 
         from opsd_ray.learner import lora_config
-        from opsd_ray.models import load_model, load_tokenizer, resolve_model_path
+        from opsd_ray.models import default_device, load_model, load_tokenizer, resolve_model_path
 
         self.tokenizer = load_tokenizer(model_cfg)
-        self.model = get_peft_model(load_model(model_cfg), lora_config(model_cfg)).eval()
+        self.model = get_peft_model(load_model(model_cfg, device=default_device()), lora_config(model_cfg)).eval()
         self.eos = eos_ids(self.tokenizer, resolve_model_path(model_cfg))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0]
         self.version = -1
@@ -93,7 +93,7 @@ class HFEngine:
         out = []
         for prompt, seed in zip(prompts, seeds, strict=True):
             torch.manual_seed(seed)
-            ids = torch.tensor([prompt])
+            ids = torch.tensor([prompt], device=self.model.device)
             gen = self.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
@@ -110,9 +110,9 @@ class HFEngine:
 
     @torch.no_grad()
     def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
-        ids = torch.tensor([prompt + response])
+        ids = torch.tensor([prompt + response], device=self.model.device)
         logp = torch.log_softmax(self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
-        return logp.gather(-1, torch.tensor(response)[:, None])[:, 0].tolist()
+        return logp.gather(-1, torch.tensor(response, device=ids.device)[:, None])[:, 0].tolist()
 
 
 class VLLMEngine:

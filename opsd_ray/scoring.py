@@ -72,7 +72,8 @@ def response_hidden(
     ]
     ids, mask = pad_right([s.ids for s in seqs], pad_id)
     device = next(decoder.parameters()).device
-    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    # no KV cache: one pass over known sequences needs none (it would cost GBs at real sizes)
+    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
     rows = [hidden[i, s.predict_slice] for i, s in enumerate(seqs)]
     n = len(items)
     return {v: torch.cat(rows[k * n : (k + 1) * n]) for k, v in enumerate(variants)}
@@ -130,11 +131,11 @@ class ScoringWorker:
     """Ray actor shell: one frozen copy of the base model."""
 
     def __init__(self, model_cfg, scoring_cfg, num_threads: int | None = None):
-        from opsd_ray.models import load_model, load_tokenizer
+        from opsd_ray.models import default_device, load_model, load_tokenizer
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.model = load_model(model_cfg).eval().requires_grad_(False)
+        self.model = load_model(model_cfg, device=default_device()).eval().requires_grad_(False)
         tok = load_tokenizer(model_cfg)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.cfg = scoring_cfg

@@ -1,0 +1,276 @@
+"""Running where users run: the resource check, `make submit` against a real Ray head, cluster manifests."""
+
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opsd_ray.cluster import RoleRequest, check_fits, role_requests
+from opsd_ray.config import ConfigError, load_train_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
+VENV_BIN = Path(sys.executable).parent
+
+
+def small_gsm8k(folder: Path, n: int = 40) -> str:
+    """The first n GSM8K problems, through the real gsm8k preset."""
+    from opsd_ray.data import ASSETS
+
+    path = folder / "gsm8k_small.jsonl"
+    with open(ASSETS / "gsm8k_train.jsonl") as f:
+        path.write_text("".join(next(f) for _ in range(n)))
+    return str(path)
+
+
+def clean_env(**extra) -> dict[str, str]:
+    """This environment without a Ray address (a stray one would send local runs elsewhere)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(extra)
+    return env
+
+
+# ----------------------------------------------------------------------------- resource check
+def test_check_fits_accepts_what_fits():
+    roles = [RoleRequest("rollout", 2, 4, 1), RoleRequest("scoring", 5, 4, 1), RoleRequest("learner", 1, 4, 1)]
+    check_fits(roles, {"CPU": 64.0, "GPU": 8.0})
+    check_fits(roles, {"CPU": 32.0, "GPU": 8.0})  # exactly enough
+
+
+def test_check_fits_refuses_with_what_was_asked_what_exists_what_to_change():
+    roles = [RoleRequest("rollout", 2, 4, 1), RoleRequest("scoring", 5, 4, 1), RoleRequest("learner", 1, 4, 1)]
+    with pytest.raises(ConfigError) as e:
+        check_fits(roles, {"CPU": 64.0, "GPU": 4.0})
+    msg = str(e.value)
+    assert "need 32 CPUs and 8 GPUs" in msg  # asked
+    assert "rollout: 2 x (4 CPU, 1 GPU)" in msg and "learner: 1 x (4 CPU, 1 GPU)" in msg
+    assert "has 64 CPUs and 4 GPUs" in msg  # exists
+    assert "scoring.num_workers" in msg and "learner.gpus" in msg and "opsd-ray plan" in msg  # what to change
+    with pytest.raises(ConfigError, match="need 1.5 CPUs and 1 GPUs"):  # GPU-less machine
+        check_fits(role_requests(load_train_config(["model=tiny", "learner.gpus=1"])), {"CPU": 2.0})
+
+
+# ----------------------------------------------------------------------------- submit script
+def submit(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CLUSTER / "submit.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env or clean_env())
+
+
+def test_submit_dry_run_builds_the_ray_job_command():
+    res = submit("--address", "http://head:8265", "--dry-run", "--env", "OPSD_RAY_CACHE=/c", "--env", "HF_HOME=/h",
+                 "model=tiny", "data=gsm8k", "train.steps=2", "run.output_dir=/shared/runs")
+    assert res.returncode == 0, res.stderr
+    cmd = shlex.split(res.stdout.split("+ ", 1)[1].splitlines()[0])
+    assert cmd[1:3] == ["job", "submit"] and cmd[cmd.index("--address") + 1] == "http://head:8265"
+    assert "--no-wait" in cmd
+    import json
+
+    renv = json.loads(cmd[cmd.index("--runtime-env-json") + 1])
+    assert renv["working_dir"] == str(ROOT)
+    for excluded in ("runs/", ".venv/", ".git/", "**/__pycache__/"):
+        assert excluded in renv["excludes"]
+    # variables the driver forwards itself go on the entrypoint (Ray refuses to merge duplicates)
+    assert renv["env_vars"] == {"HF_HOME": "/h"}
+    entry = cmd[cmd.index("--") + 1:]
+    assert entry == ["env", "OPSD_RAY_CACHE=/c", "python", "-m", "opsd_ray", "train", "model=tiny", "data=gsm8k",
+                     "train.steps=2", "run.output_dir=/shared/runs"]
+    assert "note: run.output_dir" not in res.stdout
+
+
+def test_submit_checks_keys_before_sending_and_needs_an_address():
+    res = submit("--address", "http://head:8265", "--dry-run", "model=tiny", "trian.steps=2")
+    assert res.returncode == 2 and "did you mean 'train.steps'" in res.stderr
+    res = submit("--address", "http://head:8265", "--dry-run", "model=qwen3-9b")
+    assert res.returncode == 2 and "unknown model preset 'qwen3-9b'" in res.stderr
+    res = submit("--dry-run", "model=tiny")
+    assert res.returncode == 2 and "RAY_ADDRESS=http://<head>:8265" in res.stderr
+    res = submit("--address", "http://head:8265", "--dry-run", "model=tiny")
+    assert res.returncode == 0 and "note: run.output_dir is not set" in res.stdout
+
+
+def test_make_submit_maps_the_variables():
+    res = subprocess.run(["make", "-n", "-o", ".venv/.installed", "submit", "MODEL=qwen3-8b", "DATA=math-cot-20k",
+                          "STEPS=5", "RUN=r", "RAY_ADDRESS=http://h:8265", "OUTPUT_DIR=/s/runs", "WAIT=1",
+                          "JOB_ENV=A=1 B=2", "ARGS=objective.mode=standard"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    line = res.stdout.strip().splitlines()[-1]
+    assert shlex.split(line)[1:] == [
+        "cluster/submit.py", "--address", "http://h:8265", "--python", "python", "--wait", "--env", "A=1",
+        "--env", "B=2", "model=qwen3-8b", "data=math-cot-20k", "train.steps=5", "run.name=r",
+        "run.output_dir=/s/runs", "objective.mode=standard"]
+
+
+# ----------------------------------------------------------------------------- a real Ray head
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_under(folder: str) -> list[int]:
+    """Pids whose command line names our head's temp dir: ours only, never another Ray instance."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines() if folder in line]
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """Stop this head and everything it started, and nothing else (no `ray stop`: it stops every
+    Ray instance of the user on the machine, other tests' included)."""
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(head.pid, sig)  # `ray start --block` leads its own session: all its processes
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + wait
+        while time.time() < deadline and processes_under(temp_dir):
+            time.sleep(0.5)
+    for pid in processes_under(temp_dir):  # stragglers that left the process group
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    head.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real head on 127.0.0.1 with the dashboard on (the job API needs it), token authentication
+    with a token of our own (the path a Ray 2.60 cluster takes); stopped whatever happens."""
+    temp_dir = tempfile.mkdtemp(prefix="opsdrj", dir="/tmp")  # short: Ray's unix socket paths
+    gcs, dashboard, client, agent = (free_port() for _ in range(4))
+    env = clean_env(PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token",
+                    RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    log_path = tmp_path_factory.mktemp("head") / "head.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(
+            [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+             "--num-cpus=4", f"--temp-dir={temp_dir}", f"--ray-client-server-port={client}",
+             f"--dashboard-agent-listen-port={agent}", "--object-store-memory=300000000", "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env,
+                             capture_output=True, timeout=60).returncode != 0:
+            assert head.poll() is None, log_path.read_text()
+            assert time.time() < deadline, "the Ray head did not come up in 120 s"
+            time.sleep(2)
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env}
+    finally:
+        stop_head(head, temp_dir)
+    assert not processes_under(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_make_submit_runs_a_job_through_the_job_api(ray_head, tmp_path):
+    """`make submit` with the tiny model: the job succeeds and its logs show both steps."""
+    env, address = ray_head["env"], ray_head["address"]
+    job_env = f"OPSD_RAY_CACHE={os.environ['OPSD_RAY_CACHE']} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false"
+    res = subprocess.run(
+        ["make", "-o", ".venv/.installed", "submit", "MODEL=tiny", "DATA=gsm8k", "STEPS=2", "RUN=job",
+         f"RAY_ADDRESS={address}", f"OUTPUT_DIR={tmp_path / 'runs'}", f"JOB_ENV={job_env}",
+         f"ARGS=rollout.engine=hf data.path={small_gsm8k(tmp_path)}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    job_id = re.search(r"^job (\S+) on ", res.stdout, re.M).group(1)
+    follow = re.search(r"follow the logs:\s+(.+)$", res.stdout, re.M).group(1)
+    assert re.search(r"stop it:\s+.+ job stop --address \S+ " + re.escape(job_id), res.stdout)
+
+    # The printed command follows the logs until the job ends.
+    logs = subprocess.run(shlex.split(follow), env=env, capture_output=True, text=True, timeout=300).stdout
+    status = subprocess.run([str(VENV_BIN / "ray"), "job", "status", "--address", address, job_id], env=env,
+                            capture_output=True, text=True, timeout=60).stdout
+    assert f"Job '{job_id}' succeeded" in status, status + logs
+    assert "1/2" in logs and "2/2" in logs and "done: 2 steps" in logs, logs
+    assert len((tmp_path / "runs" / "job" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_train_refuses_a_gpu_request_on_a_gpu_less_cluster_before_loading_models(ray_head, tmp_path):
+    """`opsd-ray train learner.gpus=1` against the local head (no GPUs): exit 2, the message, no actor."""
+    args = ["model=tiny", "data=gsm8k", f"data.path={small_gsm8k(tmp_path)}", f"run.output_dir={tmp_path}",
+            "run.name=nogpu", "rollout.engine=hf", "learner.gpus=1", f"ray.address={ray_head['gcs']}"]
+    res = subprocess.run([sys.executable, "-m", "opsd_ray", "train", *args], cwd=ROOT, env=ray_head["env"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "opsd-ray train: error: the roles need 1.5 CPUs and 1 GPUs" in res.stderr
+    assert "the Ray cluster has 4 CPUs and 0 GPUs" in res.stderr and "learner.gpus" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert "engine=" not in res.stdout  # the run line comes after the actors: none was created
+    assert not (tmp_path / "nogpu" / "metrics.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- manifests
+def recipe_gpus(model: str, data: str) -> tuple[float, float]:
+    data_path = [f"data.path={ROOT / 'opsd_ray/assets/data/gsm8k_train.jsonl'}"] if data == "dasd-10k" else []
+    cfg = load_train_config([f"model={model}", f"data={data}", *data_path])
+    return tuple(sum(r.total()[i] for r in role_requests(cfg)) for i in (0, 1))
+
+
+def test_rayjob_manifest():
+    doc = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    spec = doc["spec"]
+    entry = shlex.split(spec["entrypoint"])
+    assert entry[:4] == ["python", "-m", "opsd_ray", "train"]
+    args = dict(a.split("=", 1) for a in entry[4:])
+    assert spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0" and head["rayStartParams"]["num-gpus"] == "0"
+    (worker,) = cluster["workerGroupSpecs"]
+    head_c = head["template"]["spec"]["containers"][0]
+    worker_c = worker["template"]["spec"]["containers"][0]
+    assert head_c["image"] == worker_c["image"]
+    gpus = int(worker_c["resources"]["limits"]["nvidia.com/gpu"]) * worker["replicas"]
+    cpus = int(worker_c["resources"]["limits"]["cpu"]) * worker["replicas"]
+    need_cpu, need_gpu = recipe_gpus(args["model"], args["data"])
+    assert need_gpu == gpus and need_cpu <= cpus  # the workers hold what the recipe asks for
+    # outputs go to the volume every pod mounts
+    for spec_ in (head["template"]["spec"], worker["template"]["spec"]):
+        mounts = {m["mountPath"]: m["name"] for m in spec_["containers"][0]["volumeMounts"]}
+        assert any(args["run.output_dir"].startswith(path) for path in mounts)
+        assert set(mounts.values()) <= {v["name"] for v in spec_["volumes"]}
+    # env goes on the containers, never in the job's runtime env (it would clash with the driver's)
+    assert "runtimeEnvYAML" not in spec
+    assert {e["name"] for e in head_c["env"]} >= {"OPSD_RAY_CACHE", "HF_HOME"}
+
+
+def test_ray_up_cluster_file():
+    doc = yaml.safe_load((CLUSTER / "ray-up.yaml").read_text())
+    assert doc["cluster_name"] and doc["provider"]["type"]
+    head = doc["available_node_types"][doc["head_node_type"]]
+    assert head["resources"]["GPU"] == recipe_gpus("qwen3-8b", "math-cot-20k")[1] == 8
+    assert head["resources"]["CPU"] >= max(recipe_gpus(m, d)[0] for m in ("qwen3-8b", "olmo-3-7b-think")
+                                           for d in ("math-cot-20k", "dasd-10k"))
+    assert "." in doc["file_mounts"].values()
+    assert any("pip install" in c and ".[gpu]" in c for c in doc["setup_commands"])
+    start = " ".join(doc["head_start_ray_commands"])
+    assert "ray start --head" in start and "--dashboard-port=8265" in start
+    assert {"runs", ".venv"} <= set(doc["rsync_exclude"])
+
+
+def test_slurm_script():
+    path = CLUSTER / "slurm.sbatch"
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    text = path.read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", text, re.M))
+    assert sbatch["nodes"] and sbatch["gpus-per-node"] == "8" and "exclusive" in sbatch
+    assert "ray start --head" in text and 'ray start --block --address="$head_ip:$PORT"' in text
+    assert "scontrol show hostnames" in text
+    assert "python cluster/submit.py" in text and "--wait" in text and "run.output_dir=" in text
+    assert "RAY_AUTH_MODE=token" in text
