@@ -1,0 +1,319 @@
+"""Benchmarks: `python -m opsd_ray.bench NAME [NAME ...] [--quick]`.
+
+A small registry of named benchmark functions. Each takes the parsed arguments and returns records
+{"name", "value", "unit", "baseline", "note"}; `main` prints them as a table and merges them by
+name into bench/results/latest.json. Add a benchmark with `@register("name")`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+Record = dict
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Record]]] = {}
+DEFAULT_OUT = Path("bench/results/latest.json")
+
+
+def register(name: str):
+    """Decorator: add a benchmark function `fn(args) -> list[record]` under `name`."""
+
+    def deco(fn):
+        BENCHMARKS[name] = fn
+        return fn
+
+    return deco
+
+
+def record(name: str, value: float, unit: str, baseline: float | None = None, note: str = "") -> Record:
+    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "note": note}
+
+
+# ----------------------------------------------------------------------------------------------
+# objectives: naive (TRL GKD style, everything materialised) vs fused chunked loss
+# ----------------------------------------------------------------------------------------------
+
+QWEN3_VOCAB = 151_936
+
+
+def naive_pmi_jsd(student, teacher, ref, base, *, beta=1.0, clip=10.0, lam=0.5, temperature=1.0):
+    """The loss written the way TRL's GKD `generalized_jsd_loss` does it, all tokens at once in
+    float32: log-softmaxes of all variants [N, V], torch.stack + logsumexp mixture, F.kl_div."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():  # the frozen target, as a learner would build it before the student part
+        log_T = F.log_softmax(teacher.float() / temperature, dim=-1)
+        log_ref = F.log_softmax(ref.float() / temperature, dim=-1)
+        log_P0 = F.log_softmax(base.float() / temperature, dim=-1)
+        delta = log_T - log_ref
+        delta = delta - delta.mean(-1, keepdim=True)
+        delta = clip * torch.tanh(delta / clip)
+        target = F.log_softmax(log_P0 + delta / beta, dim=-1)
+        del log_T, log_ref, log_P0, delta
+    student_lp = F.log_softmax(student.float() / temperature, dim=-1)
+    lam_t = torch.tensor(lam, dtype=student_lp.dtype)
+    mixture = torch.logsumexp(
+        torch.stack([student_lp + torch.log(1 - lam_t), target + torch.log(lam_t)]), dim=0
+    )
+    kl_teacher = F.kl_div(mixture, target, reduction="none", log_target=True)
+    kl_student = F.kl_div(mixture, student_lp, reduction="none", log_target=True)
+    jsd = (lam_t * kl_teacher + (1 - lam_t) * kl_student).sum(-1)
+    return jsd.mean()
+
+
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _proc_kib("VmHWM") <= _proc_kib("VmRSS") + 1024
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process over all threads (robust to a busy machine)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _mem_available_mib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return math.inf
+
+
+def objective_worker(
+    variant: str,
+    n_tokens: int,
+    vocab: int,
+    iters: int,
+    seed: int,
+    chunk_size: int | None = None,
+    limit_memory: bool = False,
+) -> dict:
+    """One measurement in this (fresh) process: forward + backward of one loss variant.
+
+    Inputs are bf16 [N, V] logits for student (requires grad), teacher, ref and base, as the
+    learner receives them. Peak memory = VmHWM - VmRSS after the inputs exist (peak reset before
+    the run), i.e. the EXTRA memory of the loss, including the student's gradient buffer.
+    With limit_memory, the address space is capped at what the machine has available, so that
+    running out raises here instead of waking the OOM killer; the result is then {"oom": True}.
+    """
+    import torch
+
+    from opsd_ray.objectives import FrozenVariants, opsd_loss
+
+    def run(student, frozen):
+        if variant == "naive":
+            loss = naive_pmi_jsd(student, *frozen)
+        else:
+            loss, _ = opsd_loss(student, FrozenVariants(*frozen), chunk_size=chunk_size)
+        loss.backward()
+        return loss.item()
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        return [torch.randn(n, vocab, generator=gen, dtype=torch.bfloat16).mul_(3) for _ in range(4)]
+
+    # warm up kernels and thread pools on a small problem, then build the real inputs
+    s, *fz = make(8)
+    run(s.requires_grad_(), fz)
+    student, *frozen = make(n_tokens)
+    student.requires_grad_(True)
+    del s, fz
+    budget_kib = int(_mem_available_mib() * 1024) - 1536 * 1024
+    if limit_memory:
+        resource.setrlimit(resource.RLIMIT_AS, ((_proc_kib("VmSize") + budget_kib) * 1024,) * 2)
+    exact_reset = _reset_peak_rss()
+    rss0, hwm0 = _proc_kib("VmRSS"), _proc_kib("VmHWM")
+    times, cpu_times, values = [], [], []
+    try:
+        for _ in range(iters):
+            student.grad = None
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            values.append(run(student, frozen))
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(_cpu_seconds() - c0)
+    except (RuntimeError, MemoryError) as err:
+        if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
+            raise
+        return {"oom": True, "budget_mib": budget_kib / 1024}
+    extra_kib = _proc_kib("VmHWM") - (rss0 if exact_reset else max(rss0, hwm0))
+    return {"time_s": min(times), "cpu_s": min(cpu_times), "peak_mib": extra_kib / 1024, "loss": values[-1]}
+
+
+def _run_worker(**kwargs) -> dict:
+    """objective_worker(**kwargs) in a fresh Python process (a clean peak-RSS counter)."""
+    code = f"import json; from opsd_ray.bench import objective_worker; print(json.dumps(objective_worker(**{kwargs!r})))"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=root)
+    if out.returncode != 0:
+        raise RuntimeError(f"objective worker {kwargs} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs) if runs else math.nan
+
+
+@register("objectives")
+def bench_objectives(args: argparse.Namespace) -> list[Record]:
+    """Naive vs fused OPSD-PMI loss, forward + backward, bf16 inputs at Qwen3's vocabulary."""
+    from opsd_ray.objectives import default_chunk_size
+
+    vocab = QWEN3_VOCAB
+    # (tokens, interleaved runs per variant); one run at 2,048 keeps the whole thing near 4 min
+    plan = [(512, args.reps or 3)] + ([] if args.quick else [(2048, args.reps or 1)])
+    how = (
+        f"bf16 logits student/teacher/ref/base [N, V={vocab}], forward+backward, every run in a fresh "
+        f"process, naive and fused interleaved, median; peak = VmHWM - VmRSS once the inputs exist "
+        f"(extra memory incl. the student's bf16 grad); fused chunk_size={default_chunk_size(vocab, 'cpu')} "
+        f"(CPU default); baseline = naive (TRL GKD style: every [N, V] at once in float32)"
+    )
+    records: list[Record] = []
+    for n, reps in plan:
+        runs: dict[str, list[dict]] = {"naive": [], "fused": []}
+        for rep in range(reps):
+            for variant, results in runs.items():
+                r = _run_worker(
+                    variant=variant, n_tokens=n, vocab=vocab, iters=1, seed=rep, limit_memory=True
+                )
+                results.append(r)
+                shown = "out of memory" if r.get("oom") else f"{r['time_s']:.1f} s, {r['peak_mib']:.0f} MiB"
+                print(f"  objectives N={n} {variant} run {rep + 1}/{reps}: {shown}", flush=True)
+        naive = [r for r in runs["naive"] if not r.get("oom")]
+        fused = [r for r in runs["fused"] if not r.get("oom")]
+        if not fused:
+            raise RuntimeError(f"the fused loss ran out of memory at N={n}")
+        note = f"{how}; {reps} run(s) each"
+        naive_mem = _median(naive, "peak_mib")
+        if naive:
+            diff = max(
+                abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(naive, fused, strict=False)
+            )
+            note += f"; max rel. loss difference naive vs fused {diff:.1e}"
+        else:  # the naive loss did not fit in memory: the memory ratio becomes a lower bound
+            naive_mem = max(r["budget_mib"] for r in runs["naive"])
+            note += f"; naive ran out of memory at {naive_mem:.0f} MiB, so the memory ratio is a lower bound"
+        wall = (_median(naive, "time_s"), _median(fused, "time_s"))
+        cpu = (_median(naive, "cpu_s"), _median(fused, "cpu_s"))
+        mem = (naive_mem, _median(fused, "peak_mib"))
+        records += [
+            record(f"objective_fused_time_s_n{n}", wall[1], "s", wall[0], "wall time; " + note),
+            record(
+                f"objective_fused_cpu_s_n{n}", cpu[1], "s", cpu[0], "user+sys CPU time, all threads; " + note
+            ),
+            record(f"objective_fused_peak_mem_mib_n{n}", mem[1], "MiB", mem[0], note),
+            record(
+                f"objective_time_ratio_n{n}",
+                wall[0] / wall[1],
+                "x",
+                1.0,
+                "naive / fused wall time; goal >= 1",
+            ),
+            record(f"objective_cpu_time_ratio_n{n}", cpu[0] / cpu[1], "x", 1.0, "naive / fused CPU time"),
+            record(
+                f"objective_peak_mem_ratio_n{n}",
+                mem[0] / mem[1],
+                "x",
+                8.0,
+                "naive / fused extra peak memory; goal >= 8",
+            ),
+        ]
+        if n == 2048:
+            records += [
+                record(
+                    "objective_time_ratio",
+                    wall[0] / wall[1],
+                    "x",
+                    1.0,
+                    f"naive / fused wall time at N=2048; {note}",
+                ),
+                record(
+                    "objective_peak_mem_ratio",
+                    mem[0] / mem[1],
+                    "x",
+                    8.0,
+                    f"naive / fused extra peak memory at N=2048; {note}",
+                ),
+            ]
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+
+def format_table(records: list[Record]) -> str:
+    rows = [("name", "value", "unit", "baseline")]
+    for r in records:
+        base = "" if r["baseline"] is None else f"{r['baseline']:.4g}"
+        rows.append((r["name"], f"{r['value']:.4g}", r["unit"], base))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_results(records: list[Record], path: Path) -> None:
+    """Merge `records` by name into the JSON list at `path`."""
+    existing: dict[str, Record] = {}
+    if path.exists():
+        try:
+            existing = {r["name"]: r for r in json.loads(path.read_text())}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            existing = {}
+    existing.update({r["name"]: r for r in records})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sorted(existing.values(), key=lambda r: r["name"]), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m opsd_ray.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="+", help=f"benchmarks to run: {', '.join(sorted(BENCHMARKS))} or all")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a fast check")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="runs per size (default: set by each benchmark)"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (merged by name)")
+    args = parser.parse_args(argv)
+    names = sorted(BENCHMARKS) if args.names == ["all"] else args.names
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
+    records: list[Record] = []
+    for name in names:
+        records += BENCHMARKS[name](args)
+    print(format_table(records))
+    write_results(records, args.out)
+    print(f"wrote {len(records)} records to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
