@@ -65,6 +65,12 @@ def _eval(args: list[str]) -> int:
     return eval_main(args)
 
 
+def _report(args: list[str]) -> int:
+    from opsd_ray.report import main as report_main
+
+    return report_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opsd-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", help="evaluate a model or adapter on math benchmarks")
     sub.add_parser("prepare-data", help="validate a data source and write a clean parquet file")
     sub.add_parser("plan", help="print the memory and GPU plan of a setting")
+    sub.add_parser("report", help="plots and a markdown summary of one or more runs")
     sub.add_parser("presets", help="list the model and data presets")
     for p in sub.choices.values():
         p.add_argument("overrides", nargs="*", help="model=<preset> data=<preset> section.key=value ...")
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(ns.overrides)
         if ns.command == "eval":
             return _eval(ns.overrides)
+        if ns.command == "report":
+            return _report(ns.overrides)
         print("model presets:", ", ".join(known_presets("model")))
         print("data presets: ", ", ".join(known_presets("data")))
         return 0

@@ -71,6 +71,7 @@ def init_ray(cfg) -> None:
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
+        _node_ip_address="127.0.0.1",
         dashboard_host="127.0.0.1",
         runtime_env=env,
         log_to_driver=True,

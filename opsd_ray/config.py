@@ -369,6 +369,11 @@ def validate_train(cfg: DictConfig) -> None:
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (got {cfg.checkpoint.every})")
     _check(cfg.eval.every >= 0, f"eval.every must be >= 0 (got {cfg.eval.every})")
     _check(cfg.eval.n_samples >= 1, f"eval.n_samples must be >= 1 (got {cfg.eval.n_samples})")
+    if cfg.eval.every:
+        from opsd_ray.eval.benchmarks import check_benchmarks
+
+        _check(len(cfg.eval.benchmarks) > 0, "eval.every > 0 needs eval.benchmarks, e.g. eval.benchmarks=[aime24]")
+        check_benchmarks(list(cfg.eval.benchmarks))
     _check(cfg.model.lora.r >= 1, f"model.lora.r must be >= 1 (got {cfg.model.lora.r})")
     _check(
         0 <= cfg.model.lora.dropout < 1,

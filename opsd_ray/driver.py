@@ -20,6 +20,7 @@ from pathlib import Path
 from opsd_ray.cluster import check_fits, init_ray, placed, role_placement_group, role_requests
 from opsd_ray.config import save_config
 from opsd_ray.data import PromptSampler, load_examples, token_counter
+from opsd_ray.eval.markers import marker_record
 from opsd_ray.prompts import build_prompt_ids
 from opsd_ray.scoring import VARIANTS, ScoringItem, merge, split_evenly
 
@@ -92,9 +93,9 @@ class Roles:
             # The phases run one after another, so a CPU-only role may use every core of its node.
             return os.cpu_count() if r.gpus == 0 else None
 
-        max_len = (
-            cfg.data.max_reference_tokens + cfg.data.max_question_tokens + cfg.rollout.max_new_tokens + 512
-        )
+        # The student sees the question only (no reference); evaluation may generate longer.
+        new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens if cfg.eval.every else 0)
+        max_len = cfg.data.max_question_tokens + 512 + new_tokens
         self.rollout = [
             placed(ray.remote(RolloutWorker), req["rollout"], i, self.pgs["rollout"]).remote(
                 cfg.model, cfg.rollout, engine, cfg.run.seed, threads(req["rollout"]), max_len
@@ -213,6 +214,8 @@ def train(cfg) -> Path:
     )
 
     version = sync_adapter(roles, adapter_conf)
+    if cfg.eval.every and start == 0:  # the base model's score, the curves' first point
+        log.log({"step": 0, **evaluate(cfg, roles, folder, 0)})
     bar = tqdm(
         range(start + 1, cfg.train.steps + 1),
         initial=start,
@@ -228,6 +231,8 @@ def train(cfg) -> Path:
             record["time/sync"] = time.perf_counter() - t0
             record["time/step"] += record["time/sync"]
             record["tokens_per_s"] = record["num_tokens"] / record["time/step"]
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                record.update(evaluate(cfg, roles, folder, step))
             log.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
@@ -247,6 +252,20 @@ def train(cfg) -> Path:
         flush=True,
     )
     return folder
+
+
+def evaluate(cfg, roles: Roles, folder: Path, step: int) -> dict:
+    """Benchmarks on the first rollout worker with the adapter it has now; flat metrics for the log."""
+    import ray
+
+    from opsd_ray.evaluate import eval_log_record
+
+    e = cfg.eval
+    t0 = time.perf_counter()
+    summary = ray.get(roles.rollout[0].evaluate.remote(
+        list(e.benchmarks), e.n_samples, max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+        limit=e.limit, seed=cfg.run.seed, out_dir=str(folder / "eval" / f"step_{step}")))
+    return {**eval_log_record(summary), "time/eval": time.perf_counter() - t0}
 
 
 def train_step(cfg, roles: Roles, sampler: PromptSampler, tok, step: int, version: int) -> dict:
@@ -270,6 +289,7 @@ def train_step(cfg, roles: Roles, sampler: PromptSampler, tok, step: int, versio
     )
     t3 = time.perf_counter()
     lengths = [len(t.response_ids) for t in trajectories]
+    texts = tok.batch_decode([t.response_ids for t in trajectories], skip_special_tokens=True)
     record = {
         "step": step,
         "adapter_version_used": version,
@@ -281,5 +301,6 @@ def train_step(cfg, roles: Roles, sampler: PromptSampler, tok, step: int, versio
         "time/scoring": t2 - t1,
         "time/learning": t3 - t2,
         "time/step": t3 - t0,
+        **marker_record(texts, lengths),
     }
     return record

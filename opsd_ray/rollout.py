@@ -209,6 +209,7 @@ class RolloutWorker:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg = rollout_cfg
+        self.model_cfg = model_cfg
         self.engine_name = engine
         if engine == "vllm":
             self.engine = VLLMEngine(model_cfg, rollout_cfg, seed, max_model_len)
@@ -235,6 +236,13 @@ class RolloutWorker:
 
     def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         return self.engine.sequence_logprobs(prompt, response)
+
+    def evaluate(self, benchmarks: list[str], n_samples: int, **kwargs) -> dict:
+        """Benchmarks with the adapter this worker generates with now (see opsd_ray.evaluate)."""
+        from opsd_ray.evaluate import evaluate
+
+        return evaluate(self.model_cfg, self.engine, benchmarks, n_samples, adapter_version=self.engine.version,
+                        **kwargs)
 
     def version(self) -> int:
         return self.engine.version

@@ -199,3 +199,21 @@ def test_make_train_leaves_metrics_and_an_adapter(tmp_path):
     assert [x["step"] for x in records] == [1, 2] and all(math.isfinite(x["loss"]) for x in records)
     assert (tmp_path / "mk" / "final" / "adapter_model.safetensors").exists()
     assert "adapter:" in r.stdout
+
+
+def test_train_evaluates_on_schedule_and_logs_markers(local_ray, tmp_path, small_data):
+    from opsd_ray.driver import train
+
+    folder = train(tiny_cfg(tmp_path, small_data, "rollout.engine=hf", "eval.every=2", "eval.benchmarks=[gsm8k]",
+                            "eval.limit=2", "eval.n_samples=2", "eval.max_new_tokens=8"))
+    records = read_metrics(folder)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in (records[0], records[2]):  # before training and at eval.every
+        assert 0 <= r["eval/gsm8k/avg@2"] <= 1 and "eval/gsm8k/pass@2" in r and "eval/gsm8k/maj@2" in r
+        assert "eval/markers/total/per_1k_tokens" in r
+    assert "eval/gsm8k/avg@2" not in records[1]
+    for r in records[1:]:
+        assert r["markers/total/per_response"] >= 0 and "markers/wait/per_1k_tokens" in r
+    summary = json.loads((folder / "eval" / "step_2" / "summary.json").read_text())
+    assert summary["settings"]["adapter_version"] == 2  # evaluated with the adapter after step 2
+    assert len((folder / "eval" / "step_0" / "generations.jsonl").read_text().splitlines()) == 4

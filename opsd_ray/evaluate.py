@@ -1,0 +1,374 @@
+"""`opsd-ray eval`: sample n solutions per benchmark problem, grade them, report avg@k / pass@k / maj@k.
+
+    opsd-ray eval model=qwen3-8b adapter=runs/q8b-pmi/checkpoints/step_100 \
+        benchmarks=[aime24,aime25,hmmt25] n_samples=12 max_new_tokens=32768
+
+`evaluate()` is the reusable part: it takes any engine with the rollout engines' interface
+(`generate(prompts_ids, seeds, max_new_tokens, temperature, top_p)`, `load_adapter(...)`,
+`tokenizer`), so the training driver can run it on its own rollout workers.
+Outputs (in `out`): generations.jsonl (every sample, graded), summary.json, summary.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from opsd_ray.config import (
+    BOXED_INSTRUCTION,
+    ConfigError,
+    ModelConfig,
+    RolloutConfig,
+    load_preset,
+    parse_overrides,
+)
+from opsd_ray.eval.benchmarks import BENCHMARKS, Problem, check_benchmarks, load_benchmark
+from opsd_ray.eval.grading import grade, normalize
+from opsd_ray.eval.markers import count_markers, marker_rates
+from opsd_ray.eval.metrics import avg_at_k, maj_at_k, mean_pass_at_k
+from opsd_ray.prompts import chat_prompt_ids
+
+DEFAULT_BENCHMARKS = ["aime24", "aime25", "hmmt25"]
+
+
+# ----------------------------------------------------------------------------- the reusable part
+def sample_seed(seed: int, benchmark: str, problem_id: int, sample: int) -> int:
+    """Seed of one sample: depends on (seed, benchmark, problem, sample index) only, not on batching."""
+    return (seed * 1_000_003 + zlib.crc32(benchmark.encode()) + problem_id * 10_007 + sample) % (2**31 - 1)
+
+
+def prompt_ids(tokenizer, model_cfg, problem: Problem, enable_thinking: bool | None) -> list[int]:
+    thinking = bool(model_cfg.enable_thinking if enable_thinking is None else enable_thinking)
+    return chat_prompt_ids(tokenizer, problem.problem, thinking=thinking, style=model_cfg.thinking_style)
+
+
+def grade_sample(
+    benchmark: str, problem: Problem, sample: int, seed: int, text: str, num_tokens: int, finish_reason: str
+) -> dict:
+    """One line of generations.jsonl."""
+    g = grade(text, problem.answer, last_number=BENCHMARKS[benchmark].numeric)
+    return {
+        "benchmark": benchmark,
+        "problem_id": problem.id,
+        "sample": sample,
+        "seed": seed,
+        "gold": problem.answer,
+        "extracted": g.answer,
+        "correct": g.correct,
+        "grading_error": g.error,
+        "num_tokens": num_tokens,
+        "finish_reason": finish_reason,
+        "markers": count_markers(text),
+        "response": text,
+    }
+
+
+def summarize_benchmark(records: list[dict]) -> dict:
+    """avg@k, pass@k, maj@k (k = samples per problem), lengths, no-answer rate, markers of one benchmark."""
+    by_problem: dict[int, list[dict]] = {}
+    for r in records:
+        by_problem.setdefault(r["problem_id"], []).append(r)
+    groups = [sorted(g, key=lambda r: r["sample"]) for g in by_problem.values()]
+    k = min(len(g) for g in groups)
+    correct = [[r["correct"] for r in g] for g in groups]
+    keys = [[_vote_key(r["extracted"]) for r in g] for g in groups]
+    n = len(records)
+    return {
+        "num_problems": len(groups),
+        "num_samples": k,
+        f"avg@{k}": avg_at_k(correct),
+        f"pass@{k}": mean_pass_at_k(correct, k),
+        f"maj@{k}": maj_at_k(keys, correct),
+        "response_length": sum(r["num_tokens"] for r in records) / n,
+        "truncation_rate": sum(r["finish_reason"] == "length" for r in records) / n,
+        "no_answer_rate": sum(r["extracted"] is None for r in records) / n,
+        "grading_errors": sum(r["grading_error"] is not None for r in records),
+        "markers": marker_rates([r["markers"] for r in records], [r["num_tokens"] for r in records]),
+    }
+
+
+def _vote_key(answer: str | None) -> str | None:
+    """Majority voting groups answers by their normalised form ('1/2' and '\\frac{1}{2}' vote together)."""
+    if answer is None:
+        return None
+    try:
+        return normalize(answer)
+    except Exception:
+        return answer.strip()
+
+
+def summarize(records: list[dict], benchmarks: list[str]) -> dict:
+    per = {b: summarize_benchmark([r for r in records if r["benchmark"] == b]) for b in benchmarks}
+    avg_keys = {b: next(k for k in s if k.startswith("avg@")) for b, s in per.items()}
+    return {
+        "benchmarks": per,
+        "mean": {"avg": sum(per[b][avg_keys[b]] for b in benchmarks) / len(benchmarks)},
+        "markers": marker_rates([r["markers"] for r in records], [r["num_tokens"] for r in records]),
+    }
+
+
+def evaluate(
+    model_cfg,
+    engine,
+    benchmarks: list[str],
+    n_samples: int = 12,
+    *,
+    max_new_tokens: int = 1024,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    limit: int | None = None,
+    seed: int = 0,
+    enable_thinking: bool | None = None,
+    instruction: str = BOXED_INSTRUCTION,
+    adapter_state: dict | None = None,
+    adapter_config: dict | None = None,
+    adapter_version: int = 0,
+    tokenizer=None,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    settings: dict | None = None,
+) -> dict:
+    """Generate `n_samples` per problem with `engine`, grade them, return the summary dict.
+
+    `adapter_state` (a peft state dict; with `adapter_config` for vLLM) is loaded into the engine first.
+    With `out_dir`, writes generations.jsonl, summary.json and summary.md there; `settings` are recorded.
+    """
+    check_benchmarks(list(benchmarks))
+    tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
+    if adapter_state is not None:
+        engine.load_adapter(adapter_version, adapter_state, adapter_config or {})
+    records: list[dict] = []
+    t_start = time.perf_counter()
+    for bench in benchmarks:
+        t0 = time.perf_counter()
+        problems = load_benchmark(bench, limit, instruction)
+        jobs = [(p, s, sample_seed(seed, bench, p.id, s)) for p in problems for s in range(n_samples)]
+        prompts = {p.id: prompt_ids(tokenizer, model_cfg, p, enable_thinking) for p in problems}
+        outputs = engine.generate(
+            [prompts[p.id] for p, _, _ in jobs], [sd for _, _, sd in jobs], max_new_tokens, temperature, top_p
+        )
+        for (p, s, sd), (ids, finish) in zip(jobs, outputs, strict=True):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            records.append(grade_sample(bench, p, s, sd, text, len(ids), finish))
+        part = summarize_benchmark([r for r in records if r["benchmark"] == bench])
+        log(
+            f"eval {bench}: {len(problems)} problems x {n_samples} samples, "
+            f"avg@{n_samples} {part[f'avg@{n_samples}']:.3f} ({time.perf_counter() - t0:.0f}s)"
+        )
+    summary = summarize(records, list(benchmarks))
+    summary["settings"] = {
+        "n_samples": n_samples,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "limit": limit,
+        "seed": seed,
+        "enable_thinking": enable_thinking,
+        "model": str(model_cfg.name),
+        "adapter_version": adapter_version,
+        **(settings or {}),
+    }
+    summary["time_s"] = time.perf_counter() - t_start
+    if out_dir is not None:
+        write_outputs(Path(out_dir), records, summary)
+    return summary
+
+
+def eval_log_record(summary: dict, prefix: str = "eval") -> dict[str, float]:
+    """The flat metrics a training step logs for one evaluation (keys listed in the README)."""
+    out: dict[str, float] = {}
+    for bench, s in summary["benchmarks"].items():
+        for key, value in s.items():
+            if key.startswith(("avg@", "pass@", "maj@")) or key in (
+                "response_length",
+                "truncation_rate",
+                "no_answer_rate",
+            ):
+                out[f"{prefix}/{bench}/{key}"] = value
+    out[f"{prefix}/mean/avg"] = summary["mean"]["avg"]
+    for unit, values in summary["markers"].items():
+        for marker, value in values.items():
+            out[f"{prefix}/markers/{marker}/{unit}"] = value
+    return out
+
+
+def markdown_table(summary: dict) -> str:
+    rows = [
+        "| benchmark | problems | samples | avg@k | pass@k | maj@k | no answer | truncated | mean tokens "
+        "| markers / response | markers / 1k tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for bench, s in summary["benchmarks"].items():
+        k = s["num_samples"]
+        rows.append(
+            f"| {bench} | {s['num_problems']} | {k} | {100 * s[f'avg@{k}']:.1f} | {100 * s[f'pass@{k}']:.1f} | "
+            f"{100 * s[f'maj@{k}']:.1f} | {100 * s['no_answer_rate']:.0f}% | {100 * s['truncation_rate']:.0f}% | "
+            f"{s['response_length']:.0f} | {s['markers']['per_response']['total']:.2f} | "
+            f"{s['markers']['per_1k_tokens']['total']:.2f} |"
+        )
+    rows.append(
+        f"\nMean avg@k over benchmarks: {100 * summary['mean']['avg']:.1f} (accuracies in %; k = samples "
+        "per problem; pass@k unbiased; maj@k = majority vote of the extracted answers)."
+    )
+    return "\n".join(rows) + "\n"
+
+
+def write_outputs(folder: Path, records: list[dict], summary: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "generations.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / "summary.md").write_text(
+        f"# Evaluation: {summary['settings']['model']}\n\n" + markdown_table(summary)
+    )
+
+
+# ----------------------------------------------------------------------------- the command line
+@dataclass
+class EvalArgs:
+    model: str = "smollm2-135m"
+    adapter: str | None = None  # a folder with adapter_model.safetensors + adapter_config.json
+    benchmarks: list[str] = field(default_factory=lambda: list(DEFAULT_BENCHMARKS))
+    n_samples: int = 12
+    max_new_tokens: int = 1024
+    temperature: float = 0.6
+    top_p: float = 0.95
+    limit: int | None = None  # problems per benchmark (None: all)
+    engine: str = "auto"  # auto | vllm | hf
+    out: str | None = None  # None: runs/eval-<model>-<time>
+    seed: int = 0
+    enable_thinking: bool | None = None  # None: the model preset's
+
+
+def parse_eval_args(args: list[str]) -> tuple[DictConfig, DictConfig, DictConfig]:
+    """(eval args, model config, rollout config) from `key=value` pairs; `model.*` / `rollout.*` override
+    the preset's model section and the vLLM settings."""
+    overrides = parse_overrides(args)
+    if "benchmarks" in overrides and not overrides["benchmarks"].lstrip().startswith("["):
+        overrides["benchmarks"] = f"[{overrides['benchmarks']}]"  # benchmarks=aime24 or aime24,aime25
+    sections = {"model.": {}, "rollout.": {}}
+    plain = {}
+    for key, value in overrides.items():
+        prefix = next((p for p in sections if key.startswith(p)), None)
+        (sections[prefix] if prefix else plain)[key.removeprefix(prefix or "")] = value
+    schema = OmegaConf.structured(EvalArgs)
+    for key in plain:
+        if key not in schema:
+            hint = difflib.get_close_matches(key, list(schema), n=1)
+            raise ConfigError(
+                f"unknown eval key '{key}'"
+                + (f"; did you mean '{hint[0]}'?" if hint else "")
+                + f"; keys: {', '.join(schema)}, model.*, rollout.*"
+            )
+    ev = _merge(schema, plain, "the command line")
+    model = _merge(OmegaConf.structured(ModelConfig), {}, "")
+    model = OmegaConf.merge(model, load_preset("model", ev.model).model)
+    model = _merge(model, sections["model."], "model.*")
+    rollout = _merge(OmegaConf.structured(RolloutConfig), sections["rollout."], "rollout.*")
+    validate_eval_args(ev)
+    return ev, model, rollout
+
+
+def _merge(base: DictConfig, dotted: dict[str, str], source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in dotted.items()]))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{source}: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from None
+
+
+def validate_eval_args(ev: DictConfig) -> None:
+    check_benchmarks(list(ev.benchmarks))
+    checks = [
+        (ev.n_samples >= 1, f"n_samples must be >= 1 (got {ev.n_samples})"),
+        (ev.max_new_tokens >= 1, f"max_new_tokens must be >= 1 (got {ev.max_new_tokens})"),
+        (ev.temperature > 0, f"temperature must be > 0 (got {ev.temperature}); avg@k needs sampling"),
+        (0 < ev.top_p <= 1, f"top_p must be in (0, 1] (got {ev.top_p})"),
+        (ev.limit is None or ev.limit >= 1, f"limit must be >= 1 (got {ev.limit})"),
+        (ev.engine in ("auto", "vllm", "hf"), f"engine={ev.engine!r} is not one of: auto, vllm, hf"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    if ev.adapter is not None and not (Path(ev.adapter) / "adapter_model.safetensors").is_file():
+        raise ConfigError(
+            f"adapter={ev.adapter}: expected a folder with adapter_model.safetensors and "
+            "adapter_config.json (a run's final/ or checkpoints/step_<N>/)"
+        )
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, dict]:
+    """(state dict, adapter_config.json) of a saved peft adapter folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    return load_file(folder / "adapter_model.safetensors"), json.loads(
+        (folder / "adapter_config.json").read_text()
+    )
+
+
+def build_engine(name: str, model_cfg, rollout_cfg, seed: int, max_model_len: int) -> Any:
+    from opsd_ray.rollout import HFEngine, VLLMEngine
+
+    if name == "vllm":
+        return VLLMEngine(model_cfg, rollout_cfg, seed, max_model_len)
+    return HFEngine(model_cfg, seed)
+
+
+def main(args: list[str]) -> int:
+    ev, model_cfg, rollout_cfg = parse_eval_args(args)
+    from opsd_ray.models import load_tokenizer
+    from opsd_ray.rollout import pick_engine
+
+    engine_name = pick_engine(ev.engine)
+    state = conf = None
+    if ev.adapter is not None:
+        state, conf = read_adapter(ev.adapter)
+        # the engine's LoRA slots must have the adapter's shape, whatever the preset says
+        model_cfg.lora.r, model_cfg.lora.alpha = int(conf["r"]), int(conf["lora_alpha"])
+        model_cfg.lora.target_modules = sorted(conf["target_modules"])
+    out = Path(ev.out or f"runs/eval-{ev.model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    tok = load_tokenizer(model_cfg)
+    longest = max(
+        len(prompt_ids(tok, model_cfg, p, ev.enable_thinking))
+        for b in ev.benchmarks
+        for p in load_benchmark(b, ev.limit)
+    )
+    print(
+        f"eval: model={ev.model} adapter={ev.adapter} engine={engine_name} benchmarks={list(ev.benchmarks)} "
+        f"n_samples={ev.n_samples} max_new_tokens={ev.max_new_tokens}",
+        flush=True,
+    )
+    engine = build_engine(engine_name, model_cfg, rollout_cfg, ev.seed, longest + ev.max_new_tokens + 8)
+    summary = evaluate(
+        model_cfg,
+        engine,
+        list(ev.benchmarks),
+        ev.n_samples,
+        max_new_tokens=ev.max_new_tokens,
+        temperature=ev.temperature,
+        top_p=ev.top_p,
+        limit=ev.limit,
+        seed=ev.seed,
+        enable_thinking=ev.enable_thinking,
+        adapter_state=state,
+        adapter_config=conf,
+        tokenizer=tok,
+        out_dir=out,
+        log=lambda m: print(m, flush=True),
+        settings={"adapter": ev.adapter, "engine": engine_name, "model_path": str(model_cfg.path)},
+    )
+    print(markdown_table(summary), end="")
+    print(f"wrote {out / 'generations.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}", flush=True)
+    return 0
