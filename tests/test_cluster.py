@@ -100,7 +100,7 @@ def test_submit_checks_keys_before_sending_and_needs_an_address():
 
 
 def test_make_submit_maps_the_variables():
-    res = subprocess.run(["make", "-n", "-o", ".venv/.installed", "submit", "MODEL=qwen3-8b", "DATA=math-cot-20k",
+    res = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "submit", "MODEL=qwen3-8b", "DATA=math-cot-20k",
                           "STEPS=5", "RUN=r", "RAY_ADDRESS=http://h:8265", "OUTPUT_DIR=/s/runs", "WAIT=1",
                           "JOB_ENV=A=1 B=2", "ARGS=objective.mode=standard"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -181,7 +181,7 @@ def test_make_submit_runs_a_job_through_the_job_api(ray_head, tmp_path):
     env, address = ray_head["env"], ray_head["address"]
     job_env = f"OPSD_RAY_CACHE={os.environ['OPSD_RAY_CACHE']} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false"
     res = subprocess.run(
-        ["make", "-o", ".venv/.installed", "submit", "MODEL=tiny", "DATA=gsm8k", "STEPS=2", "RUN=job",
+        ["make", "--no-print-directory", "-o", ".venv/.installed", "submit", "MODEL=tiny", "DATA=gsm8k", "STEPS=2", "RUN=job",
          f"RAY_ADDRESS={address}", f"OUTPUT_DIR={tmp_path / 'runs'}", f"JOB_ENV={job_env}",
          f"ARGS=rollout.engine=hf data.path={small_gsm8k(tmp_path)}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

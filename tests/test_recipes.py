@@ -79,7 +79,7 @@ def test_dasd_needs_a_local_path():
 
 def test_make_train_picks_the_recipe_up():
     """`make train MODEL=qwen3-8b DATA=math-cot-20k` -> opsd-ray train, whose config is the recipe's."""
-    res = subprocess.run(["make", "-n", "-o", ".venv/.installed", "train", "MODEL=qwen3-8b", "DATA=math-cot-20k"],
+    res = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "train", "MODEL=qwen3-8b", "DATA=math-cot-20k"],
                          cwd=recipes_dir().parent, capture_output=True, text=True, timeout=60)
     assert res.stdout.split()[-3:] == ["train", "model=qwen3-8b", "data=math-cot-20k"], res.stdout
     res = subprocess.run([sys.executable, "-m", "opsd_ray", "train", "model=qwen3-8b", "data=math-cot-20k",

@@ -191,7 +191,7 @@ def test_killed_driver_resumes_to_the_same_metrics(tmp_path, small_data):
 
 
 def test_make_train_leaves_metrics_and_an_adapter(tmp_path):
-    r = subprocess.run(["make", "-s", "train", "MODEL=tiny", "DATA=gsm8k", "STEPS=2", "RUN=mk",
+    r = subprocess.run(["make", "--no-print-directory", "-s", "train", "MODEL=tiny", "DATA=gsm8k", "STEPS=2", "RUN=mk",
                         f"ARGS=run.output_dir={tmp_path} rollout.engine=hf ray.num_cpus=4"],
                        capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
