@@ -294,6 +294,8 @@ def write_results(records: list[Record], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import opsd_ray.bench_system  # noqa: F401  (registers the system benchmarks)
+
     parser = argparse.ArgumentParser(prog="python -m opsd_ray.bench", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="+", help=f"benchmarks to run: {', '.join(sorted(BENCHMARKS))} or all")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a fast check")
@@ -316,4 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m` runs this file as __main__; benchmarks register in the importable opsd_ray.bench
+    from opsd_ray.bench import main as package_main
+
+    sys.exit(package_main())

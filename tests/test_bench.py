@@ -1,0 +1,110 @@
+"""The system benchmarks (opsd_ray.bench_system) on the tiny model: record schema and sane values.
+
+No timing assertions: the machine is shared. Ray and vLLM arms are left to `make bench`.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+_omp = os.environ.get("OMP_WAIT_POLICY")
+from opsd_ray import bench_system as bs  # noqa: E402  (sets OMP_WAIT_POLICY for benchmark runs)
+
+if _omp is None:  # keep the other tests' environment as it was
+    os.environ.pop("OMP_WAIT_POLICY", None)
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_H, TINY_V = 64, 151_936
+
+
+def check_schema(records):
+    names = [r["name"] for r in records]
+    assert len(names) == len(set(names))
+    for r in records:
+        assert set(r) == {"name", "value", "unit", "baseline", "note"}
+        assert isinstance(r["value"], float | int) and math.isfinite(r["value"]), r
+        assert r["baseline"] is None or math.isfinite(r["baseline"])
+        assert r["unit"] and r["note"]
+    return {r["name"]: r for r in records}
+
+
+def test_interleaved_alternates_order_and_pairs():
+    calls = []
+    runs = bs.interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert [r for r, _ in runs["a"]] == [1, 1, 1] and all(t >= 0 for _, t in runs["b"])
+    assert bs.paired_median([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0
+
+
+def test_wire_records_tiny():
+    recs = check_schema(bs.wire_records("tiny", 1, 8))
+    assert recs["wire_values_per_token_hidden"]["value"] == 3 * TINY_H  # the goal: at most 3*H per token
+    assert recs["wire_bytes_per_token_hidden"]["value"] == 3 * TINY_H * 4  # float32
+    assert recs["wire_bytes_per_token_logits"]["value"] == 3 * TINY_V * 4
+    assert recs["wire_exact_loss_rel_diff"]["value"] < 1e-4  # both formats are exact
+    assert "no approximate" in recs["wire_exact_loss_rel_diff"]["note"]
+
+
+def test_scoring_records_tiny():
+    recs = check_schema(bs.scoring_records("tiny", 2, 16, reps=1))
+    assert recs["scoring_one_pass_speedup_tiny"]["value"] > 0
+    assert recs["scoring_one_pass_tokens_per_s_tiny"]["value"] > 0
+    assert recs["scoring_one_pass_speedup_tiny"]["baseline"] == 1.2
+
+
+def test_local_steps_tiny_both_modes():
+    """The in-process loop (the Ray benchmark's baseline): same batch and seeds, lr 0 -> same trajectories."""
+    from opsd_ray.data import PromptSampler
+    from opsd_ray.driver import adapter_config
+    from opsd_ray.models import load_tokenizer
+
+    cfgs = {
+        m: bs.bench_cfg("tiny", "learner.micro_batch_size=1", batch=1, new_tokens=4, mode=m)
+        for m in ("pmi", "standard")
+    }
+    cfg = cfgs["pmi"]
+    assert cfg.learner.lr == 0.0 and cfg.train.diagnostics_every == 0
+    tok = load_tokenizer(cfg.model)
+    examples = bs.examples_of(cfg, 8)
+    local = bs.LocalRoles(cfg, "hf")
+    conf = adapter_config(cfg)
+    assert bs.local_sync(local, conf) == 0
+    recs = {}
+    for mode, c in cfgs.items():
+        sampler = PromptSampler(examples, 1, seed=cfg.run.seed)
+        recs[mode] = bs.timed_step(
+            lambda c=c, s=sampler: bs.local_train_step(c, local, s, tok, 2),
+            lambda: bs.local_sync(local, conf),
+        )
+    for rec in recs.values():
+        assert math.isfinite(rec["loss"]) and rec["loss"] >= 0
+        parts = sum(rec[f"time/{p}"] for p in bs.STEP_PHASES)
+        assert rec["time/step"] == pytest.approx(parts, rel=1e-6)
+        assert rec["cpu/step"] > 0
+    assert recs["pmi"]["num_tokens"] == recs["standard"]["num_tokens"]  # the same trajectories
+    assert ("kl_target_base" in recs["pmi"]) and ("kl_target_base" not in recs["standard"])
+
+
+def test_bench_main_registers_system_benchmarks(tmp_path, monkeypatch):
+    """`python -m opsd_ray.bench` lists the system benchmarks; main() runs one and writes the JSON."""
+    from opsd_ray import bench
+
+    help_text = subprocess.run(
+        [sys.executable, "-m", "opsd_ray.bench", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert all(name in help_text for name in ("objectives", "rollout", "scoring", "step", "wire"))
+    monkeypatch.setitem(bench.BENCHMARKS, "wire", lambda args: bs.wire_records("tiny", 1, 4))
+    out = tmp_path / "latest.json"
+    assert bench.main(["wire", "--quick", "--out", str(out)]) == 0
+    assert {"wire_bytes_per_token_hidden", "wire_bytes_per_token_logits"} <= {
+        r["name"] for r in json.loads(out.read_text())
+    }
