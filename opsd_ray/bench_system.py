@@ -319,18 +319,13 @@ def local_sync(roles: LocalRoles, adapter_conf: dict) -> int:
 
 def local_train_step(cfg, roles: LocalRoles, sampler, tok, step: int) -> dict:
     """driver.train_step without Ray: the same calls, in this process."""
-    from opsd_ray.driver import request_seed, step_variants
-    from opsd_ray.prompts import build_prompt_ids
+    from opsd_ray.driver import step_requests, step_variants
     from opsd_ray.scoring import ScoringItem, merge, split_evenly
 
     roles.learner.cfg = cfg  # the mode the learner trains with
     t0 = time.perf_counter()
     batch = sampler.next_batch()
-    prompts = [build_prompt_ids(tok, ex.question, ex.reference, cfg.model, cfg.prompt) for ex in batch]
-    requests = [
-        (ex.id, p.student, request_seed(cfg.run.seed, step, i))
-        for i, (ex, p) in enumerate(zip(batch, prompts))
-    ]
+    prompts, requests = step_requests(cfg, tok, batch, step)
     parts = split_evenly(requests, len(roles.rollout))
     trajectories = [t for w, p in zip(roles.rollout, parts, strict=True) if p for t in w.generate(p)]
     t1 = time.perf_counter()

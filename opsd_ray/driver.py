@@ -268,16 +268,19 @@ def evaluate(cfg, roles: Roles, folder: Path, step: int) -> dict:
     return {**eval_log_record(summary), "time/eval": time.perf_counter() - t0}
 
 
+def step_requests(cfg, tok, batch, step: int):
+    """The batch's chat-formatted prompts and its rollout requests (example id, student prompt, seed)."""
+    prompts = [build_prompt_ids(tok, ex.question, ex.reference, cfg.model, cfg.prompt) for ex in batch]
+    requests = [(ex.id, p.student, request_seed(cfg.run.seed, step, i)) for i, (ex, p) in enumerate(zip(batch, prompts))]
+    return prompts, requests
+
+
 def train_step(cfg, roles: Roles, sampler: PromptSampler, tok, step: int, version: int) -> dict:
     import ray
 
     t0 = time.perf_counter()
     batch = sampler.next_batch()
-    prompts = [build_prompt_ids(tok, ex.question, ex.reference, cfg.model, cfg.prompt) for ex in batch]
-    requests = [
-        (ex.id, p.student, request_seed(cfg.run.seed, step, i))
-        for i, (ex, p) in enumerate(zip(batch, prompts))
-    ]
+    prompts, requests = step_requests(cfg, tok, batch, step)
     trajectories = rollout(roles, requests)
     t1 = time.perf_counter()
     items = [ScoringItem(p, t.response_ids) for p, t in zip(prompts, trajectories, strict=True)]
