@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # opsd_ray of this checkout, installed or not
 
+from opsd_ray.cluster import FORWARDED_ENV  # noqa: E402
 from opsd_ray.config import Config, ConfigError, compose, parse_overrides  # noqa: E402
 
 # Left out of the upload: outputs, environments, caches (the upload is bounded by the gRPC message size).
@@ -32,7 +33,7 @@ EXCLUDES = ["runs/", ".venv/", "**/__pycache__/", ".git/", ".pytest_cache/", ".r
             "*.egg-info/", "bench/results/", ".cache/", "build/", "*.whl"]
 # The driver's init_ray forwards these to every actor with its own ray.init(runtime_env=...), and Ray
 # refuses to merge a job's env_vars with ray.init's when both set a key: they go on the entrypoint.
-DRIVER_ENV = ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "OPSD_RAY_CACHE", "OPSD_RAY_RECIPES")
+DRIVER_ENV = FORWARDED_ENV
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

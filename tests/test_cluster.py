@@ -1,5 +1,6 @@
 """Running where users run: the resource check, `make submit` against a real Ray head, cluster manifests."""
 
+import json
 import os
 import re
 import secrets
@@ -74,7 +75,6 @@ def test_submit_dry_run_builds_the_ray_job_command():
     cmd = shlex.split(res.stdout.split("+ ", 1)[1].splitlines()[0])
     assert cmd[1:3] == ["job", "submit"] and cmd[cmd.index("--address") + 1] == "http://head:8265"
     assert "--no-wait" in cmd
-    import json
 
     renv = json.loads(cmd[cmd.index("--runtime-env-json") + 1])
     assert renv["working_dir"] == str(ROOT)
@@ -274,3 +274,23 @@ def test_slurm_script():
     assert "scontrol show hostnames" in text
     assert "python cluster/submit.py" in text and "--wait" in text and "run.output_dir=" in text
     assert "RAY_AUTH_MODE=token" in text
+
+
+def test_actors_get_passive_openmp_threads_unless_the_user_chose(monkeypatch):
+    from opsd_ray.cluster import FORWARDED_ENV, runtime_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("OPSD_RAY_CACHE", "/c")
+    env = runtime_env()["env_vars"]
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OPSD_RAY_CACHE"] == "/c"
+    assert set(env) <= set(FORWARDED_ENV)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert runtime_env()["env_vars"]["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_submit_puts_the_forwarded_variables_on_the_entrypoint():
+    res = submit("--address", "http://head:8265", "--dry-run", "--env", "OMP_WAIT_POLICY=ACTIVE", "model=tiny")
+    assert res.returncode == 0, res.stderr
+    cmd = shlex.split(res.stdout.split("+ ", 1)[1].splitlines()[0])
+    assert "OMP_WAIT_POLICY" not in json.loads(cmd[cmd.index("--runtime-env-json") + 1]).get("env_vars", {})
+    assert "OMP_WAIT_POLICY=ACTIVE" in cmd[cmd.index("--"):]

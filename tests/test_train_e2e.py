@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from opsd_ray.cluster import runtime_env
 from opsd_ray.config import load_train_config
 from opsd_ray.rollout import vllm_available
 
@@ -22,7 +23,7 @@ NEEDS_VLLM = pytest.mark.skipif(not vllm_available(), reason="vLLM is not instal
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OPSD_RAY_CACHE": os.environ["OPSD_RAY_CACHE"], "HF_HUB_OFFLINE": "1"}})
+             runtime_env=runtime_env())
     yield
     ray.shutdown()
 
