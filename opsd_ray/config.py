@@ -116,6 +116,7 @@ class ScoringConfig:
     cpus_per_worker: float = 0.5
     micro_batch_size: int = 4  # trajectories per forward pass (x3 sequences)
     wire_format: str = "hidden"  # hidden (exact, 3*H per token) | logits (exact, full vocab)
+    layout: str = "auto"  # one pass as: padded rows | shared_prefix (tree mask) | auto (fewer FLOPs)
 
 
 @dataclass
@@ -193,6 +194,7 @@ CHOICES = {
     "objective.mode": ("pmi", "standard"),
     "rollout.engine": ("auto", "vllm", "hf"),
     "scoring.wire_format": ("hidden", "logits"),
+    "scoring.layout": ("auto", "padded", "shared_prefix"),
 }
 
 

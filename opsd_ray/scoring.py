@@ -1,7 +1,14 @@
 """Scoring: the frozen base model reads every trajectory under three prompts in ONE forward pass.
 
 Variants (DESIGN.md §1): teacher (question + reference), reference_only (reference), base
-(question). The sequences of all variants of a micro-batch are right-padded into one batch.
+(question). All sequences of a micro-batch go through one forward pass, in one of two layouts:
+- "padded": one row per sequence, right-padded to the longest.
+- "shared_prefix": one row per trajectory. The teacher sequence is written once; the other variants
+  add only what follows their longest common prefix with it (the chat header for reference-only,
+  header + question for base), and attend to that prefix through a tree-shaped causal mask, with
+  their own position ids. Causal attention makes this exact, and it skips ~1/3 of the positions.
+- "auto" (default) takes, per micro-batch, the layout with fewer estimated FLOPs (shared_prefix
+  saves linear-layer work; its longer rows cost more attention when responses are long).
 What goes back to the learner (the wire format) is chosen on purpose:
 - "hidden" (exact, default): the final-norm hidden states at the response positions, H values per
   token and variant; the learner applies the frozen lm_head chunk by chunk (3*H vs V per token).
@@ -14,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opsd_ray.prompts import PromptIds, append_response
+from opsd_ray.prompts import PromptIds, ScoringSequence, append_response
 
 VARIANTS = ("teacher", "reference_only", "base")
 _PROMPT_OF = {
@@ -59,22 +66,106 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((k for k in range(n) if a[k] != b[k]), n)
+
+
+def tree_row(seqs: list[ScoringSequence]) -> tuple[list[int], list[int], list[list[int]]]:
+    """Pack sequences into one row: seqs[0] whole, each other one after its common prefix with seqs[0].
+
+    Returns the row's ids, position ids, and per sequence the row index of each of its positions.
+    """
+    root = seqs[0].ids
+    ids, pos, where = list(root), list(range(len(root))), [list(range(len(root)))]
+    for s in seqs[1:]:
+        k, off = common_prefix(root, s.ids), len(ids)
+        ids += s.ids[k:]
+        pos += range(k, len(s.ids))
+        where.append(list(range(k)) + list(range(off, off + len(s.ids) - k)))
+    return ids, pos, where
+
+
+def tree_mask(width: int, where: list[list[int]]) -> torch.Tensor:
+    """[width, width] bool: position a of a sequence attends to its positions b <= a (pads: themselves)."""
+    mask = torch.eye(width, dtype=torch.bool)
+    for w in where:
+        idx = torch.tensor(w)
+        mask[idx[:, None], idx[None, :]] |= torch.ones(len(w), len(w), dtype=torch.bool).tril()
+    return mask
+
+
+def shared_prefix_inputs(rows: list[list[ScoringSequence]], pad_id: int) -> tuple[dict, list[list[int]]]:
+    """One tree-packed row per trajectory; a 4D bool mask (True = attend) and explicit position ids."""
+    packed = [tree_row(r) for r in rows]
+    width = max(len(p[0]) for p in packed)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+    where = []
+    for i, (row_ids, row_pos, row_where) in enumerate(packed):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        pos[i, : len(row_pos)] = torch.tensor(row_pos)
+        mask[i, 0] = tree_mask(width, row_where)
+        where.append([[i * width + j for j in w] for w in row_where])
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}, where
+
+
+def layout_flops(config, rows: int, width: int) -> float:
+    """Forward FLOPs of `rows` x `width` positions with dense attention: linear layers + QK^T and AV."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    linear = 2 * (2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * config.intermediate_size)
+    return layers * rows * width * (linear + 4 * heads * head_dim * width)
+
+
+def choose_layout(layout: str, config, seqs: list[list[ScoringSequence]]) -> str:
+    """`seqs[i]` = the variants' sequences of trajectory i; "auto" compares the two layouts' FLOPs."""
+    if len(seqs[0]) == 1:
+        return "padded"  # one sequence per trajectory: nothing to share
+    if layout != "auto":
+        return layout
+    if "flash" in str(getattr(config, "_attn_implementation", "")):
+        return "padded"  # flash-attention kernels take no custom 4D mask
+    padded = layout_flops(config, sum(map(len, seqs)), max(len(s.ids) for r in seqs for s in r))
+    shared = layout_flops(config, len(seqs), max(len(tree_row(r)[0]) for r in seqs))
+    return "shared_prefix" if shared < padded else "padded"
+
+
 def response_hidden(
-    decoder, items: list[ScoringItem], variants: tuple[str, ...], pad_id: int
+    decoder, items: list[ScoringItem], variants: tuple[str, ...], pad_id: int, layout: str = "auto"
 ) -> dict[str, torch.Tensor]:
     """One forward pass over len(variants) x len(items) sequences; rows at the response positions.
 
     Row j of a variant's result is the final hidden state that predicts response token j.
-    Right padding keeps position ids 0..len-1 for every real token, so padding changes nothing.
     """
-    seqs = [
-        append_response(getattr(it.prompts, _PROMPT_OF[v]), it.response) for v in variants for it in items
+    per_item = [
+        [append_response(getattr(it.prompts, _PROMPT_OF[v]), it.response) for v in variants] for it in items
     ]
-    ids, mask = pad_right([s.ids for s in seqs], pad_id)
+    layout = choose_layout(layout, decoder.config, per_item)
+    seqs = [r[k] for k in range(len(variants)) for r in per_item]  # variant-major, as returned
+    if layout == "shared_prefix":
+        inputs, where = shared_prefix_inputs(per_item, pad_id)
+        where = [where[i][k] for k in range(len(variants)) for i in range(len(items))]
+    elif layout == "padded":
+        ids, mask = pad_right([s.ids for s in seqs], pad_id)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        where = [[i * ids.shape[1] + j for j in range(len(s.ids))] for i, s in enumerate(seqs)]
+    else:
+        raise ValueError(f"unknown scoring layout {layout!r} (auto | padded | shared_prefix)")
     device = next(decoder.parameters()).device
+    mask = inputs["attention_mask"]
+    if mask.dim() == 4 and decoder.config._attn_implementation == "eager":
+        # eager attention adds the mask to the scores; sdpa takes the bool mask as it is
+        inputs["attention_mask"] = torch.zeros(mask.shape, dtype=decoder.dtype).masked_fill(
+            ~mask, torch.finfo(decoder.dtype).min
+        )
     # no KV cache: one pass over known sequences needs none (it would cost GBs at real sizes)
-    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-    rows = [hidden[i, s.predict_slice] for i, s in enumerate(seqs)]
+    hidden = decoder(**{k: t.to(device) for k, t in inputs.items()}, use_cache=False).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])  # `where` holds flat (row * width + column) indices
+    rows = [flat[torch.tensor(w[s.predict_slice], device=flat.device)] for w, s in zip(where, seqs, strict=True)]
     n = len(items)
     return {v: torch.cat(rows[k * n : (k + 1) * n]) for k, v in enumerate(variants)}
 
@@ -88,13 +179,14 @@ def score(
     wire_format: str = "hidden",
     micro_batch_size: int = 4,
     pad_id: int = 0,
+    layout: str = "auto",
     logits_chunk: int = 1024,
 ) -> FrozenBatch:
     """Score `items` with the frozen causal LM `model` (no LoRA) in micro-batches of trajectories."""
     decoder = model.get_decoder()
     parts: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
     for i in range(0, len(items), micro_batch_size):
-        for v, h in response_hidden(decoder, items[i : i + micro_batch_size], variants, pad_id).items():
+        for v, h in response_hidden(decoder, items[i : i + micro_batch_size], variants, pad_id, layout).items():
             parts[v].append(h)
     hidden = {v: torch.cat(p) for v, p in parts.items()}
     if wire_format == "logits":
@@ -148,4 +240,5 @@ class ScoringWorker:
             wire_format=self.cfg.wire_format,
             micro_batch_size=self.cfg.micro_batch_size,
             pad_id=self.pad_id,
+            layout=self.cfg.layout,
         )
