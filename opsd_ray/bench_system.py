@@ -24,10 +24,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import gc  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from functools import partial  # noqa: E402
 
 from opsd_ray.bench import Record, _cpu_seconds, record, register  # noqa: E402
 
@@ -304,6 +306,12 @@ def bench_wire(args: argparse.Namespace) -> list[Record]:
 
 
 # ----------------------------------------------------------------------------- whole steps
+def bf16_scoring(scoring_cfg):
+    out = copy.deepcopy(scoring_cfg)
+    out.dtype = "bfloat16"
+    return out
+
+
 class LocalRoles:
     """The same components as driver.Roles (RolloutWorker, ScoringWorker, Learner), in this process."""
 
@@ -414,6 +422,7 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
     from opsd_ray.data import PromptSampler
     from opsd_ray.driver import Roles, adapter_config, sync_adapter, train_step
     from opsd_ray.models import load_tokenizer
+    from opsd_ray.scoring import ScoringWorker
 
     model, batch, new_tokens = ("tiny", 2, 16) if args.quick else ("smollm2-135m", 4, 32)
     reps = args.reps or (1 if args.quick else 2)
@@ -434,6 +443,8 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
         _log(f"step: loading {model} (in-process roles and Ray roles, hf engine)")
         local = LocalRoles(cfg, "hf")
         local_sync(local, conf)
+        local_bf16 = copy.copy(local)  # the same rollout worker and learner; a bfloat16 frozen scorer
+        local_bf16.scoring = [ScoringWorker(cfg.model, bf16_scoring(cfg.scoring), os.cpu_count())]
         _log("step: in-process roles ready")
         roles = Roles(cfg, "hf")
         sync_adapter(roles, conf)
@@ -453,6 +464,14 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
                     lambda: local_train_step(cfgs["standard"], local, sampler(size), tok, step),
                     lambda: local_sync(local, conf),
                 ),
+                **{
+                    f"local_{m}_bf16": partial(
+                        timed_step,
+                        partial(local_train_step, cfgs[m], local_bf16, sampler(size), tok, step),
+                        partial(local_sync, local_bf16, conf),
+                    )
+                    for m in ("pmi", "standard")
+                },
             }
 
         interleaved(arms(1), 1)  # warm-up on a 1-prompt batch (first calls, thread pools, caches)
@@ -462,7 +481,7 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
             _log(f"step {name}: {[round(r['time/step'], 2) for r in rs]} s; {_phases(rs)}")
         roles.shutdown()
         roles = None
-        local = None  # free its models before the vllm roles start
+        local = local_bf16 = None  # free their models before the vllm roles start
         gc.collect()
 
         vllm_runs = [] if args.quick else vllm_steps(cfg, conf, sampler, tok, step, batch, 1)
@@ -473,6 +492,7 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
             ray.shutdown()
 
     pmi, std, ray_runs = runs["local_pmi"], runs["local_standard"], runs["ray_pmi"]
+    pmi16, std16 = runs["local_pmi_bf16"], runs["local_standard_bf16"]
     common = (
         f"{model}, {batch} GSM8K prompts x {new_tokens} new tokens (at most; eos ends earlier), "
         f"1 rollout / 1 scoring worker, learner micro-batch {cfg.learner.micro_batch_size}, lr 0 (identical "
@@ -494,6 +514,14 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
             1.05,
             f"pmi / standard wall time of a whole step incl. sync, in one process; goal <= 1.05; phases pmi: "
             f"{_phases(pmi)}; standard: {_phases(std)}; {setup}",
+        ),
+        record(
+            "pmi_vs_standard_step_time_ratio_bf16_scoring",
+            ratio(pmi16, std16),
+            "x",
+            1.05,
+            f"the same with scoring.dtype=bfloat16 (the frozen scorer in bf16, AMX on this CPU); goal <= 1.05; "
+            f"phases pmi: {_phases(pmi16)}; standard: {_phases(std16)}; {setup}",
         ),
         record(
             "pmi_vs_standard_step_cpu_ratio",

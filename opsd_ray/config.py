@@ -117,6 +117,7 @@ class ScoringConfig:
     micro_batch_size: int = 4  # trajectories per forward pass (x3 sequences)
     wire_format: str = "hidden"  # hidden (exact, 3*H per token) | logits (exact, full vocab)
     layout: str = "auto"  # one pass as: padded rows | shared_prefix (tree mask) | auto (fewer FLOPs)
+    dtype: str | None = None  # the frozen scorer's dtype; null: model.dtype (bfloat16: AMX/GPU speed)
 
 
 @dataclass
@@ -195,6 +196,7 @@ CHOICES = {
     "rollout.engine": ("auto", "vllm", "hf"),
     "scoring.wire_format": ("hidden", "logits"),
     "scoring.layout": ("auto", "padded", "shared_prefix"),
+    "scoring.dtype": ("float32", "bfloat16", "float16"),
 }
 
 

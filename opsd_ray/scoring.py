@@ -227,7 +227,8 @@ class ScoringWorker:
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.model = load_model(model_cfg, device=default_device()).eval().requires_grad_(False)
+        self.model = load_model(model_cfg, dtype=scoring_cfg.dtype, device=default_device())
+        self.model.eval().requires_grad_(False)
         tok = load_tokenizer(model_cfg)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.cfg = scoring_cfg

@@ -55,6 +55,7 @@ def test_scoring_records_tiny():
     assert recs["scoring_one_pass_speedup_tiny"]["value"] > 0
     assert recs["scoring_one_pass_tokens_per_s_tiny"]["value"] > 0
     assert recs["scoring_one_pass_speedup_tiny"]["baseline"] == 1.2
+    assert recs["scoring_padded_pass_speedup_tiny"]["value"] > 0 and "layout auto = " in recs["scoring_padded_pass_speedup_tiny"]["note"]
 
 
 def test_local_steps_tiny_both_modes():

@@ -121,3 +121,23 @@ def test_auto_layout_shares_prefixes_for_short_responses_and_pads_for_long_ones(
 def test_unknown_layout_is_a_config_error():
     with pytest.raises(ConfigError, match="scoring.layout"):
         load_train_config(["model=tiny", "scoring.layout=packed"])
+
+
+def test_scoring_dtype_sets_the_frozen_scorers_precision_and_the_learner_takes_it(setup):
+    from opsd_ray.learner import Learner
+    from opsd_ray.scoring import ScoringWorker
+
+    _, items, _ = setup
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = load_train_config(["model=tiny", f"scoring.dtype={dtype}", "train.batch_size=3",
+                                 "learner.micro_batch_size=3", "objective.chunk_size=16"])
+        worker = ScoringWorker(cfg.model, cfg.scoring)
+        assert worker.model.dtype == getattr(torch, dtype)
+        frozen = worker.score(items, VARIANTS)
+        assert frozen.tensors["teacher"].dtype == getattr(torch, dtype)
+        assert frozen.bytes_per_token == 3 * 64 * (4 if dtype == "float32" else 2)
+        losses[dtype] = Learner(cfg).backward(items, frozen)["loss"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
+    with pytest.raises(ConfigError, match="scoring.dtype"):
+        load_train_config(["model=tiny", "scoring.dtype=fp8"])
