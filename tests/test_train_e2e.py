@@ -186,9 +186,12 @@ def test_killed_driver_resumes_to_the_same_metrics(tmp_path, small_data):
     assert resumed.returncode == 0 and "resumed from" in out, out[-3000:]
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "crash")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
+    # Two uninterrupted runs already differ in the last bits (float32 matmul kernels depend on buffer
+    # alignment), and Adam's first step amplifies that for near-zero gradients: 2e-4 relative was seen
+    # in grad_norm at step 2. A resume that drops the Adam state moves a later loss by 2.6e-3 (checked).
     for ra, rb in zip(a, b):
         for k in (*LOSS_KEYS, "response_length", "kl_target_base"):
-            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (ra["step"], k)
+            assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), (ra["step"], k)
 
 
 def test_make_train_leaves_metrics_and_an_adapter(tmp_path):
