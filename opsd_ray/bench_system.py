@@ -425,7 +425,7 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
     from opsd_ray.scoring import ScoringWorker
 
     model, batch, new_tokens = ("tiny", 2, 16) if args.quick else ("smollm2-135m", 4, 32)
-    reps = args.reps or (1 if args.quick else 2)
+    reps = args.reps or (1 if args.quick else 3)  # 5 arms; 2 reps proved too noisy on a shared machine
     cfgs = {m: bench_cfg(model, batch=batch, new_tokens=new_tokens, mode=m) for m in ("pmi", "standard")}
     cfg = cfgs["pmi"]
     tok = load_tokenizer(cfg.model)
