@@ -109,3 +109,9 @@ def test_bench_main_registers_system_benchmarks(tmp_path, monkeypatch):
     assert {"wire_bytes_per_token_hidden", "wire_bytes_per_token_logits"} <= {
         r["name"] for r in json.loads(out.read_text())
     }
+
+
+def test_pooled_rollout_ratio_takes_one_rollout_time_for_both_arms():
+    a = [{"time/rollout": 10.0, "time/scoring": 3.0, "time/learning": 2.0, "time/sync": 0.0}]
+    b = [{"time/rollout": 14.0, "time/scoring": 1.0, "time/learning": 2.0, "time/sync": 0.0}]
+    assert bs.pooled_rollout_ratio(a, b) == pytest.approx((12 + 5) / (12 + 3))
