@@ -6,7 +6,8 @@ Variants (DESIGN.md §1): teacher (question + reference), reference_only (refere
 - "shared_prefix": one row per trajectory. The teacher sequence is written once; the other variants
   add only what follows their longest common prefix with it (the chat header for reference-only,
   header + question for base), and attend to that prefix through a tree-shaped causal mask, with
-  their own position ids. Causal attention makes this exact, and it skips ~1/3 of the positions.
+  their own position ids. Causal attention makes this exact; it computes a third fewer positions than
+  "padded" (15% fewer than three separate passes) on GSM8K-length prompts.
 - "auto" (default) takes, per micro-batch, the layout with fewer estimated FLOPs (shared_prefix
   saves linear-layer work; its longer rows cost more attention when responses are long).
 What goes back to the learner (the wire format) is chosen on purpose:
