@@ -31,9 +31,8 @@ from opsd_ray.config import Config, ConfigError, compose, parse_overrides  # noq
 # Left out of the upload: outputs, environments, caches (the upload is bounded by the gRPC message size).
 EXCLUDES = ["runs/", ".venv/", "**/__pycache__/", ".git/", ".pytest_cache/", ".ruff_cache/", ".hypothesis/",
             "*.egg-info/", "bench/results/", ".cache/", "build/", "*.whl"]
-# The driver's init_ray forwards these to every actor with its own ray.init(runtime_env=...), and Ray
-# refuses to merge a job's env_vars with ray.init's when both set a key: they go on the entrypoint.
-DRIVER_ENV = FORWARDED_ENV
+# The driver's init_ray forwards FORWARDED_ENV to every actor with its own ray.init(runtime_env=...), and
+# Ray refuses to merge a job's env_vars with ray.init's when both set a key: those go on the entrypoint.
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -62,7 +61,7 @@ def check_overrides(overrides: list[str]) -> dict[str, str]:
 
 def runtime_env(env: dict[str, str], pip: bool) -> dict:
     renv: dict = {"working_dir": str(ROOT), "excludes": EXCLUDES}
-    job_env = {k: v for k, v in env.items() if k not in DRIVER_ENV}
+    job_env = {k: v for k, v in env.items() if k not in FORWARDED_ENV}
     if job_env:
         renv["env_vars"] = job_env
     if pip:
@@ -73,7 +72,7 @@ def runtime_env(env: dict[str, str], pip: bool) -> dict:
 
 
 def entrypoint(python: str, overrides: list[str], env: dict[str, str]) -> list[str]:
-    driver_env = [f"{k}={v}" for k, v in env.items() if k in DRIVER_ENV]
+    driver_env = [f"{k}={v}" for k, v in env.items() if k in FORWARDED_ENV]
     return (["env", *driver_env] if driver_env else []) + [python, "-m", "opsd_ray", "train", *overrides]
 
 

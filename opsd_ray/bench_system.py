@@ -135,13 +135,11 @@ def register_system(name: str):
 # ----------------------------------------------------------------------------- scoring
 def layout_positions(items, variants, micro_batch_size: int, layout: str) -> int:
     """Positions one forward pass computes, padding included (rows x longest row per micro-batch)."""
-    from opsd_ray.prompts import append_response
-    from opsd_ray.scoring import _PROMPT_OF, tree_row
+    from opsd_ray.scoring import tree_row, variant_sequences
 
     total = 0
     for i in range(0, len(items), micro_batch_size):
-        rows = [[append_response(getattr(it.prompts, _PROMPT_OF[v]), it.response) for v in variants]
-                for it in items[i : i + micro_batch_size]]
+        rows = variant_sequences(items[i : i + micro_batch_size], variants)
         if layout == "shared_prefix":
             lengths = [len(tree_row(r)[0]) for r in rows]
         else:
@@ -153,8 +151,7 @@ def layout_positions(items, variants, micro_batch_size: int, layout: str) -> int
 def scoring_records(model: str, n_items: int, response_tokens: int, reps: int) -> list[Record]:
     import torch
 
-    from opsd_ray.prompts import append_response
-    from opsd_ray.scoring import _PROMPT_OF, VARIANTS, choose_layout, score
+    from opsd_ray.scoring import VARIANTS, choose_layout, score, tree_row, variant_sequences
 
     cfg = bench_cfg(model)
     net, tok = frozen_model(cfg)
@@ -179,9 +176,8 @@ def scoring_records(model: str, n_items: int, response_tokens: int, reps: int) -
     tokens = len(VARIANTS) * sum(len(it.response) for it in items)
     pos = {a: layout_positions(items, VARIANTS, mb, a) for a in ("shared_prefix", "padded")}
     pos["three"] = sum(layout_positions(items, (v,), mb, "padded") for v in VARIANTS)
-    auto = choose_layout("auto", net.config, [
-        [append_response(getattr(it.prompts, _PROMPT_OF[v]), it.response) for v in VARIANTS] for it in items[:mb]
-    ])
+    first = variant_sequences(items[:mb], VARIANTS)
+    auto = choose_layout("auto", net.config, first, [tree_row(r) for r in first])
     note = (
         f"{model}, {n_items} GSM8K trajectories (response = first {response_tokens} reference tokens), "
         f"scoring.micro_batch_size={mb}, {torch.get_num_threads()} threads; one pass of the 3 variants "

@@ -67,6 +67,11 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def variant_sequences(items: list[ScoringItem], variants: tuple[str, ...]) -> list[list[ScoringSequence]]:
+    """Per trajectory, the sequence (prompt + response ids) of each variant, in `variants` order."""
+    return [[append_response(getattr(it.prompts, _PROMPT_OF[v]), it.response) for v in variants] for it in items]
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     return next((k for k in range(n) if a[k] != b[k]), n)
@@ -96,13 +101,12 @@ def tree_mask(width: int, where: list[list[int]]) -> torch.Tensor:
     return mask
 
 
-def shared_prefix_inputs(rows: list[list[ScoringSequence]], pad_id: int) -> tuple[dict, list[list[int]]]:
-    """One tree-packed row per trajectory; a 4D bool mask (True = attend) and explicit position ids."""
-    packed = [tree_row(r) for r in rows]
+def shared_prefix_inputs(packed: list[tuple], pad_id: int) -> tuple[dict, list[list[int]]]:
+    """The `tree_row`s of a micro-batch as model inputs: a 4D bool mask (True = attend), position ids."""
     width = max(len(p[0]) for p in packed)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+    ids = torch.full((len(packed), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(packed), width), dtype=torch.long)
+    mask = torch.zeros((len(packed), 1, width, width), dtype=torch.bool)
     where = []
     for i, (row_ids, row_pos, row_where) in enumerate(packed):
         ids[i, : len(row_ids)] = torch.tensor(row_ids)
@@ -122,8 +126,9 @@ def layout_flops(config, rows: int, width: int) -> float:
     return layers * rows * width * (linear + 4 * heads * head_dim * width)
 
 
-def choose_layout(layout: str, config, seqs: list[list[ScoringSequence]]) -> str:
-    """`seqs[i]` = the variants' sequences of trajectory i; "auto" compares the two layouts' FLOPs."""
+def choose_layout(layout: str, config, seqs: list[list[ScoringSequence]], packed: list[tuple]) -> str:
+    """`seqs[i]` = the variants' sequences of trajectory i, `packed[i]` its tree_row; "auto" compares
+    the two layouts' FLOPs."""
     if len(seqs[0]) == 1:
         return "padded"  # one sequence per trajectory: nothing to share
     if layout != "auto":
@@ -131,7 +136,7 @@ def choose_layout(layout: str, config, seqs: list[list[ScoringSequence]]) -> str
     if "flash" in str(getattr(config, "_attn_implementation", "")):
         return "padded"  # flash-attention kernels take no custom 4D mask
     padded = layout_flops(config, sum(map(len, seqs)), max(len(s.ids) for r in seqs for s in r))
-    shared = layout_flops(config, len(seqs), max(len(tree_row(r)[0]) for r in seqs))
+    shared = layout_flops(config, len(packed), max(len(p[0]) for p in packed))
     return "shared_prefix" if shared < padded else "padded"
 
 
@@ -142,13 +147,12 @@ def response_hidden(
 
     Row j of a variant's result is the final hidden state that predicts response token j.
     """
-    per_item = [
-        [append_response(getattr(it.prompts, _PROMPT_OF[v]), it.response) for v in variants] for it in items
-    ]
-    layout = choose_layout(layout, decoder.config, per_item)
+    per_item = variant_sequences(items, variants)
+    packed = [tree_row(r) for r in per_item]
+    layout = choose_layout(layout, decoder.config, per_item, packed)
     seqs = [r[k] for k in range(len(variants)) for r in per_item]  # variant-major, as returned
     if layout == "shared_prefix":
-        inputs, where = shared_prefix_inputs(per_item, pad_id)
+        inputs, where = shared_prefix_inputs(packed, pad_id)
         where = [where[i][k] for k in range(len(variants)) for i in range(len(items))]
     elif layout == "padded":
         ids, mask = pad_right([s.ids for s in seqs], pad_id)

@@ -78,7 +78,7 @@ def test_shared_prefix_writes_the_teacher_once_and_only_the_suffixes_of_the_othe
 
 def test_tree_mask_is_each_sequences_own_causal_mask():
     seqs = [ScoringSequence([1, 2, 3, 4], 2), ScoringSequence([1, 2, 5], 2), ScoringSequence([1, 6, 7], 1)]
-    inputs, where = shared_prefix_inputs([seqs, seqs[:1]], pad_id=0)
+    inputs, where = shared_prefix_inputs([tree_row(seqs), tree_row(seqs[:1])], pad_id=0)
     # row 0 = 1 2 3 4 | 5 | 6 7 (positions 0 1 2 3 | 2 | 1 2); row 1 = 1 2 3 4 + 3 pads
     assert inputs["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 0, 0, 0]]
     assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 2, 1, 2], [0, 1, 2, 3, 0, 0, 0]]
@@ -106,16 +106,20 @@ def test_layout_flops_counts_linear_layers_and_attention():
 def test_auto_layout_shares_prefixes_for_short_responses_and_pads_for_long_ones(setup):
     _, items, base = setup
     config = base.config
+
+    def choose(layout, config, seqs):
+        return choose_layout(layout, config, seqs, [tree_row(r) for r in seqs])
+
     short = [[scoring_sequences(it.prompts, it.response)[v] for v in VARIANTS] for it in items]
     long = [[scoring_sequences(it.prompts, it.response * 400)[v] for v in VARIANTS] for it in items]
-    assert choose_layout("auto", config, short) == "shared_prefix"
-    assert choose_layout("auto", config, long) == "padded"  # 3x longer rows cost more attention than they save
-    assert choose_layout("padded", config, short) == "padded"
-    assert choose_layout("shared_prefix", config, long) == "shared_prefix"
-    assert choose_layout("auto", config, [r[:1] for r in short]) == "padded"  # standard mode: teacher only
+    assert choose("auto", config, short) == "shared_prefix"
+    assert choose("auto", config, long) == "padded"  # 3x longer rows cost more attention than they save
+    assert choose("padded", config, short) == "padded"
+    assert choose("shared_prefix", config, long) == "shared_prefix"
+    assert choose("auto", config, [r[:1] for r in short]) == "padded"  # standard mode: teacher only
     flash = copy.copy(config)
     flash._attn_implementation = "flash_attention_2"
-    assert choose_layout("auto", flash, short) == "padded"  # flash kernels take no custom mask
+    assert choose("auto", flash, short) == "padded"  # flash kernels take no custom mask
 
 
 def test_unknown_layout_is_a_config_error():
