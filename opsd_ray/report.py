@@ -152,6 +152,12 @@ def _empty(ax, text: str) -> None:
     ax.set_yticks([])
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+
+
 def plot_accuracy(runs: list[Run], path: Path) -> None:
     plt = _plt()
     benches = benchmarks_of(runs)
@@ -173,9 +179,7 @@ def plot_accuracy(runs: list[Run], path: Path) -> None:
     if benches:
         axes[0][0].legend(fontsize=8)
     fig.suptitle("Accuracy against training step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _first_last(run: Run, prefix: str) -> list[tuple[int, dict[str, float]]]:
@@ -237,9 +241,7 @@ def plot_markers(runs: list[Run], path: Path) -> None:
         _empty(ax_b, "no marker records")
     ax_b.set_title("Per marker: first (hatched) vs last step")
     fig.suptitle(f"Epistemic markers on {source} (whole words, case-insensitive)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_decomposition(runs: list[Run], path: Path) -> None:
@@ -267,9 +269,7 @@ def plot_decomposition(runs: list[Run], path: Path) -> None:
             _empty(ax, "no decomposition records (train.diagnostics_every)")
         ax.set_title(title)
     fig.suptitle("Decomposition Δ_total = Δ_ref + Δ_it (solid, circles: Δ_ref; dashed, squares: Δ_it)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_training(runs: list[Run], path: Path) -> None:
@@ -296,9 +296,7 @@ def plot_training(runs: list[Run], path: Path) -> None:
             _empty(ax, f"no '{key}' records" + (" (pmi mode only)" if key == "kl_target_base" else ""))
         ax.set_title(key)
     fig.suptitle("Training metrics against step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- summary
