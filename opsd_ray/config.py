@@ -384,6 +384,12 @@ def validate_train(cfg: DictConfig) -> None:
         f"model.lora.dropout must be in [0, 1) (got {cfg.model.lora.dropout})",
     )
     _check(cfg.data.max_reference_tokens >= 1, "data.max_reference_tokens must be >= 1")
+    _check(
+        not (sc.layout == "shared_prefix" and "flash" in str(cfg.model.attn_implementation)),
+        f"scoring.layout=shared_prefix needs a custom attention mask, which flash-attention kernels do not take "
+        f"(model.attn_implementation={cfg.model.attn_implementation}): use scoring.layout=auto (it pads under "
+        "flash-attention) or padded, or model.attn_implementation=sdpa",
+    )
     resume = cfg.checkpoint.resume
     _check(
         resume in ("auto", "never") or Path(resume).is_dir(),

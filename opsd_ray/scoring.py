@@ -8,8 +8,10 @@ Variants (DESIGN.md §1): teacher (question + reference), reference_only (refere
   header + question for base), and attend to that prefix through a tree-shaped causal mask, with
   their own position ids. Causal attention makes this exact; it computes a third fewer positions than
   "padded" (15% fewer than three separate passes) on GSM8K-length prompts.
+  Sliding-window layers (OLMo-3) get a tree mask that also drops keys beyond their window.
 - "auto" (default) takes, per micro-batch, the layout with fewer estimated FLOPs (shared_prefix
-  saves linear-layer work; its longer rows cost more attention when responses are long).
+  saves linear-layer work; its longer rows cost more attention when responses are long). It pads
+  under flash-attention, whose kernels take no custom mask.
 What goes back to the learner (the wire format) is chosen on purpose:
 - "hidden" (exact, default): the final-norm hidden states at the response positions, H values per
   token and variant; the learner applies the frozen lm_head chunk by chunk (3*H vs V per token).
@@ -126,18 +128,64 @@ def layout_flops(config, rows: int, width: int) -> float:
     return layers * rows * width * (linear + 4 * heads * head_dim * width)
 
 
+FLASH_NO_MASK = (
+    "scoring.layout=shared_prefix needs a custom attention mask, which flash-attention kernels do not "
+    "take: use scoring.layout=auto or padded, or model.attn_implementation=sdpa"
+)
+
+
+def uses_flash(config) -> bool:
+    return "flash" in str(getattr(config, "_attn_implementation", ""))
+
+
+def attention_kinds(config) -> set[str]:
+    """The kinds of attention layers a model has, as transformers names them in `config.layer_types`.
+
+    Configs without `layer_types` (Llama, Mistral) use sliding attention everywhere when they set a
+    `sliding_window`, full attention otherwise.
+    """
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return set(kinds)
+    return {"sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"}
+
+
+SHAREABLE_KINDS = {"full_attention", "sliding_attention"}  # the tree mask knows how to build these
+
+
 def choose_layout(layout: str, config, seqs: list[list[ScoringSequence]], packed: list[tuple]) -> str:
     """`seqs[i]` = the variants' sequences of trajectory i, `packed[i]` its tree_row; "auto" compares
     the two layouts' FLOPs."""
     if len(seqs[0]) == 1:
         return "padded"  # one sequence per trajectory: nothing to share
+    if layout == "shared_prefix":
+        if uses_flash(config):
+            raise ValueError(FLASH_NO_MASK)  # config validation refuses it first; this guards direct use
+        unknown = attention_kinds(config) - SHAREABLE_KINDS
+        if unknown:
+            raise ValueError(f"scoring.layout=shared_prefix cannot mask {sorted(unknown)} layers: use padded")
     if layout != "auto":
         return layout
-    if "flash" in str(getattr(config, "_attn_implementation", "")):
-        return "padded"  # flash-attention kernels take no custom 4D mask
+    if uses_flash(config) or attention_kinds(config) - SHAREABLE_KINDS:
+        return "padded"  # flash kernels take no custom mask; other layer kinds get their masks from the model
     padded = layout_flops(config, sum(map(len, seqs)), max(len(s.ids) for r in seqs for s in r))
     shared = layout_flops(config, len(packed), max(len(p[0]) for p in packed))
     return "shared_prefix" if shared < padded else "padded"
+
+
+def layer_masks(mask: torch.Tensor, pos: torch.Tensor, config) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The tree mask as each kind of attention layer of the model needs it.
+
+    A custom 4D mask replaces the masks transformers would build per layer kind, so sliding-window
+    layers (OLMo-3: 3 of 4 layers) would see the whole sequence. Their mask also drops keys
+    `sliding_window` or more positions back, counted in each sequence's own positions (as
+    transformers' `sliding_window_overlay` does on a plain row). Models with mixed kinds take a
+    mapping from kind to mask.
+    """
+    kinds = attention_kinds(config)
+    near = (pos[:, :, None] - pos[:, None, :] < (getattr(config, "sliding_window", None) or 0))[:, None]
+    per_kind = {k: mask & near if k == "sliding_attention" else mask for k in kinds}
+    return next(iter(per_kind.values())) if len(per_kind) == 1 else per_kind
 
 
 def response_hidden(
@@ -161,18 +209,27 @@ def response_hidden(
     else:
         raise ValueError(f"unknown scoring layout {layout!r} (auto | padded | shared_prefix)")
     device = next(decoder.parameters()).device
-    mask = inputs["attention_mask"]
-    if mask.dim() == 4 and decoder.config._attn_implementation == "eager":
-        # eager attention adds the mask to the scores; sdpa takes the bool mask as it is
-        inputs["attention_mask"] = torch.zeros(mask.shape, dtype=decoder.dtype).masked_fill(
-            ~mask, torch.finfo(decoder.dtype).min
-        )
+    inputs = {k: t.to(device) for k, t in inputs.items()}
+    if layout == "shared_prefix":
+        masks = layer_masks(inputs["attention_mask"], inputs["position_ids"], decoder.config)
+        inputs["attention_mask"] = _for_attention(masks, decoder)
     # no KV cache: one pass over known sequences needs none (it would cost GBs at real sizes)
-    hidden = decoder(**{k: t.to(device) for k, t in inputs.items()}, use_cache=False).last_hidden_state
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])  # `where` holds flat (row * width + column) indices
     rows = [flat[torch.tensor(w[s.predict_slice], device=flat.device)] for w, s in zip(where, seqs, strict=True)]
     n = len(items)
     return {v: torch.cat(rows[k * n : (k + 1) * n]) for k, v in enumerate(variants)}
+
+
+def _for_attention(masks, decoder):
+    """eager attention adds the mask to the scores; sdpa takes the bool mask as it is."""
+    if isinstance(masks, dict):
+        return {k: _for_attention(m, decoder) for k, m in masks.items()}
+    if decoder.config._attn_implementation != "eager":
+        return masks
+    return torch.zeros(masks.shape, dtype=decoder.dtype, device=masks.device).masked_fill(
+        ~masks, torch.finfo(decoder.dtype).min
+    )
 
 
 @torch.no_grad()

@@ -145,3 +145,87 @@ def test_scoring_dtype_sets_the_frozen_scorers_precision_and_the_learner_takes_i
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
     with pytest.raises(ConfigError, match="scoring.dtype"):
         load_train_config(["model=tiny", "scoring.dtype=fp8"])
+
+
+# ----------------------------------------------------------------------------- sliding-window layers
+def tiny_olmo3(sliding_window=8, layer_types=None):
+    """A random 4-layer OLMo-3 (sliding attention on 3 of 4 layers, as in OLMo-3-7B) in float64."""
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    config = Olmo3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         sliding_window=sliding_window, layer_types=layer_types, pad_token_id=0)
+    torch.manual_seed(0)
+    return Olmo3ForCausalLM(config).double().eval()
+
+
+def synthetic_items(n=3, seed=0):
+    """Prompts with the shapes of the real ones (shared chat header; the base prompt shares header +
+    question with the teacher's), all longer than the window."""
+    from opsd_ray.prompts import PromptIds
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(k):
+        return torch.randint(1, 300, (k,), generator=g).tolist()
+
+    items = []
+    for i in range(n):
+        header, question, reference, tail, answer = rand(3), rand(6 + i), rand(10 + 2 * i), rand(4), rand(3)
+        prompts = PromptIds(student=header + question + answer, teacher=header + question + reference + tail,
+                            reference_only=header + reference + tail)
+        items.append(ScoringItem(prompts, rand(12 + 3 * i)))
+    return items
+
+
+# eager in float32: its float32 softmax turns a float64 model's min-value mask into -inf, and padded
+# rows past a sequence's end have no key inside their window (NaN); bf16 and float32 models are fine.
+@pytest.mark.parametrize("attn,dtype", [("sdpa", torch.float64), ("eager", torch.float32)])
+def test_sliding_window_model_gets_the_same_targets_from_every_layout(attn, dtype):
+    model = tiny_olmo3().to(dtype)
+    model.config._attn_implementation = attn
+    assert model.config.layer_types.count("sliding_attention") == 3
+    items = synthetic_items()
+    assert min(len(it.prompts.reference_only) + len(it.response) for it in items) > 3 * 8
+    by_layout = {layout: score(model, items, wire_format="logits", micro_batch_size=3, layout=layout)
+                 for layout in ("padded", "shared_prefix")}
+    offset = 0
+    for item in items:
+        ref = separate_forwards(model, item)
+        n = len(item.response)
+        for v in VARIANTS:
+            for layout, frozen in by_layout.items():
+                got = frozen.tensors[v][offset : offset + n]
+                torch.testing.assert_close(got, ref[v], rtol=0, atol=1e-5, msg=f"{layout} {v}")
+        offset += n
+
+
+def test_the_window_matters_in_that_test():
+    """Without the window the same model scores differently: the test above can fail."""
+    items = synthetic_items()
+    windowed = score(tiny_olmo3(), items, wire_format="logits", layout="padded")
+    full = score(tiny_olmo3(layer_types=["full_attention"] * 4), items, wire_format="logits", layout="padded")
+    assert (windowed.tensors["teacher"] - full.tensors["teacher"]).abs().max() > 1e-3
+
+
+def test_layouts_refused_or_avoided_where_the_tree_mask_cannot_work(setup):
+    _, items, base = setup
+    seqs = [[scoring_sequences(it.prompts, it.response)[v] for v in VARIANTS] for it in items]
+    packed = [tree_row(r) for r in seqs]
+    flash = copy.copy(base.config)
+    flash._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash"):
+        choose_layout("shared_prefix", flash, seqs, packed)  # would crash in flash's unpad path
+    chunked = copy.copy(base.config)
+    chunked.layer_types = ["chunked_attention", "full_attention"]
+    assert choose_layout("auto", chunked, seqs, packed) == "padded"
+    with pytest.raises(ValueError, match="chunked_attention"):
+        choose_layout("shared_prefix", chunked, seqs, packed)
+
+
+def test_shared_prefix_with_flash_attention_is_refused_at_config_validation():
+    with pytest.raises(ConfigError, match="flash-attention"):
+        load_train_config(["model=qwen3-8b", "data=gsm8k", "scoring.layout=shared_prefix"])
+    load_train_config(["model=qwen3-8b", "data=gsm8k", "scoring.layout=auto"])
+    load_train_config(["model=qwen3-8b", "data=gsm8k", "scoring.layout=shared_prefix",
+                       "model.attn_implementation=sdpa"])
