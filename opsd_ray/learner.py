@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opsd_ray.cluster import worker_info
 from opsd_ray.objectives import FrozenVariants, opsd_loss
 from opsd_ray.scoring import FrozenBatch, ScoringItem, merge, response_hidden
 
@@ -51,10 +50,40 @@ def lora_config(model_cfg):
     )
 
 
+def micro_batch_loss(
+    decoder, lm_head, items: list[ScoringItem], rows: dict, objective, normalizer: int, pad_id: int, *,
+    frozen_is_hidden: bool = True, diagnostics: bool = False,
+):
+    """(loss, metrics) of one micro-batch: the student's final hidden states at the response positions
+    against the frozen variants' `rows` (hidden states, or logits), summed and divided by `normalizer`.
+
+    The frozen lm_head (LoRA does not touch it) turns both into logits chunk by chunk inside opsd_loss.
+    """
+    o = objective
+    student = response_hidden(decoder, items, ("student",), pad_id)["student"]
+    variants = FrozenVariants(rows["teacher"], rows.get("reference_only"), rows.get("base"))
+    return opsd_loss(
+        student,
+        variants,
+        mode=o.mode,
+        beta=o.beta,
+        clip=o.clip or None,
+        center=o.center,
+        lam=o.lam,
+        temperature=o.temperature,
+        chunk_size=o.chunk_size,
+        lm_head=lm_head,
+        frozen_lm_head=lm_head if frozen_is_hidden else None,
+        normalizer=normalizer,
+        diagnostics=diagnostics,
+    )
+
+
 class Learner:
     def __init__(self, cfg, num_threads: int | None = None):
         from peft import get_peft_model
 
+        from opsd_ray.cluster import worker_info
         from opsd_ray.models import default_device, load_model, load_tokenizer, to_torch_dtype
 
         started = time.time()
@@ -124,7 +153,6 @@ class Learner:
         """Accumulate the step's gradient over micro-batches; each loss is divided by the step's token count."""
         o, mb = self.cfg.objective, self.cfg.learner.micro_batch_size
         total = frozen.num_tokens
-        head = self.lm_head if frozen.wire_format == "hidden" else None
         self.model.train()
         decoder = self.model.get_base_model().get_decoder()
         sums: dict[str, float] = {"loss": 0.0}
@@ -132,24 +160,11 @@ class Learner:
         for i in range(0, len(items), mb):
             chunk = items[i : i + mb]
             n = sum(len(it.response) for it in chunk)
-            student = response_hidden(decoder, chunk, ("student",), self.pad_id)["student"]
             rows = {v: t[offset : offset + n].to(self.lm_head.device) for v, t in frozen.tensors.items()}
             offset += n
-            variants = FrozenVariants(rows["teacher"], rows.get("reference_only"), rows.get("base"))
-            loss, metrics = opsd_loss(
-                student,
-                variants,
-                mode=o.mode,
-                beta=o.beta,
-                clip=o.clip or None,
-                center=o.center,
-                lam=o.lam,
-                temperature=o.temperature,
-                chunk_size=o.chunk_size,
-                lm_head=self.lm_head,
-                frozen_lm_head=head,
-                normalizer=total,
-                diagnostics=diagnostics,
+            loss, metrics = micro_batch_loss(
+                decoder, self.lm_head, chunk, rows, o, total, self.pad_id,
+                frozen_is_hidden=frozen.wire_format == "hidden", diagnostics=diagnostics,
             )
             loss.backward()
             sums["loss"] += float(loss.detach())

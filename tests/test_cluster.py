@@ -258,7 +258,7 @@ def test_ray_up_cluster_file():
     assert head["resources"]["CPU"] >= max(recipe_gpus(m, d)[0] for m in ("qwen3-8b", "olmo-3-7b-think")
                                            for d in ("math-cot-20k", "dasd-10k"))
     assert "." in doc["file_mounts"].values()
-    assert any("pip install" in c and ".[gpu]" in c for c in doc["setup_commands"])
+    assert any("make install-gpu" in c for c in doc["setup_commands"])
     start = " ".join(doc["head_start_ray_commands"])
     assert "ray start --head" in start and "--dashboard-port=8265" in start
     assert {"runs", ".venv"} <= set(doc["rsync_exclude"])
@@ -294,3 +294,107 @@ def test_submit_puts_the_forwarded_variables_on_the_entrypoint():
     cmd = shlex.split(res.stdout.split("+ ", 1)[1].splitlines()[0])
     assert "OMP_WAIT_POLICY" not in json.loads(cmd[cmd.index("--runtime-env-json") + 1]).get("env_vars", {})
     assert "OMP_WAIT_POLICY=ACTIVE" in cmd[cmd.index("--"):]
+
+
+# ----------------------------------------------------------------------------- GPU install, manifests checked deeper
+def make_dry_run(*args: str) -> list[str]:
+    res = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip().splitlines()
+
+
+def test_make_install_gpu_installs_vllm_then_flash_attn_without_build_isolation():
+    lines = make_dry_run("install-gpu")
+    vllm = next(i for i, x in enumerate(lines) if "install -q vllm==0.32.0" in x)
+    flash = next(i for i, x in enumerate(lines) if "install flash-attn==" in x)
+    assert vllm < flash and "--no-build-isolation" in lines[flash] and "MAX_JOBS=" in lines[flash]
+    assert any("install -q packaging ninja" in x for x in lines[vllm:flash])  # flash-attn's build needs them
+    assert lines[-1].endswith("-m opsd_ray doctor")
+    assert not any("flash-attn" in x for x in make_dry_run("install-gpu", "FLASH_ATTN=0"))  # sdpa fallback
+    extra = re.search(r'^gpu = \[(.*)\]$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert "flash-attn" not in extra and "vllm==0.32.0" in extra  # an extra cannot install flash-attn
+
+
+def test_cluster_files_install_with_make_install_gpu():
+    assert "make install-gpu" in (CLUSTER / "Dockerfile").read_text()
+    assert "cluster/Dockerfile" in (CLUSTER / "rayjob.yaml").read_text()
+    assert "make install-gpu" in (CLUSTER / "slurm.sbatch").read_text()
+    for name in ("rayjob.yaml", "ray-up.yaml", "slurm.sbatch", "Dockerfile"):
+        assert re.search(r"^# (Checked here|Not built here)", (CLUSTER / name).read_text(), re.M), name
+
+
+def gib(quantity: str) -> float:
+    """A Kubernetes memory quantity (64Gi, 400Gi, 512Mi) or a byte count, in GiB."""
+    units = {"Gi": 1, "Mi": 1 / 1024, "Ti": 1024}
+    for unit, scale in units.items():
+        if quantity.endswith(unit):
+            return float(quantity[: -len(unit)]) * scale
+    return int(quantity) / 2**30
+
+
+def test_rayjob_pods_hold_the_object_store_in_a_large_enough_dev_shm():
+    doc = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
+    cluster = doc["spec"]["rayClusterSpec"]
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        pod = group["template"]["spec"]
+        store = gib(group["rayStartParams"]["object-store-memory"])  # Ray's default would be 30% of memory
+        (shm,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        volume = next(v for v in pod["volumes"] if v["name"] == shm["name"])
+        assert volume["emptyDir"]["medium"] == "Memory"
+        size = gib(volume["emptyDir"]["sizeLimit"])
+        assert store < size < gib(pod["containers"][0]["resources"]["limits"]["memory"])
+    # the GPU workers' store holds a step of full-vocabulary logits (scoring.wire_format=logits)
+    assert gib(cluster["workerGroupSpecs"][0]["rayStartParams"]["object-store-memory"]) >= 2 * 28
+
+
+def test_ray_up_file_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    doc = yaml.safe_load((CLUSTER / "ray-up.yaml").read_text())
+    validate_config(prepare_config(doc))  # what `ray up` does before it starts anything
+    bad = yaml.safe_load((CLUSTER / "ray-up.yaml").read_text())
+    bad["setup_comands"] = ["x"]
+    with pytest.raises(Exception, match="setup_comands"):
+        validate_config(prepare_config(bad))
+
+
+STUB = """#!/bin/bash
+echo "$(basename "$0") $*" >> "$CALLS"
+case "$(basename "$0") $*" in
+  *"hostname --ip-address"*) echo 10.0.0.1 ;;
+  "scontrol show hostnames"*) printf 'n1\\nn2\\n' ;;
+  "python -"*) echo 16 ;;
+esac
+exit 0
+"""
+
+
+def test_slurm_script_gives_every_srun_step_its_cpus(tmp_path):
+    """Run the script with stand-ins for srun, scontrol, sleep and python that record what it asks."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("srun", "scontrol", "sleep", "python"):
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(bin_dir / "python")
+    (venv / "bin" / "activate").write_text("")
+    calls = tmp_path / "calls"
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), VENV=str(venv), SLURM_JOB_ID="7",
+                    SLURM_JOB_NODELIST="n[1-2]", SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="48",
+                    SLURM_SUBMIT_DIR=str(ROOT), OUTPUT_DIR=str(tmp_path / "runs"))
+    res = subprocess.run(["bash", str(CLUSTER / "slurm.sbatch")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = calls.read_text().splitlines()
+    sruns = [x for x in lines if x.startswith("srun ")]
+    assert len(sruns) == 3 and all("--cpus-per-task=" in x for x in sruns)  # hostname, head, one worker
+    starts = [x for x in sruns if "ray start" in x]
+    assert len(starts) == 2 and all("--cpus-per-task=48" in x and "--num-cpus=48" in x for x in starts)
+    (job,) = [x for x in lines if x.startswith("python cluster/submit.py")]
+    assert "--address http://10.0.0.1:8265" in job and "--wait" in job and "run.name=qwen3-8b-math-cot-20k-7" in job
+    missing = subprocess.run(["bash", str(CLUSTER / "slurm.sbatch")], env={**env, "VENV": str(tmp_path / "none")},
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "make install-gpu" in missing.stderr
