@@ -105,7 +105,7 @@ class Roles:
         if engine == "vllm":
             # vLLM sizes its KV cache from the free GPU memory it profiles at start: a role loading
             # weights onto a shared GPU at that moment would be counted against it, and vLLM fails.
-            self.info = ray.get([w.ready.remote() for w in self.rollout])
+            ray.get([w.ready.remote() for w in self.rollout])
         self.scoring = [
             placed(ray.remote(ScoringWorker), req["scoring"], i, self.pgs["scoring"]).remote(
                 cfg.model, cfg.scoring, threads(req["scoring"])
@@ -132,8 +132,8 @@ class Roles:
 
         try:  # the rollout workers delete their adapter folders
             ray.get([w.close.remote() for w in self.rollout], timeout=60)
-        except Exception:  # a dead or stuck worker must not keep the others alive
-            pass
+        except Exception as e:  # a dead or stuck worker must not keep the others alive
+            print(f"note: a rollout worker did not remove its adapter folder ({type(e).__name__})", flush=True)
         for a in [*self.rollout, *self.scoring, self.learner]:
             ray.kill(a)
         for pg in self.pgs.values():

@@ -369,13 +369,13 @@ def main(args: list[str]) -> int:
     from opsd_ray.models import load_tokenizer
     from opsd_ray.rollout import pick_engine
 
-    engine_name = pick_engine(ev.engine)
     state = conf = None
     if ev.adapter is not None:
         state, conf = read_adapter(ev.adapter)
         # the engine's LoRA slots must have the adapter's shape, whatever the preset says
         model_cfg.lora.r, model_cfg.lora.alpha = int(conf["r"]), int(conf["lora_alpha"])
         model_cfg.lora.target_modules = sorted(conf["target_modules"])
+    engine_name = pick_engine(ev.engine, model_cfg.lora.r)
     out = Path(ev.out or f"runs/eval-{ev.model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     tok = load_tokenizer(model_cfg)
     longest = max(
