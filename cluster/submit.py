@@ -6,7 +6,7 @@
 The job runs `python -m opsd_ray train <overrides>` on the head node with this repository as its
 working directory (uploaded by Ray, without runs/, .venv/ and caches), so the cluster gets the code
 and recipes of this checkout. The cluster's Python must already have opsd_ray's dependencies (an
-image built with `pip install -e '.[gpu]'`, or add `--pip` to install them per job, slower).
+image or environment built with `make install-gpu`, or add `--pip` to install them per job, slower).
 Keys and presets are checked here before anything is sent; values and data paths on the cluster.
 """
 

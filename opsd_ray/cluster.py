@@ -136,11 +136,14 @@ def worker_info(role: str, started: float) -> dict:
 
     import torch
 
+    # The GPU ids Ray gave the actor, not torch.cuda.get_device_name(): that would create a CUDA
+    # context (hundreds of MiB) in a vLLM actor whose engine runs in other processes.
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return {
         "role": role,
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": f"gpu {gpus}" if gpus and torch.cuda.is_available() else "cpu",
         "started": started,
         "ready": time.time(),
     }

@@ -373,6 +373,7 @@ def validate_train(cfg: DictConfig) -> None:
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (got {cfg.checkpoint.every})")
     _check(cfg.eval.every >= 0, f"eval.every must be >= 0 (got {cfg.eval.every})")
     _check(cfg.eval.n_samples >= 1, f"eval.n_samples must be >= 1 (got {cfg.eval.n_samples})")
+    _check(cfg.eval.limit is None or cfg.eval.limit >= 1, f"eval.limit must be >= 1 or null (got {cfg.eval.limit})")
     if cfg.eval.every:
         from opsd_ray.eval.benchmarks import check_benchmarks
 
@@ -384,11 +385,15 @@ def validate_train(cfg: DictConfig) -> None:
         f"model.lora.dropout must be in [0, 1) (got {cfg.model.lora.dropout})",
     )
     _check(cfg.data.max_reference_tokens >= 1, "data.max_reference_tokens must be >= 1")
+    if sc.layout == "shared_prefix" and "flash" in str(cfg.model.attn_implementation):
+        from opsd_ray.scoring import FLASH_NO_MASK
+
+        raise ConfigError(f"{FLASH_NO_MASK} (model.attn_implementation={cfg.model.attn_implementation})")
     _check(
-        not (sc.layout == "shared_prefix" and "flash" in str(cfg.model.attn_implementation)),
-        f"scoring.layout=shared_prefix needs a custom attention mask, which flash-attention kernels do not take "
-        f"(model.attn_implementation={cfg.model.attn_implementation}): use scoring.layout=auto (it pads under "
-        "flash-attention) or padded, or model.attn_implementation=sdpa",
+        ro.tensor_parallel_size == 1 or ro.gpus_per_worker in (0, 1),
+        f"rollout.tensor_parallel_size={ro.tensor_parallel_size} needs a whole GPU per rank: "
+        f"rollout.gpus_per_worker=1 (got {ro.gpus_per_worker}); the worker then holds "
+        f"{ro.tensor_parallel_size} GPUs",
     )
     resume = cfg.checkpoint.resume
     _check(

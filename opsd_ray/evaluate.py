@@ -119,8 +119,9 @@ def summarize(records: list[dict], benchmarks: list[str]) -> dict:
 
 @dataclass(frozen=True)
 class EvalJob:
-    """One sample to generate: its seed depends on (seed, benchmark, problem, sample) only, so any
-    split of the jobs over engines generates the same texts."""
+    """One sample to generate. Its seed depends on (seed, benchmark, problem, sample) only, so the HF
+    engine generates the same text whatever the split of the jobs over engines (vLLM's batched GPU
+    kernels are not batch-invariant: there a sample can change with its batch-mates)."""
 
     benchmark: str
     problem: Problem
@@ -196,19 +197,17 @@ def evaluate(
                         enable_thinking=enable_thinking)
         records += part
         log(benchmark_line(bench, part, time.perf_counter() - t0))
-    run_settings = {
-        "n_samples": n_samples,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "limit": limit,
-        "seed": seed,
-        "enable_thinking": enable_thinking,
-        "model": str(model_cfg.name),
-        "adapter_version": adapter_version,
-        **(settings or {}),
-    }
+    run_settings = eval_settings(str(model_cfg.name), n_samples, max_new_tokens, temperature, top_p, limit, seed,
+                                 enable_thinking, adapter_version, **(settings or {}))
     return finish(records, list(benchmarks), run_settings, time.perf_counter() - t_start, out_dir)
+
+
+def eval_settings(model: str, n_samples: int, max_new_tokens: int, temperature: float, top_p: float,
+                  limit: int | None, seed: int, enable_thinking: bool | None, adapter_version, **extra) -> dict:
+    """What summary.json records about how an evaluation was run."""
+    return {"n_samples": n_samples, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+            "limit": limit, "seed": seed, "enable_thinking": enable_thinking, "model": model,
+            "adapter_version": adapter_version, **extra}
 
 
 def finish(records: list[dict], benchmarks: list[str], settings: dict, seconds: float,

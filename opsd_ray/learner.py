@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opsd_ray.models import to_torch_dtype
 from opsd_ray.objectives import FrozenVariants, opsd_loss
 from opsd_ray.scoring import FrozenBatch, ScoringItem, merge, response_hidden
 
@@ -84,7 +85,7 @@ class Learner:
         from peft import get_peft_model
 
         from opsd_ray.cluster import worker_info
-        from opsd_ray.models import default_device, load_model, load_tokenizer, to_torch_dtype
+        from opsd_ray.models import default_device, load_model, load_tokenizer
 
         started = time.time()
         if num_threads:
@@ -109,25 +110,25 @@ class Learner:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
         self.version = 0  # adapter version = number of optimizer steps taken
-        self.adapter_dtype = to_torch_dtype(cfg.model.dtype)
         self.info = worker_info("learner", started)
 
     def ready(self) -> dict:
         return self.info
 
     # ------------------------------------------------------------------ adapter
-    def adapter_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """({version, bytes}, the LoRA weights in the model's dtype).
+    def adapter_state(self, dtype: str = "float32") -> tuple[dict, dict[str, torch.Tensor]]:
+        """({version, bytes}, the LoRA weights in `dtype`: what the rollout engine computes them in).
 
-        peft keeps LoRA weights in float32 on a bf16 base, but vLLM casts them to the model dtype when
-        it loads them, so they travel in that dtype (half the bytes). Called with num_returns=2, the
-        driver reads only the small first part; the weights go from here to the rollout workers.
+        peft keeps LoRA weights in float32 on a bf16 base; vLLM on a GPU casts them to the model dtype
+        when it loads them, so for it they travel in that dtype (half the bytes; driver.adapter_dtype).
+        Called with num_returns=2, the driver reads only the small first part; the weights go from
+        here to the rollout workers.
         """
         from peft import get_peft_model_state_dict
 
         # save_embedding_layers=False: "auto" asks the Hub whether the base has a config, on every call
         state = get_peft_model_state_dict(self.model, save_embedding_layers=False)
-        state = {k: v.detach().to("cpu", self.adapter_dtype, copy=True) for k, v in state.items()}
+        state = {k: v.detach().to("cpu", to_torch_dtype(dtype), copy=True) for k, v in state.items()}
         nbytes = sum(v.numel() * v.element_size() for v in state.values())
         return {"version": self.version, "bytes": nbytes}, state
 

@@ -222,8 +222,8 @@ class VLLMEngine:
 
         vLLM reads an adapter's folder when a request first uses its id (and again only if it evicted
         it). Once the previous adapter is removed from the engine, nothing reads its folder again, so it
-        is deleted: a worker keeps one adapter on disk, not one per step (0.67 GiB each for Qwen3-8B
-        at r 64 in float32).
+        is deleted: a worker keeps one adapter on disk, not one per step (for Qwen3-8B
+        at r 64 in float32: 666 MiB).
         """
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
@@ -281,10 +281,13 @@ class VLLMEngine:
 
 
 def cpu_threads_bind(cpus: list[int], ranks: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for `ranks` tensor-parallel CPU workers: one core list per rank ("0,1|2,3")."""
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` tensor-parallel CPU workers: a contiguous block of cores
+    per rank, as vLLM's own binding does ("0,1|2,3")."""
     if len(cpus) < ranks:
         raise ValueError(f"rollout.tensor_parallel_size={ranks} on CPU needs {ranks} cores; this process has {len(cpus)}")
-    return "|".join(",".join(map(str, cpus[k::ranks])) for k in range(ranks))
+    q, r = divmod(len(cpus), ranks)
+    bounds = [k * q + min(k, r) for k in range(ranks + 1)]
+    return "|".join(",".join(map(str, cpus[bounds[k] : bounds[k + 1]])) for k in range(ranks))
 
 
 def finish_reason(vllm_reason: str | None) -> str:

@@ -130,7 +130,8 @@ def layout_flops(config, rows: int, width: int) -> float:
 
 FLASH_NO_MASK = (
     "scoring.layout=shared_prefix needs a custom attention mask, which flash-attention kernels do not "
-    "take: use scoring.layout=auto or padded, or model.attn_implementation=sdpa"
+    "take: use scoring.layout=auto (it pads under flash-attention) or padded, or "
+    "model.attn_implementation=sdpa"
 )
 
 
@@ -212,7 +213,7 @@ def response_hidden(
     inputs = {k: t.to(device) for k, t in inputs.items()}
     if layout == "shared_prefix":
         masks = layer_masks(inputs["attention_mask"], inputs["position_ids"], decoder.config)
-        inputs["attention_mask"] = _for_attention(masks, decoder)
+        inputs["attention_mask"] = _as_attention_mask(masks, decoder)
     # no KV cache: one pass over known sequences needs none (it would cost GBs at real sizes)
     hidden = decoder(**inputs, use_cache=False).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])  # `where` holds flat (row * width + column) indices
@@ -221,10 +222,11 @@ def response_hidden(
     return {v: torch.cat(rows[k * n : (k + 1) * n]) for k, v in enumerate(variants)}
 
 
-def _for_attention(masks, decoder):
-    """eager attention adds the mask to the scores; sdpa takes the bool mask as it is."""
+def _as_attention_mask(masks, decoder):
+    """The bool mask(s) as the model's attention takes them: eager adds a float mask to the scores,
+    sdpa takes the bool mask as it is."""
     if isinstance(masks, dict):
-        return {k: _for_attention(m, decoder) for k, m in masks.items()}
+        return {k: _as_attention_mask(m, decoder) for k, m in masks.items()}
     if decoder.config._attn_implementation != "eager":
         return masks
     return torch.zeros(masks.shape, dtype=decoder.dtype, device=masks.device).masked_fill(

