@@ -395,7 +395,7 @@ def pooled_rollout_ratio(a: list[dict], b: list[dict]) -> float:
 def vllm_steps(cfg, conf, sampler, tok, step: int, batch: int, reps: int) -> list[dict]:
     """`reps` Ray steps with the vllm rollout engine (after a 1-prompt warm-up), for the sync share
     (a ratio within each step, so one step is enough on a busy machine)."""
-    from opsd_ray.driver import Roles, sync_adapter, train_step
+    from opsd_ray.driver import Roles, start_rollout, sync_adapter, train_step
 
     _log("step: Ray roles with the vllm engine")
     roles = Roles(cfg, "vllm")
@@ -405,7 +405,7 @@ def vllm_steps(cfg, conf, sampler, tok, step: int, batch: int, reps: int) -> lis
 
         def run(size):
             return timed_step(
-                lambda: train_step(cfg, roles, sampler(size), tok, step, 0), lambda: sync_adapter(roles, conf)
+                lambda: train_step(cfg, roles, start_rollout(cfg, roles, sampler(size), tok, step), tok, step, 0), lambda: sync_adapter(roles, conf)
             )
 
         run(1)  # warm-up
@@ -423,7 +423,7 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
 
     from opsd_ray.cluster import init_ray
     from opsd_ray.data import PromptSampler
-    from opsd_ray.driver import Roles, adapter_config, sync_adapter, train_step
+    from opsd_ray.driver import Roles, adapter_config, start_rollout, sync_adapter, train_step
     from opsd_ray.models import load_tokenizer
     from opsd_ray.scoring import ScoringWorker
 
@@ -456,7 +456,7 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
         def arms(size):
             return {
                 "ray_pmi": lambda: timed_step(
-                    lambda: train_step(cfg, roles, sampler(size), tok, step, 0),
+                    lambda: train_step(cfg, roles, start_rollout(cfg, roles, sampler(size), tok, step), tok, step, 0),
                     lambda: sync_adapter(roles, conf),
                 ),
                 "local_pmi": lambda: timed_step(

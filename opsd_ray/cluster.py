@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opsd_ray.config import ConfigError
 
@@ -14,6 +14,7 @@ class RoleRequest:
     count: int
     cpus: float
     gpus: float
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker
 
     def total(self) -> tuple[float, float]:
         return self.count * self.cpus, self.count * self.gpus
@@ -23,10 +24,11 @@ def role_requests(cfg) -> list[RoleRequest]:
     ro, sc, le = cfg.rollout, cfg.scoring, cfg.learner
     return [
         RoleRequest(
-            "rollout", ro.num_workers, ro.cpus_per_worker, ro.gpus_per_worker * ro.tensor_parallel_size
+            "rollout", ro.num_workers, ro.cpus_per_worker, ro.gpus_per_worker * ro.tensor_parallel_size,
+            dict(ro.resources),
         ),
-        RoleRequest("scoring", sc.num_workers, sc.cpus_per_worker, sc.gpus_per_worker),
-        RoleRequest("learner", 1, le.cpus, le.gpus),
+        RoleRequest("scoring", sc.num_workers, sc.cpus_per_worker, sc.gpus_per_worker, dict(sc.resources)),
+        RoleRequest("learner", le.num_workers, le.cpus, le.gpus, dict(le.resources)),
     ]
 
 
@@ -35,6 +37,17 @@ def check_fits(requests: list[RoleRequest], available: dict[str, float]) -> None
     need_cpu = sum(r.total()[0] for r in requests)
     need_gpu = sum(r.total()[1] for r in requests)
     have_cpu, have_gpu = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    custom: dict[str, float] = {}
+    for r in requests:
+        for name, v in r.resources.items():
+            custom[name] = custom.get(name, 0.0) + r.count * v
+    for name, need in custom.items():
+        if need > available.get(name, 0.0) + 1e-9:
+            raise ConfigError(
+                f"the roles need {need:g} of the custom resource '{name}' (<role>.resources) but the Ray cluster "
+                f"has {available.get(name, 0.0):g}: start the nodes meant for them with "
+                f"`ray start --resources='{{\"{name}\": <n>}}'`, or drop the setting"
+            )
     if need_cpu <= have_cpu + 1e-9 and need_gpu <= have_gpu + 1e-9:
         return
     asked = "; ".join(f"{r.role}: {r.count} x ({r.cpus:g} CPU, {r.gpus:g} GPU)" for r in requests)
@@ -94,7 +107,7 @@ def placed(actor_cls, request: RoleRequest, index: int, pg):
     """Actor options for bundle `index` of the role's placement group."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    opts = {"num_cpus": request.cpus, "num_gpus": request.gpus}
+    opts = {"num_cpus": request.cpus, "num_gpus": request.gpus, "resources": dict(request.resources)}
     if pg is not None:
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
     return actor_cls.options(**opts)
@@ -103,7 +116,8 @@ def placed(actor_cls, request: RoleRequest, index: int, pg):
 def role_bundle(request: RoleRequest) -> dict[str, float]:
     """One worker's bundle. A tensor-parallel rollout worker asks for all its GPUs in one bundle: its
     actor holds them and vLLM's "mp" executor runs one process per GPU (rollout.vllm_engine_args)."""
-    return {k: v for k, v in (("CPU", request.cpus), ("GPU", request.gpus)) if v > 0}
+    bundle = {k: v for k, v in (("CPU", request.cpus), ("GPU", request.gpus)) if v > 0}
+    return {**bundle, **{k: v for k, v in request.resources.items() if v > 0}}
 
 
 def role_placement_group(request: RoleRequest, timeout_s: float = 600):
@@ -127,6 +141,18 @@ def role_placement_group(request: RoleRequest, timeout_s: float = 600):
             f"{timeout_s:.0f}s: the cluster cannot place it"
         ) from None
     return pg
+
+
+def use_cores(threads: int | list[int] | None) -> None:
+    """An actor's compute threads: a count, or a list of cores it is pinned to (benchmarks pin each role
+    to its own cores, as separate GPUs would be)."""
+    import torch
+
+    if isinstance(threads, list | tuple):
+        os.sched_setaffinity(0, threads)
+        torch.set_num_threads(len(threads))
+    elif threads:
+        torch.set_num_threads(threads)
 
 
 def worker_info(role: str, started: float) -> dict:

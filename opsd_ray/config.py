@@ -104,9 +104,10 @@ class RolloutConfig:
     max_new_tokens: int = 1024
     temperature: float = 1.0
     top_p: float = 1.0
-    max_staleness: int = 0  # adapter versions a rollout may lag behind the learner
+    max_staleness: int = 0  # 0: strictly on-policy (the paper); 1: one-step-off (rollout k+1 overlaps step k)
     gpu_memory_utilization: float = 0.45
     vllm_cpu_kvcache_gib: int = 1
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker
 
 
 @dataclass
@@ -118,18 +119,22 @@ class ScoringConfig:
     wire_format: str = "hidden"  # hidden (exact, 3*H per token) | logits (exact, full vocab)
     layout: str = "auto"  # one pass as: padded rows | shared_prefix (tree mask) | auto (fewer FLOPs)
     dtype: str | None = None  # the frozen scorer's dtype; null: model.dtype (bfloat16: AMX/GPU speed)
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker
 
 
 @dataclass
 class LearnerConfig:
-    gpus: float = 0.0
-    cpus: float = 1.0
+    num_workers: int = 1  # learner actors in one torch.distributed group
+    strategy: str = "ddp"  # ddp: each learner holds the model, LoRA gradients all-reduced | fsdp: base sharded
+    gpus: float = 0.0  # per learner
+    cpus: float = 1.0  # per learner
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per learner
     lr: float = 5e-6
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    micro_batch_size: int = 4
+    micro_batch_size: int = 4  # trajectories per micro-batch: the unit of work that flows between roles
     gradient_checkpointing: bool = True  # paper setting
 
 
@@ -139,6 +144,7 @@ class TrainConfig:
     batch_size: int = 32  # prompts per step
     diagnostics_every: int = 10
     log_every: int = 1
+    schedule: str = "streaming"  # streaming: work flows as it finishes | phases: rollout, then scoring, then learning
 
 
 @dataclass
@@ -197,6 +203,8 @@ CHOICES = {
     "scoring.wire_format": ("hidden", "logits"),
     "scoring.layout": ("auto", "padded", "shared_prefix"),
     "scoring.dtype": ("float32", "bfloat16", "float16"),
+    "learner.strategy": ("ddp", "fsdp"),
+    "train.schedule": ("streaming", "phases"),
 }
 
 
@@ -241,12 +249,16 @@ def _schema_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+# Maps whose keys are the user's (custom Ray resource names).
+OPEN_KEYS = ("rollout.resources.", "scoring.resources.", "learner.resources.")
+
+
 def check_known_keys(schema: DictConfig, cfg: DictConfig | dict, source: str) -> None:
     """Unknown keys fail with the nearest known key as a suggestion."""
     known = _schema_keys(schema)
     flat = cfg if isinstance(cfg, dict) else _flatten(OmegaConf.to_container(cfg))
     for key in flat:
-        if key not in known:
+        if key not in known and not key.startswith(OPEN_KEYS):
             hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
             raise ConfigError(
                 f"unknown config key '{key}' in {source}"
@@ -350,9 +362,19 @@ def validate_train(cfg: DictConfig) -> None:
     for name, n in (
         ("rollout.num_workers", ro.num_workers),
         ("scoring.num_workers", sc.num_workers),
+        ("learner.num_workers", le.num_workers),
         ("rollout.tensor_parallel_size", ro.tensor_parallel_size),
     ):
         _check(n >= 1, f"{name} must be >= 1 (got {n})")
+    _check(
+        t.batch_size // le.micro_batch_size >= le.num_workers,
+        f"learner.num_workers ({le.num_workers}) learners need at least one micro-batch each: train.batch_size "
+        f"({t.batch_size}) / learner.micro_batch_size ({le.micro_batch_size}) is "
+        f"{t.batch_size // le.micro_batch_size}",
+    )
+    for role in ("rollout", "scoring", "learner"):
+        for name, v in cfg[role].resources.items():
+            _check(v >= 0, f"{role}.resources.{name} must be >= 0 (got {v})")
     for name, v in (
         ("rollout.gpus_per_worker", ro.gpus_per_worker),
         ("scoring.gpus_per_worker", sc.gpus_per_worker),
@@ -368,7 +390,11 @@ def validate_train(cfg: DictConfig) -> None:
         f"rollout.temperature must be > 0 (got {ro.temperature}); on-policy sampling needs it",
     )
     _check(0 < ro.top_p <= 1, f"rollout.top_p must be in (0, 1] (got {ro.top_p})")
-    _check(ro.max_staleness >= 0, f"rollout.max_staleness must be >= 0 (got {ro.max_staleness})")
+    _check(
+        ro.max_staleness in (0, 1),
+        f"rollout.max_staleness must be 0 (strictly on-policy, the paper's setting) or 1 (one-step-off: the "
+        f"rollout of step k+1 runs with adapter k-1 while step k trains); got {ro.max_staleness}",
+    )
     _check(t.diagnostics_every >= 0, f"train.diagnostics_every must be >= 0 (got {t.diagnostics_every})")
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (got {cfg.checkpoint.every})")
     _check(cfg.eval.every >= 0, f"eval.every must be >= 0 (got {cfg.eval.every})")
@@ -427,8 +453,6 @@ def load_train_config(args: list[str]) -> DictConfig:
     return cfg
 
 
-def save_config(cfg: DictConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+def config_yaml(cfg: DictConfig) -> str:
+    """The resolved config as the run folder's config.yaml holds it."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

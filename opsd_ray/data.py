@@ -48,9 +48,12 @@ class DataReport:
             parts.append(f"{self.without_answer} valid rows have no final answer")
         return "; ".join(parts)
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        path.write_text(self.to_json())
 
 
 # ----------------------------------------------------------------------------- reading

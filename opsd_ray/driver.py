@@ -4,8 +4,12 @@
         q, r      <- sample a batch of prompts
         y_hat     <- rollout: the student pi_theta writes its solutions            (RolloutWorker x R)
         frozen    <- scoring: pi_0 reads y_hat under (q, r), (r) and (q) at once  (ScoringWorker x S)
-        theta     <- learner: JSD(pi_theta || P_target) with P_target from frozen (Learner)
+        theta     <- learner: JSD(pi_theta || P_target) with P_target from frozen (Learner x N)
         sync      <- the new adapter goes to every rollout worker
+
+Within a step the work streams between the roles as it finishes (opsd_ray.schedule; or phase by
+phase with train.schedule=phases). With rollout.max_staleness=1 the rollout of step k+1 runs with
+adapter k-1 while step k learns (one-step-off). The driver owns the run folder (opsd_ray.runfolder).
 """
 
 from __future__ import annotations
@@ -13,61 +17,66 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
 from opsd_ray.cluster import check_fits, init_ray, placed, role_placement_group, role_requests
-from opsd_ray.config import save_config
 from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.eval.markers import marker_record
 from opsd_ray.prompts import build_prompt_ids
-from opsd_ray.scoring import VARIANTS, ScoringItem, split_evenly
+from opsd_ray.runfolder import RunFolder
+from opsd_ray.schedule import BusyLog, Rollout, launch_rollout, run_step
+from opsd_ray.scoring import VARIANTS
 
 
 # ----------------------------------------------------------------------------- run folder
-def run_dir(cfg) -> Path:
+def run_folder(cfg) -> RunFolder:
     if not cfg.run.name:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg.run.name = f"{cfg.model.name}-{cfg.data.name}-{cfg.objective.mode}-{stamp}"
-    return Path(cfg.run.output_dir) / cfg.run.name
+    return RunFolder(cfg.run.output_dir.rstrip("/") + "/" + cfg.run.name)
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """Newest complete checkpoint: temp folders (.step_N.tmp-*) are never picked up."""
-    steps = [p for p in (folder / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists()]
-    return max(steps, key=lambda p: int(p.name.split("_")[1]), default=None)
+def latest_checkpoint(run: RunFolder) -> str | None:
+    """Newest complete checkpoint (relative path): one without trainer_state.json is not complete."""
+    steps = [n for n in run.listdir("checkpoints") if n.startswith("step_")
+             and run.exists(f"checkpoints/{n}/trainer_state.json")]
+    newest = max(steps, key=lambda n: int(n.split("_")[1]), default=None)
+    return f"checkpoints/{newest}" if newest else None
 
 
 class MetricsLog:
-    """metrics.jsonl (one record per step) and TensorBoard scalars."""
+    """metrics.jsonl (one record per step) and TensorBoard scalars, in the run folder."""
 
-    def __init__(self, folder: Path, keep_until_step: int):
-        self.path = folder / "metrics.jsonl"
+    def __init__(self, run: RunFolder, keep_until_step: int):
+        self.run, self.name = run, "metrics.jsonl"
         kept = []
-        if self.path.exists():  # a resumed run drops what the crashed run logged after its checkpoint
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step
-            ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        if run.exists(self.name):  # a resumed run drops what the crashed run logged after its checkpoint
+            kept = [line for line in run.read_text(self.name).splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+        run.write_text(self.name, "".join(line + "\n" for line in kept))
+        # TensorBoard writes local files: into the run folder, or a staging folder copied there
+        self.tb_dir = run.local_path("tensorboard") or Path(tempfile.mkdtemp(prefix="opsd_ray_tb_"))
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=keep_until_step + 1)
+            self.tb = SummaryWriter(str(self.tb_dir), purge_step=keep_until_step + 1)
         except ImportError:  # tensorboard is a dependency; stay usable without it
             print("tensorboard not installed: metrics go to metrics.jsonl only")
 
     def log(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run.append_text(self.name, json.dumps(record) + "\n")
         if self.tb:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k.replace(".", "/"), v, record["step"])
             self.tb.flush()
+            if not self.run.is_local:
+                for f in self.tb_dir.iterdir():
+                    self.run.write_bytes(f"tensorboard/{f.name}", f.read_bytes())
 
     def close(self) -> None:
         if self.tb:
@@ -76,17 +85,24 @@ class MetricsLog:
 
 # ----------------------------------------------------------------------------- roles
 class Roles:
-    """The Ray actors of one run: rollout workers, scoring workers and the learner."""
+    """The Ray actors of one run: rollout workers, scoring workers and the learner group."""
 
-    def __init__(self, cfg, engine: str):
-        self.rollout, self.scoring, self.learner, self.info, self.pgs = [], [], None, [], {}
+    def __init__(self, cfg, engine: str, cores: dict[str, list[int]] | None = None):
+        self.rollout, self.scoring, self.learners, self.info, self.pgs = [], [], [], [], {}
+        self.busy = BusyLog()
+        self.pending_loads: list = []
         try:
-            self._start(cfg, engine)
+            self._start(cfg, engine, cores or {})
         except BaseException:  # a role that fails to start must not leave the others running
             self.shutdown()
             raise
 
-    def _start(self, cfg, engine: str) -> None:
+    @property
+    def learner(self):
+        """Rank 0 of the learner group: it serves the adapter and the checkpoint files."""
+        return self.learners[0]
+
+    def _start(self, cfg, engine: str, cores: dict[str, list[int]]) -> None:
         import ray
 
         from opsd_ray.learner import Learner
@@ -98,16 +114,18 @@ class Roles:
         for role, r in req.items():
             self.pgs[role] = role_placement_group(r)
 
-        def threads(r):
-            # The phases run one after another, so a CPU-only role may use every core of its node.
-            return os.cpu_count() if r.gpus == 0 else None
+        def threads(role):
+            # A CPU-only role may use every core of its node, unless it is pinned to its own cores.
+            if role in cores:
+                return cores[role]
+            return os.cpu_count() if req[role].gpus == 0 else None
 
         # The student sees the question only (no reference); evaluation may generate longer.
         new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens if cfg.eval.every else 0)
         max_len = cfg.data.max_question_tokens + 512 + new_tokens
         self.rollout = [
             placed(ray.remote(RolloutWorker), req["rollout"], i, self.pgs["rollout"]).remote(
-                cfg.model, cfg.rollout, engine, cfg.run.seed, threads(req["rollout"]), max_len
+                cfg.model, cfg.rollout, engine, cfg.run.seed, threads("rollout"), max_len
             )
             for i in range(cfg.rollout.num_workers)
         ]
@@ -117,23 +135,26 @@ class Roles:
             ray.get([w.ready.remote() for w in self.rollout])
         self.scoring = [
             placed(ray.remote(ScoringWorker), req["scoring"], i, self.pgs["scoring"]).remote(
-                cfg.model, cfg.scoring, threads(req["scoring"])
+                cfg.model, cfg.scoring, threads("scoring")
             )
             for i in range(cfg.scoring.num_workers)
         ]
-        self.learner = placed(ray.remote(Learner), req["learner"], 0, self.pgs["learner"]).remote(
-            cfg, threads(req["learner"])
-        )
-        self.info = ray.get([a.ready.remote() for a in (*self.rollout, *self.scoring, self.learner)])
+        n = cfg.learner.num_workers
+        self.learners = [
+            placed(ray.remote(Learner), req["learner"], r, self.pgs["learner"]).remote(cfg, threads("learner"), r, n)
+            for r in range(n)
+        ]
+        self.info = ray.get([a.ready.remote() for a in (*self.rollout, *self.scoring, *self.learners)])
+        if n > 1:
+            address, port = ray.get(self.learner.group_address.remote())
+            ray.get([learner.join_group.remote(address, port) for learner in self.learners])
 
     def where(self) -> str:
         """One line: which role runs where (host and device)."""
         places: dict[str, list[str]] = {}
         for i in self.info:
             places.setdefault(i["role"], []).append(f"{i['host']}/{i['device']}")
-        return "; ".join(
-            f"{role} x{len(p)} on " + ", ".join(sorted(set(p))) for role, p in places.items()
-        )
+        return "; ".join(f"{role} x{len(p)} on " + ", ".join(sorted(set(p))) for role, p in places.items())
 
     def shutdown(self) -> None:
         """End every actor and placement group this object started (also after a failed start)."""
@@ -144,9 +165,8 @@ class Roles:
             ray.get([w.close.remote() for w in self.rollout], timeout=10)
         except Exception as e:  # a dead or busy worker must not keep the others alive
             print(f"note: a rollout worker did not remove its adapter folder ({type(e).__name__})", flush=True)
-        for a in [*self.rollout, *self.scoring, self.learner]:
-            if a is not None:
-                ray.kill(a)
+        for a in [*self.rollout, *self.scoring, *self.learners]:
+            ray.kill(a)
         for pg in self.pgs.values():
             if pg is not None:
                 remove_placement_group(pg)
@@ -169,37 +189,28 @@ def adapter_dtype(cfg, engine: str) -> str:
     return str(cfg.model.dtype) if engine == "vllm" and on_gpu else "float32"
 
 
-def sync_adapter(roles: Roles, adapter_conf: dict, dtype: str = "float32") -> dict:
-    """Learner -> every rollout worker; returns {version, bytes} of the adapter now used for generation.
+def sync_adapter(roles: Roles, adapter_conf: dict, dtype: str = "float32", wait: bool = True) -> dict:
+    """Learner -> every rollout worker; returns {version, bytes} of the adapter sent.
 
     The weights travel as an object ref from the learner to the workers; the driver reads only the
-    small first return value.
+    small first return value. wait=False (one-step-off): the workers load it after the generation
+    they are running, before the next one (Ray runs an actor's calls in order).
     """
     import ray
 
+    ray.get(roles.pending_loads)  # the previous sync's loads (done by now): their errors surface here
     info, state = roles.learner.adapter_state.options(num_returns=2).remote(dtype)
     info = ray.get(info)
-    ray.get([w.load_adapter.remote(info["version"], state, adapter_conf) for w in roles.rollout])
+    roles.pending_loads = [w.load_adapter.remote(info["version"], state, adapter_conf) for w in roles.rollout]
+    if wait:
+        ray.get(roles.pending_loads)
+        roles.pending_loads = []
     return info
 
 
-def rollout(roles: Roles, requests: list[tuple[int, list[int], int]]):
-    import ray
-
-    parts = split_evenly(requests, len(roles.rollout))
-    results = ray.get([w.generate.remote(p) for w, p in zip(roles.rollout, parts, strict=True) if p])
-    return [t for part in results for t in part]
-
-
-def score(roles: Roles, items: list[ScoringItem], variants: tuple[str, ...]) -> list:
-    """Object refs of the scoring workers' FrozenBatch parts, in trajectory order (the driver never
-    fetches them: they go to the learner)."""
-    parts = split_evenly(items, len(roles.scoring))
-    return [w.score.remote(p, variants) for w, p in zip(roles.scoring, parts, strict=True) if p]
-
-
-def step_variants(cfg, step: int) -> tuple[str, ...]:
-    """PMI needs all three; standard OPSD needs the teacher, plus the reference probe on diagnostics steps."""
+def step_variants(cfg, step: int) -> tuple[tuple[str, ...], bool]:
+    """(the frozen variants a step needs, whether it logs the decomposition diagnostics). PMI needs
+    all three; standard OPSD the teacher, plus the reference probe on diagnostics steps."""
     every = cfg.train.diagnostics_every
     diagnostics = every > 0 and (step % every == 0 or step == 1)
     if cfg.objective.mode == "pmi":
@@ -213,89 +224,105 @@ def request_seed(seed: int, step: int, index: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the loop
-def train(cfg) -> Path:
+def train(cfg) -> Path | str:
+    """Train; returns the run folder (a Path, or the URI of a remote run folder)."""
     import ray
     from tqdm import tqdm
 
+    from opsd_ray.config import config_yaml
     from opsd_ray.models import load_tokenizer
     from opsd_ray.rollout import pick_engine
 
-    folder = run_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, folder / "config.yaml")
+    run = run_folder(cfg)
+    run.write_text("config.yaml", config_yaml(cfg))
     tok = load_tokenizer(cfg.model)
     examples, report = load_examples(cfg.data, token_counter(tok), seed=cfg.run.seed)
-    report.save(folder / "data_report.json")
+    run.write_text("data_report.json", report.to_json())
     print(report.summary(), flush=True)
     engine = pick_engine(cfg.rollout.engine, cfg.model.lora.r)
     sampler = PromptSampler(examples, cfg.train.batch_size, seed=cfg.run.seed)
+    one_step_off = cfg.rollout.max_staleness == 1
 
     init_ray(cfg)
     roles = Roles(cfg, engine)
     log = None
     try:
-        start = resume(cfg, roles, folder, sampler)
-        log = MetricsLog(folder, keep_until_step=start)
+        start = resume(cfg, roles, run, sampler)
+        log = MetricsLog(run, keep_until_step=start)
         adapter_conf, dtype = adapter_config(cfg), adapter_dtype(cfg, engine)
-        print(
-            f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} "
-            f"engine={engine}; {roles.where()}",
-            flush=True,
-        )
+        print(f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} "
+              f"engine={engine} schedule={cfg.train.schedule}{' one-step-off' if one_step_off else ''}; "
+              f"{roles.where()}", flush=True)
         version = sync_adapter(roles, adapter_conf, dtype)["version"]
         if cfg.eval.every and start == 0:  # the base model's score, the curves' first point
-            log.log({"step": 0, **evaluate(cfg, roles, folder, 0)})
+            log.log({"step": 0, **evaluate(cfg, roles, run, 0)})
         bar = tqdm(range(start + 1, cfg.train.steps + 1), initial=start, total=cfg.train.steps, desc="train",
                    dynamic_ncols=True)
+        ahead = None  # one-step-off: the next step's rollout, already running
         for step in bar:
-            record = train_step(cfg, roles, sampler, tok, step, version)
+            rollout = ahead or start_rollout(cfg, roles, sampler, tok, step)
+            if one_step_off and step < cfg.train.steps:  # generates with the adapter the workers have now
+                ahead = start_rollout(cfg, roles, sampler, tok, step + 1)
+            else:
+                ahead = None
+            record = train_step(cfg, roles, rollout, tok, step, version)
             t0 = time.perf_counter()
-            synced = sync_adapter(roles, adapter_conf, dtype)
+            synced = sync_adapter(roles, adapter_conf, dtype, wait=ahead is None)
             version = synced["version"]
-            record["time/sync"] = time.perf_counter() - t0
-            record["sync_bytes"] = synced["bytes"]
-            record["time/step"] += record["time/sync"]
-            record["tokens_per_s"] = record["num_tokens"] / record["time/step"]
+            record.update(finish_record(record, time.perf_counter() - t0, synced["bytes"]))
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
-                record.update(evaluate(cfg, roles, folder, step))
+                record.update(evaluate(cfg, roles, run, step))
             log.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
-                ckpt = folder / "checkpoints" / f"step_{step}"
-                ray.get(
-                    roles.learner.save_checkpoint.remote(
-                        str(ckpt), {"step": step, "sampler": sampler.state_dict(), "run": cfg.run.name}
-                    )
-                )
-        final = ray.get(roles.learner.save_adapter.remote(str(folder / "final")))
+                save_checkpoint(cfg, roles, run, step, ahead.sampler_state if ahead else sampler.state_dict())
+        final = run.write_files("final", ray.get(roles.learner.adapter_files.remote()))
     finally:
         if log is not None:
             log.close()
         roles.shutdown()
     print(
-        f"\ndone: {cfg.train.steps} steps\n  metrics:     {log.path}\n  tensorboard: {folder / 'tensorboard'}\n"
-        f"  adapter:     {final}\n  checkpoints: {folder / 'checkpoints'}\n  config:      {folder / 'config.yaml'}",
+        f"\ndone: {cfg.train.steps} steps\n  metrics:     {run.uri('metrics.jsonl')}\n"
+        f"  tensorboard: {run.uri('tensorboard')}\n  adapter:     {final}\n"
+        f"  checkpoints: {run.uri('checkpoints')}\n  config:      {run.uri('config.yaml')}",
         flush=True,
     )
-    return folder
+    return run.local_path() or str(run)
 
 
-def resume(cfg, roles: Roles, folder: Path, sampler: PromptSampler) -> int:
-    """The step to continue after: the learner and the sampler restored from a checkpoint, or 0."""
+def resume(cfg, roles: Roles, run: RunFolder, sampler: PromptSampler) -> int:
+    """The step to continue after: the learners and the sampler restored from a checkpoint, or 0."""
     import ray
 
     if cfg.checkpoint.resume == "never":
         return 0
-    path = latest_checkpoint(folder) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
-    if path is None:
-        return 0
-    state = ray.get(roles.learner.load_checkpoint.remote(str(path)))
+    if cfg.checkpoint.resume == "auto":
+        source, rel = run, latest_checkpoint(run)
+        if rel is None:
+            return 0
+    else:
+        source, rel = RunFolder(cfg.checkpoint.resume), ""
+    files = source.read_files(rel)
+    state = json.loads(files.pop("trainer_state.json"))
+    shared = ray.put(files)
+    ray.get([learner.load_checkpoint_files.remote(shared) for learner in roles.learners])
     sampler.load_state_dict(state["sampler"])
-    print(f"resumed from {path} (step {state['step']})", flush=True)
+    print(f"resumed from {source.uri(rel)} (step {state['step']})", flush=True)
     return int(state["step"])
 
 
-def evaluate(cfg, roles: Roles, folder: Path, step: int) -> dict:
+def save_checkpoint(cfg, roles: Roles, run: RunFolder, step: int, sampler_state: dict) -> str:
+    """Learner rank 0's adapter, optimizer and RNG, written by the driver into its run folder;
+    trainer_state.json (step, data position) goes last: it marks the checkpoint complete."""
+    import ray
+
+    files = ray.get(roles.learner.checkpoint_files.remote())
+    state = {"step": step, "sampler": sampler_state, "run": cfg.run.name}
+    files["trainer_state.json"] = (json.dumps(state, indent=2) + "\n").encode()
+    return run.write_files(f"checkpoints/step_{step}", files, last="trainer_state.json")
+
+
+def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
     """Benchmarks on all rollout workers with the adapter they have now; flat metrics for the log.
 
     Each benchmark's samples are dealt out round-robin; every sample has its own seed, so the split
@@ -303,7 +330,14 @@ def evaluate(cfg, roles: Roles, folder: Path, step: int) -> dict:
     """
     import ray
 
-    from opsd_ray.evaluate import benchmark_line, eval_jobs, eval_log_record, eval_settings, finish
+    from opsd_ray.evaluate import (
+        benchmark_line,
+        eval_jobs,
+        eval_log_record,
+        eval_settings,
+        finish,
+        output_files,
+    )
 
     e, workers = cfg.eval, roles.rollout
     generation = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p)
@@ -323,8 +357,9 @@ def evaluate(cfg, roles: Roles, folder: Path, step: int) -> dict:
     settings = eval_settings(str(cfg.model.name), e.n_samples, e.max_new_tokens, e.temperature, e.top_p, e.limit,
                              cfg.run.seed, None, versions[0] if len(versions) == 1 else versions,
                              rollout_workers=len(workers))
-    summary = finish(records, list(e.benchmarks), settings, time.perf_counter() - t_start,
-                     folder / "eval" / f"step_{step}")
+    summary = finish(records, list(e.benchmarks), settings, time.perf_counter() - t_start, None)
+    files = {name: text.encode() for name, text in output_files(records, summary).items()}
+    run.write_files(f"eval/step_{step}", files)
     return {**eval_log_record(summary), "time/eval": time.perf_counter() - t_start}
 
 
@@ -335,35 +370,43 @@ def step_requests(cfg, tok, batch, step: int):
     return prompts, requests
 
 
-def train_step(cfg, roles: Roles, sampler: PromptSampler, tok, step: int, version: int) -> dict:
-    import ray
+def start_rollout(cfg, roles: Roles, sampler: PromptSampler, tok, step: int) -> Rollout:
+    """Draw step `step`'s prompts and start generating them on the rollout workers."""
+    before = sampler.state_dict()
+    prompts, requests = step_requests(cfg, tok, sampler.next_batch(), step)
+    return launch_rollout(roles, prompts, requests, step, before)
 
-    t0 = time.perf_counter()
-    batch = sampler.next_batch()
-    prompts, requests = step_requests(cfg, tok, batch, step)
-    trajectories = rollout(roles, requests)
-    t1 = time.perf_counter()
-    items = [ScoringItem(p, t.response_ids) for p, t in zip(prompts, trajectories, strict=True)]
+
+def train_step(cfg, roles: Roles, rollout: Rollout, tok, step: int, version: int) -> dict:
+    """Score and learn from a launched rollout; the step's record (without the sync)."""
+    t0 = time.time()
     variants, diagnostics = step_variants(cfg, step)
-    frozen = score(roles, items, variants)
-    ray.wait(frozen, num_returns=len(frozen), fetch_local=False)  # scoring done; the data stays put
-    t2 = time.perf_counter()
-    metrics = ray.get(
-        roles.learner.train_step.remote(items, [t.adapter_version for t in trajectories], diagnostics, *frozen)
-    )
-    t3 = time.perf_counter()
+    result = run_step(cfg, roles, rollout, variants, diagnostics)
+    trajectories = result.trajectories
     lengths = [len(t.response_ids) for t in trajectories]
     texts = tok.batch_decode([t.response_ids for t in trajectories], skip_special_tokens=True)
-    record = {
+    return {
         "step": step,
-        "adapter_version_used": version,
-        **metrics,
+        "adapter_version_used": min(t.adapter_version for t in trajectories),
+        "staleness": version - min(t.adapter_version for t in trajectories),
+        **result.metrics,
         "response_length": sum(lengths) / len(lengths),
         "truncation_rate": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
-        "time/rollout": t1 - t0,
-        "time/scoring": t2 - t1,
-        "time/learning": t3 - t2,
-        "time/step": t3 - t0,
+        "time/rollout": result.rollout_done - t0,
+        "time/scoring": result.scoring_done - result.rollout_done,
+        "time/learning": result.learning_done - result.scoring_done,
+        "time/step": result.learning_done - t0,
+        **{f"util/{role}": roles.busy.util(role, n, t0, result.learning_done) for role, n in role_counts(roles).items()},
         **marker_record(texts, lengths),
     }
-    return record
+
+
+def role_counts(roles: Roles) -> dict[str, int]:
+    return {"rollout": len(roles.rollout), "scoring": len(roles.scoring), "learner": len(roles.learners)}
+
+
+def finish_record(record: dict, sync_seconds: float, sync_bytes: int) -> dict:
+    """What a step's record gets after the sync: the sync, the step's time and its throughput."""
+    step_time = record["time/step"] + sync_seconds
+    return {"time/sync": sync_seconds, "time/step": step_time, "sync_bytes": sync_bytes,
+            "tokens_per_s": record["num_tokens"] / step_time}

@@ -260,15 +260,19 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def output_files(records: list[dict], summary: dict) -> dict[str, str]:
+    """generations.jsonl, summary.json and summary.md of an evaluation, as {name: text}."""
+    return {
+        "generations.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+        "summary.json": json.dumps(summary, indent=2) + "\n",
+        "summary.md": f"# Evaluation: {summary['settings']['model']}\n\n" + markdown_table(summary),
+    }
+
+
 def write_outputs(folder: Path, records: list[dict], summary: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "generations.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (folder / "summary.md").write_text(
-        f"# Evaluation: {summary['settings']['model']}\n\n" + markdown_table(summary)
-    )
+    for name, text in output_files(records, summary).items():
+        (folder / name).write_text(text)
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -8,10 +8,9 @@ frozen lm_head (LoRA does not touch it) turns both into logits chunk by chunk in
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -81,17 +80,22 @@ def micro_batch_loss(
 
 
 class Learner:
-    def __init__(self, cfg, num_threads: int | None = None):
+    """One member of the learner group (rank `rank` of `world_size`; rank 0 serves the adapter and
+    the checkpoint files). A step is a series of `accumulate` calls, one per micro-batch of
+    trajectories, then `step`: the gradient and the metrics are summed over the micro-batches and
+    the group, divided by the step's response-token count, clipped, and AdamW moves every replica
+    the same way."""
+
+    def __init__(self, cfg, num_threads: int | list[int] | None = None, rank: int = 0, world_size: int = 1):
         from peft import get_peft_model
 
-        from opsd_ray.cluster import worker_info
+        from opsd_ray.cluster import use_cores, worker_info
         from opsd_ray.models import default_device, load_model, load_tokenizer
 
         started = time.time()
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        torch.manual_seed(cfg.run.seed)  # LoRA init
-        self.cfg = cfg
+        use_cores(num_threads)
+        torch.manual_seed(cfg.run.seed)  # LoRA init (rank 0's is broadcast when the group forms)
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
         base = load_model(cfg.model, device=default_device())
         if cfg.learner.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -100,20 +104,46 @@ class Learner:
         self.lm_head = base.get_output_embeddings().weight  # frozen: shared by student and targets
         tok = load_tokenizer(cfg.model)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         le = cfg.learner
         self.optimizer = torch.optim.AdamW(
-            params, lr=le.lr, betas=tuple(le.adam_betas), weight_decay=le.weight_decay
+            self.params, lr=le.lr, betas=tuple(le.adam_betas), weight_decay=le.weight_decay
         )
         warmup = max(le.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
         self.version = 0  # adapter version = number of optimizer steps taken
+        self.sums: dict[str, float] = {}  # the step being accumulated: metric x tokens
         self.info = worker_info("learner", started)
 
     def ready(self) -> dict:
         return self.info
+
+    # ------------------------------------------------------------------ the group
+    def group_address(self) -> tuple[str, int]:
+        """Where the group meets (rank 0): this node's address and a free port."""
+        import socket
+
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def join_group(self, address: str, port: int) -> int:
+        """torch.distributed over the learners (gloo on CPU, NCCL on GPU); every replica starts from
+        rank 0's LoRA weights."""
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
+                                world_size=self.world_size)
+        with torch.no_grad():
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
+        return self.rank
 
     # ------------------------------------------------------------------ adapter
     def adapter_state(self, dtype: str = "float32") -> tuple[dict, dict[str, torch.Tensor]]:
@@ -133,53 +163,98 @@ class Learner:
         return {"version": self.version, "bytes": nbytes}, state
 
     # ------------------------------------------------------------------ training
+    def accumulate(
+        self, items: list[ScoringItem], versions: list[int], diagnostics: bool, frozen: FrozenBatch
+    ) -> dict[str, float]:
+        """One micro-batch: its trajectories and the scoring worker's frozen variants for them.
+
+        The driver passes `frozen` as an object ref; Ray resolves it here, so the frozen variants go
+        from the scoring worker to the learner without passing through the driver.
+        """
+        start = time.time()
+        check_staleness(versions, self.version, self.cfg.rollout.max_staleness)
+        n = self._accumulate(items, frozen.tensors, diagnostics, frozen.wire_format == "hidden")
+        self.sums["wire_bytes"] = self.sums.get("wire_bytes", 0.0) + frozen.nbytes
+        return {"num_tokens": n, "start": start, "end": time.time()}
+
+    def step(self, num_tokens: int) -> dict[str, float]:
+        """The update: the step's gradient over `num_tokens` response tokens (all learners), then AdamW.
+        Returns the step's metrics (identical on every rank) and when this learner was busy with it."""
+        start = time.time()
+        metrics = self.reduce(num_tokens)
+        metrics.update(self.optimizer_step())
+        return {**metrics, "start": start, "end": time.time()}
+
     def train_step(
         self, items: list[ScoringItem], versions: list[int], diagnostics: bool, *frozen_parts: FrozenBatch
     ) -> dict[str, float]:
-        """One update from the step's trajectories and the scoring workers' parts, in order.
-
-        The driver passes the parts as object refs; Ray resolves them here, so the frozen variants go
-        from the scoring workers to the learner without passing through the driver.
-        """
+        """A whole step in one call (in-process use): the parts' rows in order, in micro-batches."""
         check_staleness(versions, self.version, self.cfg.rollout.max_staleness)
-        frozen = merge(list(frozen_parts))
-        metrics = self.backward(items, frozen, diagnostics)
+        metrics = self.backward(items, merge(list(frozen_parts)), diagnostics)
         metrics.update(self.optimizer_step())
-        metrics["wire_bytes_per_token"] = frozen.bytes_per_token
         return metrics
 
     def backward(
         self, items: list[ScoringItem], frozen: FrozenBatch, diagnostics: bool = False
     ) -> dict[str, float]:
-        """Accumulate the step's gradient over micro-batches; each loss is divided by the step's token count."""
-        o, mb = self.cfg.objective, self.cfg.learner.micro_batch_size
-        total = frozen.num_tokens
-        self.model.train()
-        decoder = self.model.get_base_model().get_decoder()
-        sums: dict[str, float] = {"loss": 0.0}
+        """The step's gradient from all its trajectories, in micro-batches of learner.micro_batch_size."""
+        mb = self.cfg.learner.micro_batch_size
         offset = 0
         for i in range(0, len(items), mb):
             chunk = items[i : i + mb]
             n = sum(len(it.response) for it in chunk)
-            rows = {v: t[offset : offset + n].to(self.lm_head.device) for v, t in frozen.tensors.items()}
-            offset += n
-            loss, metrics = micro_batch_loss(
-                decoder, self.lm_head, chunk, rows, o, total, self.pad_id,
-                frozen_is_hidden=frozen.wire_format == "hidden", diagnostics=diagnostics,
-            )
-            loss.backward()
-            sums["loss"] += float(loss.detach())
-            for k, v in metrics.items():
-                if k != "num_tokens":
-                    sums[k] = sums.get(k, 0.0) + v * n / total  # per-token means over the whole step
-        if offset != total:
-            raise ValueError(f"frozen batch has {total} tokens but the trajectories have {offset}")
-        return {**sums, "num_tokens": total}
+            rows = {v: t[offset : offset + n] for v, t in frozen.tensors.items()}
+            offset += self._accumulate(chunk, rows, diagnostics, frozen.wire_format == "hidden")
+        if offset != frozen.num_tokens:
+            raise ValueError(f"frozen batch has {frozen.num_tokens} tokens but the trajectories have {offset}")
+        self.sums["wire_bytes"] = self.sums.get("wire_bytes", 0.0) + frozen.nbytes
+        return self.reduce(frozen.num_tokens)
+
+    def _accumulate(self, items, rows: dict, diagnostics: bool, frozen_is_hidden: bool) -> int:
+        """Add one micro-batch's loss sum (not yet divided by the step's token count) to the gradient."""
+        n = sum(len(it.response) for it in items)
+        if sum(len(t) for t in rows.values()) != n * len(rows):
+            raise ValueError(f"frozen rows do not match the micro-batch's {n} response tokens")
+        self.model.train()
+        decoder = self.model.get_base_model().get_decoder()
+        rows = {v: t.to(self.lm_head.device) for v, t in rows.items()}
+        loss, metrics = micro_batch_loss(decoder, self.lm_head, items, rows, self.cfg.objective, 1, self.pad_id,
+                                         frozen_is_hidden=frozen_is_hidden, diagnostics=diagnostics)
+        loss.backward()
+        self.sums["loss"] = self.sums.get("loss", 0.0) + float(loss.detach())
+        for k, v in metrics.items():
+            if k != "num_tokens":
+                self.sums[k] = self.sums.get(k, 0.0) + v * n  # per-token means -> sums over tokens
+        return n
+
+    def reduce(self, num_tokens: int) -> dict[str, float]:
+        """Divide the accumulated gradient and metric sums by the step's token count, summed over the
+        group (the loss is normalised by the whole step's response tokens, whoever computed them)."""
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.div_(num_tokens)
+        keys = sorted(self.sums)
+        sums = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            offset = 0
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+                offset += g.numel()
+            sums = sums.to(flat.device)
+            dist.all_reduce(sums)
+        self.sums = {}
+        out = {k: float(v) / num_tokens for k, v in zip(keys, sums.tolist(), strict=True)}
+        out["wire_bytes_per_token"] = out.pop("wire_bytes", 0.0)
+        return {**out, "num_tokens": num_tokens}
 
     def optimizer_step(self) -> dict[str, float]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
         clip = self.cfg.learner.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,48 +265,42 @@ class Learner:
             "adapter_version": self.version,
         }
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, folder: str, trainer_state: dict) -> str:
-        """Adapter + optimizer + RNG + trainer state, written to a temp folder and renamed."""
-        final = Path(folder)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        self.model.save_pretrained(tmp, save_embedding_layers=False)  # adapter + adapter_config.json
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-            tmp / "optimizer.pt",
+    # ------------------------------------------------------------------ checkpoints (as files)
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """Adapter, optimizer and RNG as {file name: bytes}: the driver writes them into its run folder
+        (no node needs to see another's disk)."""
+        files = self.adapter_files()
+        files["optimizer.pt"] = _torch_bytes(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         )
-        torch.save(rng_state(), tmp / "rng.pt")
-        state = dict(trainer_state, adapter_version=self.version)
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        return str(final)
+        files["rng.pt"] = _torch_bytes(rng_state())
+        files["learner_state.json"] = json.dumps({"adapter_version": self.version}).encode()
+        return files
 
-    def load_checkpoint(self, folder: str) -> dict:
+    def load_checkpoint_files(self, files: dict[str, bytes]) -> int:
+        """Restore what checkpoint_files wrote (every rank loads the same files); returns the version."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_safetensors
 
-        folder = Path(folder)
-        set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"))
-        opt = torch.load(folder / "optimizer.pt", weights_only=False)
+        set_peft_model_state_dict(self.model, load_safetensors(files["adapter_model.safetensors"]))
+        opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
-        state = json.loads((folder / "trainer_state.json").read_text())
-        self.version = int(state["adapter_version"])
-        return state
+        set_rng_state(torch.load(io.BytesIO(files["rng.pt"]), weights_only=False))
+        self.version = int(json.loads(files["learner_state.json"])["adapter_version"])
+        return self.version
 
-    def save_adapter(self, folder: str) -> str:
-        final = Path(folder)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        self.model.save_pretrained(tmp, save_embedding_layers=False)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        return str(final)
+    def adapter_files(self) -> dict[str, bytes]:
+        """The peft adapter folder (adapter_model.safetensors, adapter_config.json, README.md) as bytes."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model.save_pretrained(tmp, save_embedding_layers=False)
+            return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def rng_state() -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from opsd_ray.cluster import worker_info
+from opsd_ray.cluster import use_cores, worker_info
 
 
 @dataclass
@@ -31,6 +31,14 @@ class Trajectory:
     response_ids: list[int]
     finish_reason: str  # "stop" (ended with an end-of-sequence token) | "length" (truncated)
     adapter_version: int
+
+
+@dataclass
+class RolloutDone:
+    """The last item of RolloutWorker.generate_stream: when the worker started and stopped (time.time())."""
+
+    start: float
+    end: float
 
 
 def vllm_available() -> bool:
@@ -130,19 +138,16 @@ class HFEngine:
         set_peft_model_state_dict(self.model, state)
         self.version = version
 
+    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p) -> list[tuple[list[int], str]]:
+        return in_order(self.generate_iter(prompts, seeds, max_new_tokens, temperature, top_p), len(prompts))
+
     @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[list[int]],
-        seeds: list[int],
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-    ) -> list[tuple[list[int], str]]:
+    def generate_iter(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
+                      top_p: float):
+        """(index, response ids, finish reason) of each prompt as it finishes."""
         # One sequence at a time with its own seed: a trajectory does not depend on its batch-mates,
         # so changing the number of rollout workers does not change what is generated.
-        out = []
-        for prompt, seed in zip(prompts, seeds, strict=True):
+        for index, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
             torch.manual_seed(seed)
             ids = torch.tensor([prompt], device=self.model.device)
             gen = self.model.generate(
@@ -156,8 +161,7 @@ class HFEngine:
                 eos_token_id=self.eos,
                 pad_token_id=self.pad_id,
             )
-            out.append(cut_at_eos(gen[0, len(prompt) :].tolist(), self.eos))
-        return out
+            yield (index, *cut_at_eos(gen[0, len(prompt) :].tolist(), self.eos))
 
     @torch.no_grad()
     def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
@@ -246,7 +250,12 @@ class VLLMEngine:
     def close(self) -> None:
         shutil.rmtree(self.adapter_root, ignore_errors=True)
 
-    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p):
+    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p) -> list[tuple[list[int], str]]:
+        return in_order(self.generate_iter(prompts, seeds, max_new_tokens, temperature, top_p), len(prompts))
+
+    def generate_iter(self, prompts, seeds, max_new_tokens, temperature, top_p):
+        """(index, response ids, finish reason) of each prompt as it finishes: all requests go into
+        the engine at once (continuous batching), and finished ones come out while others still run."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -260,13 +269,17 @@ class VLLMEngine:
             )
             for s in seeds
         ]
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts],
-            params,
-            lora_request=self.lora,
-            use_tqdm=False,
+        ids = self.llm.enqueue(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=self.lora, use_tqdm=False
         )
-        return [(list(o.outputs[0].token_ids), finish_reason(o.outputs[0].finish_reason)) for o in outs]
+        # enqueue returns vLLM's internal ids ("<external>-<8 random chars>"); outputs carry the external one
+        index = {key: i for i, rid in enumerate(ids) for key in (rid, rid.rsplit("-", 1)[0])}
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done = out.outputs[0]
+                    yield index[out.request_id], list(done.token_ids), finish_reason(done.finish_reason)
 
     def sequence_logprobs(self, prompt, response):
         from vllm import SamplingParams
@@ -290,6 +303,14 @@ def cpu_threads_bind(cpus: list[int], ranks: int) -> str:
     return "|".join(",".join(map(str, cpus[bounds[k] : bounds[k + 1]])) for k in range(ranks))
 
 
+def in_order(finished, n: int) -> list:
+    """The (index, ids, finish) items of a generate_iter as a list in prompt order."""
+    out = [None] * n
+    for index, ids, finish in finished:
+        out[index] = (ids, finish)
+    return out
+
+
 def finish_reason(vllm_reason: str | None) -> str:
     """vLLM's own finish reason: "stop" (an end token, kept in the ids) or "length"."""
     if vllm_reason in ("stop", "length"):
@@ -306,12 +327,11 @@ class RolloutWorker:
         rollout_cfg,
         engine: str,
         seed: int = 0,
-        num_threads: int | None = None,
+        num_threads: int | list[int] | None = None,
         max_model_len: int = 4096,
     ):
         started = time.time()
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        use_cores(num_threads)
         self.cfg = rollout_cfg
         self.model_cfg = model_cfg
         self.engine_name = engine
@@ -334,18 +354,24 @@ class RolloutWorker:
         return version
 
     def generate(self, requests: list[tuple[int, list[int], int]]) -> list[Trajectory]:
-        """requests: (example_id, prompt_ids, seed)."""
-        results = self.engine.generate(
-            [r[1] for r in requests],
-            [r[2] for r in requests],
-            self.cfg.max_new_tokens,
-            self.cfg.temperature,
+        """requests: (example_id, prompt_ids, seed); the trajectories in request order."""
+        return [t for _, t in sorted(self._trajectories(requests), key=lambda it: it[0])]
+
+    def generate_stream(self, requests: list[tuple[int, list[int], int]]):
+        """A Ray streaming generator: (index in `requests`, Trajectory) as each one finishes, then
+        RolloutDone with the interval this worker spent generating."""
+        t0 = time.time()
+        yield from self._trajectories(requests)
+        yield RolloutDone(t0, time.time())
+
+    def _trajectories(self, requests):
+        finished = self.engine.generate_iter(
+            [r[1] for r in requests], [r[2] for r in requests], self.cfg.max_new_tokens, self.cfg.temperature,
             self.cfg.top_p,
         )
-        return [
-            Trajectory(eid, prompt, ids, finish, self.engine.version)
-            for (eid, prompt, _), (ids, finish) in zip(requests, results, strict=True)
-        ]
+        for index, ids, finish in finished:
+            eid, prompt, _ = requests[index]
+            yield index, Trajectory(eid, prompt, ids, finish, self.engine.version)
 
     def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         return self.engine.sequence_logprobs(prompt, response)

@@ -286,15 +286,14 @@ def merge(batches: list[FrozenBatch]) -> FrozenBatch:
 class ScoringWorker:
     """Ray actor shell: one frozen copy of the base model."""
 
-    def __init__(self, model_cfg, scoring_cfg, num_threads: int | None = None):
+    def __init__(self, model_cfg, scoring_cfg, num_threads: int | list[int] | None = None):
         import time
 
-        from opsd_ray.cluster import worker_info
+        from opsd_ray.cluster import use_cores, worker_info
         from opsd_ray.models import default_device, load_model, load_tokenizer
 
         started = time.time()
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        use_cores(num_threads)
         self.model = load_model(model_cfg, dtype=scoring_cfg.dtype, device=default_device())
         self.model.eval().requires_grad_(False)
         tok = load_tokenizer(model_cfg)
@@ -304,6 +303,15 @@ class ScoringWorker:
 
     def ready(self) -> dict:
         return self.info
+
+    def score_part(self, items: list[ScoringItem], variants: tuple[str, ...]) -> tuple[dict, FrozenBatch]:
+        """Called with num_returns=2: the driver reads only the small first value (when this worker was
+        busy); the frozen variants go to a learner as an object ref."""
+        import time
+
+        t0 = time.time()
+        frozen = self.score(items, variants)
+        return {"start": t0, "end": time.time()}, frozen
 
     def score(self, items: list[ScoringItem], variants: tuple[str, ...]) -> FrozenBatch:
         return score(

@@ -184,7 +184,7 @@ def test_the_adapter_travels_in_the_asked_dtype_and_never_asks_the_hub(monkeypat
         assert {v.dtype for v in state.values()} == {getattr(torch, dtype)}
         assert info["bytes"] == sum(v.numel() * v.element_size() for v in state.values())
         sizes[dtype] = info["bytes"]
-        learner.save_checkpoint(str(tmp_path / dtype), {"step": 0})
+        learner.checkpoint_files()
     assert sizes["bfloat16"] * 2 == sizes["float32"]
     assert calls == []  # peft's save_embedding_layers="auto" would ask the Hub on every sync and checkpoint
 
@@ -249,7 +249,7 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_and_bypass_the_driver(l
                                                                              monkeypatch):
     """Items 7 (vLLM starts alone), 1 (adapter folders), 9 (no tensor reaches the driver)."""
     from opsd_ray.data import PromptSampler, load_examples
-    from opsd_ray.driver import Roles, adapter_config, sync_adapter, train_step
+    from opsd_ray.driver import Roles, adapter_config, start_rollout, sync_adapter, train_step
     from opsd_ray.models import load_tokenizer
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm")
@@ -269,7 +269,8 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_and_bypass_the_driver(l
         assert len(roots) == 1  # this worker's adapter root
         synced = sync_adapter(roles, conf)
         for step in range(1, 6):
-            record = train_step(cfg, roles, sampler, tok, step, synced["version"])
+            rollout = start_rollout(cfg, roles, sampler, tok, step)
+            record = train_step(cfg, roles, rollout, tok, step, synced["version"])
             assert record["wire_bytes_per_token"] == 3 * 64 * 4
             synced = sync_adapter(roles, conf)
             assert synced["version"] == step and synced["bytes"] > 0
@@ -351,15 +352,16 @@ def test_vllm_says_stop_when_the_turn_ends_with_a_second_end_token(local_ray, hu
 def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small_data):
     """Item 8: two CPU rollout workers share an evaluation, and its summary equals one worker's."""
     from opsd_ray.driver import Roles, evaluate
+    from opsd_ray.runfolder import RunFolder
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=hf", "rollout.num_workers=2", "eval.every=1",
                    "eval.benchmarks=[gsm8k,amc23]", "eval.limit=2", "eval.n_samples=3", "eval.max_new_tokens=6")
     roles = Roles(cfg, "hf")
     workers = roles.rollout
     try:
-        two = evaluate(cfg, roles, tmp_path / "two", 0)
+        two = evaluate(cfg, roles, RunFolder(str(tmp_path / "two")), 0)
         roles.rollout = workers[:1]
-        one = evaluate(cfg, roles, tmp_path / "one", 0)
+        one = evaluate(cfg, roles, RunFolder(str(tmp_path / "one")), 0)
     finally:
         roles.rollout = workers
         roles.shutdown()

@@ -95,7 +95,7 @@ def test_train_vllm_engine_both_modes(local_ray, tmp_path, small_data, mode):
 def _learned_adapter(cfg):
     """A learner actor after one real training step on rollouts of its version-0 adapter."""
     from opsd_ray.data import PromptSampler, load_examples
-    from opsd_ray.driver import Roles, adapter_config, sync_adapter, train_step
+    from opsd_ray.driver import Roles, adapter_config, start_rollout, sync_adapter, train_step
     from opsd_ray.models import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
@@ -103,7 +103,12 @@ def _learned_adapter(cfg):
     roles = Roles(cfg, cfg.rollout.engine)
     conf = adapter_config(cfg)
     assert sync_adapter(roles, conf)["version"] == 0
-    return roles, conf, tok, PromptSampler(examples, cfg.train.batch_size), train_step, sync_adapter
+    sampler = PromptSampler(examples, cfg.train.batch_size)
+
+    def one_step(step, version):
+        return train_step(cfg, roles, start_rollout(cfg, roles, sampler, tok, step), tok, step, version)
+
+    return roles, conf, tok, one_step, sync_adapter
 
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=NEEDS_VLLM)])
@@ -111,14 +116,14 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
     from opsd_ray.rollout import HFEngine
 
     cfg = tiny_cfg(tmp_path, small_data, f"rollout.engine={engine}", "rollout.num_workers=2")
-    roles, conf, tok, sampler, train_step, sync = _learned_adapter(cfg)
+    roles, conf, tok, one_step, sync = _learned_adapter(cfg)
     try:
         prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
                                          tokenize=True, enable_thinking=False)
         prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
         response = tok("The answer is 5.", add_special_tokens=False)["input_ids"]
         before = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
-        record = train_step(cfg, roles, sampler, tok, step=1, version=0)
+        record = one_step(1, 0)
         assert record["adapter_version"] == 1
         assert sync(roles, conf)["version"] == 1
         assert ray.get([w.version.remote() for w in roles.rollout]) == [1, 1]
@@ -134,12 +139,12 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
         roles.shutdown()
 
 
-def test_one_and_two_scoring_workers_give_the_same_targets(local_ray, tmp_path, small_data):
+def test_scoring_workers_give_the_same_targets_whichever_scores_a_part(local_ray, tmp_path, small_data):
+    """A part is scored as one unit, so which of S workers scores it cannot change its targets."""
     from opsd_ray.data import load_examples
-    from opsd_ray.driver import score
     from opsd_ray.models import load_tokenizer
     from opsd_ray.prompts import build_prompt_ids
-    from opsd_ray.scoring import VARIANTS, ScoringItem, ScoringWorker, merge
+    from opsd_ray.scoring import VARIANTS, ScoringItem, ScoringWorker
 
     cfg = tiny_cfg(tmp_path, small_data, "scoring.micro_batch_size=2")
     tok = load_tokenizer(cfg.model)
@@ -148,17 +153,11 @@ def test_one_and_two_scoring_workers_give_the_same_targets(local_ray, tmp_path, 
     items = [ScoringItem(build_prompt_ids(tok, e.question, e.reference, cfg.model, cfg.prompt),
                          torch.randint(0, 150_000, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist())
              for e in examples[:5]]
-
-    class Group:
-        def __init__(self, n):
-            self.scoring = [ray.remote(ScoringWorker).options(num_cpus=0.5).remote(cfg.model, cfg.scoring, 1)
-                            for _ in range(n)]
-
-    one, two = (merge(ray.get(score(Group(n), items, VARIANTS))) for n in (1, 2))
-    assert one.num_tokens == two.num_tokens == sum(len(i.response) for i in items)
+    workers = [ray.remote(ScoringWorker).options(num_cpus=0.5).remote(cfg.model, cfg.scoring, 1) for _ in range(2)]
+    a, b = ray.get([w.score_part.options(num_returns=2).remote(items, VARIANTS)[1] for w in workers])
+    assert a.num_tokens == b.num_tokens == sum(len(i.response) for i in items)
     for v in VARIANTS:
-        assert one.tensors[v].shape == two.tensors[v].shape
-        torch.testing.assert_close(one.tensors[v], two.tensors[v], rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.tensors[v], b.tensors[v])
 
 
 def _driver(tmp_path, small_data, *extra):

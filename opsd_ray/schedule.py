@@ -1,0 +1,203 @@
+"""How one step's work flows between the roles (the driver's `train_step` calls `run_step`).
+
+The unit of work is a *part*: `learner.micro_batch_size` consecutive trajectories of the step. A part
+is scored in one call by one scoring worker and learnt as one micro-batch by one learner (learner r
+takes a contiguous range of parts, in order). What is computed therefore does not depend on when or
+where it runs, and `train.schedule` only decides when work starts:
+
+- "phases" (the reference): every rollout, then every part's scoring, then the learners;
+- "streaming" (default): a part goes to a scoring worker as soon as its last trajectory arrives, and
+  to its learner as soon as it is dispatched (Ray hands the frozen variants over when they exist), so
+  scoring overlaps rollout and learning overlaps scoring. The update is bit for bit the phases one.
+
+One-step-off rollout (rollout.max_staleness=1) is the driver's business: it launches the next step's
+rollout before this step learns. Frozen variants only ever travel as object refs, scoring worker to
+learner; the driver sees trajectories (token ids) and small timing records.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from opsd_ray.prompts import PromptIds
+from opsd_ray.rollout import RolloutDone, Trajectory
+from opsd_ray.scoring import ScoringItem, split_evenly
+
+
+@dataclass
+class Rollout:
+    """One step's rollout, launched: the batch, its prompts, and one stream per rollout worker."""
+
+    step: int
+    prompts: list[PromptIds]
+    requests: list[tuple[int, list[int], int]]  # (example id, student prompt ids, seed)
+    streams: list[tuple[int, int, object]]  # (worker index, offset of its share, ObjectRefGenerator)
+    sampler_state: dict  # the sampler before this batch was drawn: a checkpoint of step - 1 stores it
+    launched: float = field(default_factory=time.time)
+
+
+def launch_rollout(roles, prompts: list[PromptIds], requests: list, step: int, sampler_state: dict) -> Rollout:
+    """Each rollout worker starts generating its contiguous share of the requests (a stream)."""
+    streams, offset = [], 0
+    for k, (worker, share) in enumerate(zip(roles.rollout, split_evenly(requests, len(roles.rollout)), strict=True)):
+        if share:
+            streams.append((k, offset, worker.generate_stream.options(num_returns="streaming").remote(share)))
+            roles.busy.start("rollout", k)
+        offset += len(share)
+    return Rollout(step, prompts, requests, streams, sampler_state)
+
+
+def part_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@dataclass
+class StepResult:
+    trajectories: list[Trajectory]
+    metrics: dict[str, float]  # the learners' step metrics (identical on every rank)
+    rollout_done: float  # time.time() when the last trajectory arrived
+    scoring_done: float
+    learning_done: float
+
+
+class _Parts:
+    """The bookkeeping of one step: which trajectories each part still waits for, where each part went."""
+
+    def __init__(self, roles, rollout: Rollout, size: int, variants: tuple[str, ...], diagnostics: bool):
+        import ray
+
+        self.ray, self.roles, self.rollout = ray, roles, rollout
+        self.variants, self.diagnostics = variants, diagnostics
+        self.bounds = part_bounds(len(rollout.requests), size)
+        self.part_of = [k for k, (a, b) in enumerate(self.bounds) for _ in range(a, b)]
+        self.missing = [b - a for a, b in self.bounds]
+        self.trajectories: list[Trajectory | None] = [None] * len(rollout.requests)
+        owners = split_evenly(list(range(len(self.bounds))), len(roles.learners))
+        self.queue = [list(parts) for parts in owners]  # each learner's parts, in order
+        self.frozen: dict[int, object] = {}  # part -> FrozenBatch ref
+        self.scoring_stats: list[tuple[int, object]] = []  # (scoring worker, ref of its busy interval)
+        self.learner_calls: list[tuple[int, object]] = []  # (learner rank, ref of accumulate's result)
+        self.dispatched = 0
+
+    def arrived(self, index: int, trajectory: Trajectory) -> int | None:
+        """Record a trajectory; the part it completes, if any."""
+        self.trajectories[index] = trajectory
+        k = self.part_of[index]
+        self.missing[k] -= 1
+        return k if self.missing[k] == 0 else None
+
+    def score(self, k: int) -> None:
+        """Part k to the next scoring worker (round robin in dispatch order)."""
+        a, b = self.bounds[k]
+        items = [ScoringItem(self.rollout.prompts[i], self.trajectories[i].response_ids) for i in range(a, b)]
+        w = self.dispatched % len(self.roles.scoring)
+        self.dispatched += 1
+        stats, self.frozen[k] = self.roles.scoring[w].score_part.options(num_returns=2).remote(items, self.variants)
+        self.scoring_stats.append((w, stats))
+
+    def feed_learners(self) -> None:
+        """Hand each learner its next parts, in order, as far as they have been dispatched to scoring."""
+        for r, (learner, parts) in enumerate(zip(self.roles.learners, self.queue, strict=True)):
+            while parts and parts[0] in self.frozen:
+                k = parts.pop(0)
+                a, b = self.bounds[k]
+                items = [ScoringItem(self.rollout.prompts[i], self.trajectories[i].response_ids) for i in range(a, b)]
+                versions = [self.trajectories[i].adapter_version for i in range(a, b)]
+                call = learner.accumulate.remote(items, versions, self.diagnostics, self.frozen[k])
+                self.learner_calls.append((r, call))
+
+
+def next_items(rollout: Rollout, busy):
+    """(global index, Trajectory) from every worker's stream, as they finish."""
+    import ray
+
+    pending = {gen: (k, offset) for k, offset, gen in rollout.streams}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        gen = ready[0]
+        k, offset = pending[gen]
+        try:
+            item = ray.get(next(gen))
+        except StopIteration:
+            del pending[gen]
+            continue
+        if isinstance(item, RolloutDone):
+            busy.stop("rollout", k, item.start, item.end)
+            continue
+        index, trajectory = item
+        yield offset + index, trajectory
+
+
+def run_step(cfg, roles, rollout: Rollout, variants: tuple[str, ...], diagnostics: bool) -> StepResult:
+    """Score and learn one step's trajectories as they stream in (or phase by phase)."""
+    import ray
+
+    streaming = cfg.train.schedule == "streaming"
+    parts = _Parts(roles, rollout, cfg.learner.micro_batch_size, variants, diagnostics)
+    for index, trajectory in next_items(rollout, roles.busy):
+        k = parts.arrived(index, trajectory)
+        if streaming and k is not None:
+            parts.score(k)
+            parts.feed_learners()
+    rollout_done = time.time()
+    if not streaming:
+        for k in range(len(parts.bounds)):
+            parts.score(k)
+    refs = list(parts.frozen.values())
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)  # scoring done; the data stays where it is
+    scoring_done = time.time()
+    if not streaming:
+        parts.feed_learners()
+    for w, stats in parts.scoring_stats:
+        interval = ray.get(stats)
+        roles.busy.stop("scoring", w, interval["start"], interval["end"])
+    for r, call in parts.learner_calls:
+        stats = ray.get(call)
+        roles.busy.stop("learner", r, stats["start"], stats["end"])
+    num_tokens = sum(len(t.response_ids) for t in parts.trajectories)
+    steps = ray.get([learner.step.remote(num_tokens) for learner in roles.learners])
+    for r, m in enumerate(steps):
+        roles.busy.stop("learner", r, m.pop("start"), m.pop("end"))
+    return StepResult(parts.trajectories, steps[0], rollout_done, scoring_done, time.time())
+
+
+class BusyLog:
+    """When each worker of each role was busy (time.time() intervals), for util/<role>: the share of a
+    step's wall time that the role's workers spent working, averaged over its workers."""
+
+    def __init__(self):
+        self.intervals: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        self.open: dict[tuple[str, int], list[float]] = {}  # calls started, not yet reported back (FIFO)
+
+    def start(self, role: str, worker: int) -> None:
+        """A long call was submitted: it counts as busy from now until stop() reports it."""
+        self.open.setdefault((role, worker), []).append(time.time())
+
+    def stop(self, role: str, worker: int, start: float, end: float) -> None:
+        """A call's real interval; closes the oldest open call of that worker (an actor runs its calls in order)."""
+        opened = self.open.get((role, worker))
+        if opened:
+            opened.pop(0)
+        self.intervals.setdefault((role, worker), []).append((start, end))
+
+    def util(self, role: str, workers: int, t0: float, t1: float) -> float:
+        """Busy share of [t0, t1]; work still running counts until t1. Forgets intervals before t0."""
+        total = 0.0
+        for w in range(workers):
+            spans = [(a, b) for a, b in self.intervals.get((role, w), []) if b > t0]
+            self.intervals[(role, w)] = spans
+            spans = [*spans, *((a, t1) for a in self.open.get((role, w), []))]
+            total += _covered(spans, t0, t1)
+        return total / (workers * max(t1 - t0, 1e-9))
+
+
+def _covered(spans: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """Length of the union of `spans` inside [t0, t1]."""
+    covered, end = 0.0, t0
+    for a, b in sorted(spans):
+        a, b = max(a, end), min(b, t1)
+        if b > a:
+            covered += b - a
+            end = b
+    return covered
