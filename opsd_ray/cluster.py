@@ -160,14 +160,17 @@ def worker_info(role: str, started: float) -> dict:
     import socket
     import time
 
+    import ray
     import torch
 
     # The GPU ids Ray gave the actor, not torch.cuda.get_device_name(): that would create a CUDA
     # context (hundreds of MiB) in a vLLM actor whose engine runs in other processes.
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     return {
         "role": role,
         "host": socket.gethostname(),
+        "node": node,
         "pid": os.getpid(),
         "device": f"gpu {gpus}" if gpus and torch.cuda.is_available() else "cpu",
         "started": started,
