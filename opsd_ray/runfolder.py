@@ -16,11 +16,14 @@ from pathlib import Path
 
 
 class RunFolder:
-    def __init__(self, location: str):
+    def __init__(self, location: str, filesystem=None):
+        """`filesystem`: a pyarrow FileSystem to use with `location` as its path (tests)."""
         from pyarrow import fs
 
         self.location = str(location)
-        if "://" in self.location:
+        if filesystem is not None:
+            self.fs, self.root = filesystem, self.location
+        elif "://" in self.location:
             self.fs, self.root = fs.FileSystem.from_uri(self.location)
         else:
             self.fs, self.root = fs.LocalFileSystem(), str(Path(self.location).expanduser().resolve())

@@ -1,0 +1,98 @@
+"""The run folder on a local disk, a file:// URI and a filesystem without renames (pyarrow's mock),
+and the busy-time bookkeeping behind util/<role>."""
+
+import pytest
+
+from opsd_ray.runfolder import RunFolder
+from opsd_ray.schedule import BusyLog, _covered, part_bounds
+
+
+@pytest.fixture(params=["path", "file-uri", "object-store"])
+def run(request, tmp_path):
+    if request.param == "path":
+        return RunFolder(str(tmp_path / "r"))
+    if request.param == "file-uri":
+        return RunFolder(f"file://{tmp_path / 'r'}")
+    from pyarrow import fs
+
+    return RunFolder("bucket/r", filesystem=fs._MockFileSystem())  # no atomic rename: written in place
+
+
+def test_files_round_trip(run):
+    run.write_text("config.yaml", "a: 1\n")
+    assert run.read_text("config.yaml") == "a: 1\n" and run.exists("config.yaml")
+    run.append_text("metrics.jsonl", '{"step": 1}\n')
+    run.append_text("metrics.jsonl", '{"step": 2}\n')
+    assert run.read_text("metrics.jsonl").splitlines() == ['{"step": 1}', '{"step": 2}']
+    files = {"adapter_model.safetensors": b"\0\1", "trainer_state.json": b"{}", "rng.pt": b"r"}
+    run.write_files("checkpoints/step_2", files, last="trainer_state.json")
+    run.write_files("checkpoints/step_2", {**files, "rng.pt": b"new"}, last="trainer_state.json")  # replaces
+    assert run.read_files("checkpoints/step_2") == {**files, "rng.pt": b"new"}
+    assert run.listdir("checkpoints") == ["step_2"] and run.listdir("nothing") == []
+    assert run.is_local == (run.local_path() is not None)
+
+
+class Spy:
+    """A pyarrow filesystem whose open_output_stream calls `hook(path)` first."""
+
+    def __init__(self, fs, hook):
+        self.fs, self.hook = fs, hook
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def open_output_stream(self, path):
+        self.hook(path)
+        return self.fs.open_output_stream(path)
+
+
+def test_local_folders_appear_in_one_rename(tmp_path):
+    """A crash in the middle of writing a folder leaves only a hidden temp folder behind."""
+    from opsd_ray.driver import latest_checkpoint
+
+    run = RunFolder(str(tmp_path / "r"))
+    calls = []
+
+    def fail_second(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    run.fs = Spy(run.fs, fail_second)
+    with pytest.raises(OSError):
+        run.write_files("checkpoints/step_1", {"a": b"1", "trainer_state.json": b"{}"}, last="trainer_state.json")
+    assert run.listdir("checkpoints")[0].startswith(".step_1.tmp-")  # never taken for a checkpoint
+    assert latest_checkpoint(run) is None
+
+
+def test_the_completion_marker_is_written_last_where_there_is_no_rename():
+    from pyarrow import fs
+
+    written = []
+    run = RunFolder("b/r", filesystem=fs._MockFileSystem())
+    run.fs = Spy(run.fs, written.append)
+    run.write_files("checkpoints/step_3", {"trainer_state.json": b"{}", "optimizer.pt": b"o", "a.json": b"a"},
+                    last="trainer_state.json")
+    assert len(written) == 3 and written[-1].endswith("trainer_state.json")
+
+
+def test_covered_time_is_the_union_inside_the_window():
+    assert _covered([(0, 2), (1, 3), (5, 6)], 0, 10) == 4
+    assert _covered([(-5, 1), (9, 20)], 0, 10) == 2
+    assert _covered([], 0, 10) == 0
+
+
+def test_util_counts_open_calls_until_the_end_and_averages_over_workers():
+    busy = BusyLog()
+    busy.stop("scoring", 0, 100.0, 104.0)
+    busy.stop("scoring", 1, 102.0, 103.0)
+    assert busy.util("scoring", 2, 100.0, 110.0) == pytest.approx((4 + 1) / 20)
+    busy.open[("rollout", 0)] = [105.0]  # launched at 105, not reported back yet
+    assert busy.util("rollout", 1, 100.0, 110.0) == pytest.approx(0.5)
+    busy.stop("rollout", 0, 106.0, 108.0)  # the report closes it
+    assert busy.util("rollout", 1, 100.0, 110.0) == pytest.approx(0.2)
+
+
+def test_parts_cover_the_batch_in_order():
+    assert part_bounds(8, 3) == [(0, 3), (3, 6), (6, 8)]
+    assert part_bounds(4, 4) == [(0, 4)]
