@@ -294,6 +294,7 @@ def write_results(records: list[Record], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import opsd_ray.bench_overlap  # noqa: F401  (registers the overlap and learner-group benchmarks)
     import opsd_ray.bench_system  # noqa: F401  (registers the system benchmarks)
 
     parser = argparse.ArgumentParser(prog="python -m opsd_ray.bench", description=__doc__.splitlines()[0])

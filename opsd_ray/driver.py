@@ -256,26 +256,17 @@ def train(cfg) -> Path | str:
         version = sync_adapter(roles, adapter_conf, dtype)["version"]
         if cfg.eval.every and start == 0:  # the base model's score, the curves' first point
             log.log({"step": 0, **evaluate(cfg, roles, run, 0)})
-        bar = tqdm(range(start + 1, cfg.train.steps + 1), initial=start, total=cfg.train.steps, desc="train",
-                   dynamic_ncols=True)
-        ahead = None  # one-step-off: the next step's rollout, already running
-        for step in bar:
-            rollout = ahead or start_rollout(cfg, roles, sampler, tok, step)
-            if one_step_off and step < cfg.train.steps:  # generates with the adapter the workers have now
-                ahead = start_rollout(cfg, roles, sampler, tok, step + 1)
-            else:
-                ahead = None
-            record = train_step(cfg, roles, rollout, tok, step, version)
-            t0 = time.perf_counter()
-            synced = sync_adapter(roles, adapter_conf, dtype, wait=ahead is None)
-            version = synced["version"]
-            record.update(finish_record(record, time.perf_counter() - t0, synced["bytes"]))
+        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
+        for record, ahead in steps(cfg, roles, sampler, tok, start + 1, version, adapter_conf, dtype):
+            step = record["step"]
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 record.update(evaluate(cfg, roles, run, step))
             log.log(record)
+            bar.update()
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
                 save_checkpoint(cfg, roles, run, step, ahead.sampler_state if ahead else sampler.state_dict())
+        bar.close()
         final = run.write_files("final", ray.get(roles.learner.adapter_files.remote()))
     finally:
         if log is not None:
@@ -288,6 +279,25 @@ def train(cfg) -> Path | str:
         flush=True,
     )
     return run.local_path() or str(run)
+
+
+def steps(cfg, roles: Roles, sampler: PromptSampler, tok, first: int, version: int, adapter_conf: dict,
+          dtype: str = "float32"):
+    """Steps first..train.steps of the algorithm; yields each step's record and, one-step-off, the
+    next step's rollout, already running (its sampler state is what a checkpoint of this step keeps)."""
+    one_step_off = cfg.rollout.max_staleness == 1
+    ahead = None
+    for step in range(first, cfg.train.steps + 1):
+        rollout = ahead or start_rollout(cfg, roles, sampler, tok, step)
+        # one-step-off: the next rollout starts now, with the adapter the workers have (one behind)
+        more = one_step_off and step < cfg.train.steps
+        ahead = start_rollout(cfg, roles, sampler, tok, step + 1) if more else None
+        record = train_step(cfg, roles, rollout, tok, step, version)
+        t0 = time.perf_counter()
+        synced = sync_adapter(roles, adapter_conf, dtype, wait=ahead is None)
+        version = synced["version"]
+        record.update(finish_record(record, time.perf_counter() - t0, synced["bytes"]))
+        yield record, ahead
 
 
 def resume(cfg, roles: Roles, run: RunFolder, sampler: PromptSampler) -> int:
