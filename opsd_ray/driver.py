@@ -89,6 +89,7 @@ class Roles:
 
     def __init__(self, cfg, engine: str, cores: dict[str, list[int]] | None = None):
         self.rollout, self.scoring, self.learners, self.info, self.pgs = [], [], [], [], {}
+        self.fsdp = cfg.learner.strategy == "fsdp" and cfg.learner.num_workers > 1
         self.busy = BusyLog()
         self.pending_loads: list = []
         try:
@@ -101,6 +102,12 @@ class Roles:
     def learner(self):
         """Rank 0 of the learner group: it serves the adapter and the checkpoint files."""
         return self.learners[0]
+
+    def on_learners(self, method: str, *args, num_returns: int = 1):
+        """Rank 0's result of a learner method that reads the whole adapter: with fsdp every learner must
+        take part (its weights are sharded over the group), with ddp rank 0 alone has it all."""
+        targets = self.learners if self.fsdp else self.learners[:1]
+        return [getattr(a, method).options(num_returns=num_returns).remote(*args) for a in targets][0]
 
     def _start(self, cfg, engine: str, cores: dict[str, list[int]]) -> None:
         import ray
@@ -199,7 +206,7 @@ def sync_adapter(roles: Roles, adapter_conf: dict, dtype: str = "float32", wait:
     import ray
 
     ray.get(roles.pending_loads)  # the previous sync's loads (done by now): their errors surface here
-    info, state = roles.learner.adapter_state.options(num_returns=2).remote(dtype)
+    info, state = roles.on_learners("adapter_state", dtype, num_returns=2)
     info = ray.get(info)
     roles.pending_loads = [w.load_adapter.remote(info["version"], state, adapter_conf) for w in roles.rollout]
     if wait:
@@ -267,7 +274,7 @@ def train(cfg) -> Path | str:
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
                 save_checkpoint(cfg, roles, run, step, ahead.sampler_state if ahead else sampler.state_dict())
         bar.close()
-        final = run.write_files("final", ray.get(roles.learner.adapter_files.remote()))
+        final = run.write_files("final", ray.get(roles.on_learners("adapter_files")))
     finally:
         if log is not None:
             log.close()
@@ -326,7 +333,7 @@ def save_checkpoint(cfg, roles: Roles, run: RunFolder, step: int, sampler_state:
     trainer_state.json (step, data position) goes last: it marks the checkpoint complete."""
     import ray
 
-    files = ray.get(roles.learner.checkpoint_files.remote())
+    files = ray.get(roles.on_learners("checkpoint_files"))
     state = {"step": step, "sampler": sampler_state, "run": cfg.run.name}
     files["trainer_state.json"] = (json.dumps(state, indent=2) + "\n").encode()
     return run.write_files(f"checkpoints/step_{step}", files, last="trainer_state.json")

@@ -104,8 +104,19 @@ class Learner:
         self.lm_head = base.get_output_embeddings().weight  # frozen: shared by student and targets
         tok = load_tokenizer(cfg.model)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.fsdp = cfg.learner.strategy == "fsdp" and world_size > 1
+        self._make_optimizer()
+        self.version = 0  # adapter version = number of optimizer steps taken
+        self.sums: dict[str, float] = {}  # the step being accumulated: metric x tokens
+        self.info = worker_info("learner", started)
+
+    def ready(self) -> dict:
+        return self.info
+
+    def _make_optimizer(self) -> None:
+        """AdamW over the LoRA parameters (again after FSDP has replaced them by their shards)."""
+        le = self.cfg.learner
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        le = cfg.learner
         self.optimizer = torch.optim.AdamW(
             self.params, lr=le.lr, betas=tuple(le.adam_betas), weight_decay=le.weight_decay
         )
@@ -113,12 +124,6 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        self.version = 0  # adapter version = number of optimizer steps taken
-        self.sums: dict[str, float] = {}  # the step being accumulated: metric x tokens
-        self.info = worker_info("learner", started)
-
-    def ready(self) -> dict:
-        return self.info
 
     # ------------------------------------------------------------------ the group
     def group_address(self) -> tuple[str, int]:
@@ -133,17 +138,42 @@ class Learner:
         return ray.util.get_node_ip_address(), port
 
     def join_group(self, address: str, port: int) -> int:
-        """torch.distributed over the learners (gloo on CPU, NCCL on GPU); every replica starts from
-        rank 0's LoRA weights."""
+        """torch.distributed over the learners (gloo on CPU, NCCL on GPU).
+
+        ddp: every learner holds the whole model and starts from rank 0's LoRA weights; the LoRA
+        gradients are all-reduced once per step. fsdp: FSDP2 `fully_shard`s each decoder layer (frozen
+        base and LoRA alike) over the group, so a learner holds 1/N of the layers' weights and gathers a
+        layer only while it computes; gradients are reduce-scattered. The embeddings, the final norm
+        and the lm_head stay whole on every learner: the fused loss applies the lm_head itself.
+        """
         import torch.distributed as dist
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world_size)
-        with torch.no_grad():
-            for p in self.params:
-                dist.broadcast(p.data, src=0)
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (self.world_size,))
+            for layer in self.model.get_base_model().get_decoder().layers:
+                fully_shard(layer, mesh=mesh)  # each rank keeps its shard of its own (identical) copy
+            self._make_optimizer()
+        else:
+            with torch.no_grad():
+                for p in self.params:
+                    dist.broadcast(p.data, src=0)
         return self.rank
+
+    def _lora_weights(self) -> dict[str, torch.Tensor]:
+        """The LoRA parameters by model name, whole, on the CPU. With fsdp a collective: every rank
+        calls it, rank 0 gets the weights, the others an empty dict."""
+        if not self.fsdp:
+            return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(self.model, options=options)
 
     # ------------------------------------------------------------------ adapter
     def adapter_state(self, dtype: str = "float32") -> tuple[dict, dict[str, torch.Tensor]]:
@@ -156,8 +186,9 @@ class Learner:
         """
         from peft import get_peft_model_state_dict
 
+        weights = self._lora_weights()  # with fsdp every rank calls this (Roles.on_learners)
         # save_embedding_layers=False: "auto" asks the Hub whether the base has a config, on every call
-        state = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        state = get_peft_model_state_dict(self.model, state_dict=weights, save_embedding_layers=False) if weights else {}
         state = {k: v.detach().to("cpu", to_torch_dtype(dtype), copy=True) for k, v in state.items()}
         nbytes = sum(v.numel() * v.element_size() for v in state.values())
         return {"version": self.version, "bytes": nbytes}, state
@@ -230,12 +261,19 @@ class Learner:
     def reduce(self, num_tokens: int) -> dict[str, float]:
         """Divide the accumulated gradient and metric sums by the step's token count, summed over the
         group (the loss is normalised by the whole step's response tokens, whoever computed them)."""
+        # fsdp has already reduce-scattered the gradients, as a mean over the group: undo the mean
+        scale = self.world_size / num_tokens if self.fsdp else 1 / num_tokens
         for p in self.params:
             if p.grad is not None:
-                p.grad.div_(num_tokens)
+                p.grad.mul_(scale)
         keys = sorted(self.sums)
         sums = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
         if self.world_size > 1:
+            import torch.distributed as dist
+
+            sums = sums.to(self.lm_head.device)
+            dist.all_reduce(sums)
+        if self.world_size > 1 and not self.fsdp:
             import torch.distributed as dist
 
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -245,8 +283,6 @@ class Learner:
             for p, g in zip(self.params, grads, strict=True):
                 p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
                 offset += g.numel()
-            sums = sums.to(flat.device)
-            dist.all_reduce(sums)
         self.sums = {}
         out = {k: float(v) / num_tokens for k, v in zip(keys, sums.tolist(), strict=True)}
         out["wire_bytes_per_token"] = out.pop("wire_bytes", 0.0)
@@ -255,6 +291,8 @@ class Learner:
     def optimizer_step(self) -> dict[str, float]:
         clip = self.cfg.learner.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # fsdp: a DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,33 +306,79 @@ class Learner:
     # ------------------------------------------------------------------ checkpoints (as files)
     def checkpoint_files(self) -> dict[str, bytes]:
         """Adapter, optimizer and RNG as {file name: bytes}: the driver writes them into its run folder
-        (no node needs to see another's disk)."""
+        (no node needs to see another's disk). The optimizer state is keyed by parameter name and
+        whole (torch.distributed.checkpoint's full state dict), so a checkpoint resumes with any
+        number of learners and either strategy. With fsdp a collective (rank 0 gets the files)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=self.fsdp)  # fsdp: gathered to rank 0
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         files = self.adapter_files()
-        files["optimizer.pt"] = _torch_bytes(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        )
+        if not files:
+            return {}
+        files["optimizer.pt"] = _torch_bytes({"optimizer": optimizer, "scheduler": self.scheduler.state_dict()})
         files["rng.pt"] = _torch_bytes(rng_state())
         files["learner_state.json"] = json.dumps({"adapter_version": self.version}).encode()
         return files
 
     def load_checkpoint_files(self, files: dict[str, bytes]) -> int:
-        """Restore what checkpoint_files wrote (every rank loads the same files); returns the version."""
-        from peft import set_peft_model_state_dict
+        """Restore what checkpoint_files wrote; every learner of the group loads the same files and
+        keeps its own share (no communication: with fsdp each rank cuts its shard out locally)."""
         from safetensors.torch import load as load_safetensors
 
-        set_peft_model_state_dict(self.model, load_safetensors(files["adapter_model.safetensors"]))
+        saved = load_safetensors(files["adapter_model.safetensors"])
         opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=False)
-        self.optimizer.load_state_dict(opt["optimizer"])
+        names = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(saved) != {peft_name(n) for n in names}:
+            raise ValueError(f"the checkpoint's adapter does not fit this model's LoRA (r, targets): "
+                             f"{sorted(set(saved) ^ {peft_name(n) for n in names})[:4]}")
+        with torch.no_grad():
+            for name, param in names.items():
+                _assign(param, saved[peft_name(name)])
+                moments = opt["optimizer"]["state"].get(name)
+                if moments:
+                    self.optimizer.state[param] = {
+                        k: v if k == "step" else _like(param, v) for k, v in moments.items()
+                    }
+        self.optimizer.param_groups[0]["lr"] = opt["optimizer"]["param_groups"][0]["lr"]
         self.scheduler.load_state_dict(opt["scheduler"])
         set_rng_state(torch.load(io.BytesIO(files["rng.pt"]), weights_only=False))
         self.version = int(json.loads(files["learner_state.json"])["adapter_version"])
         return self.version
 
     def adapter_files(self) -> dict[str, bytes]:
-        """The peft adapter folder (adapter_model.safetensors, adapter_config.json, README.md) as bytes."""
+        """The peft adapter folder (adapter_model.safetensors, adapter_config.json, README.md) as bytes.
+        With fsdp a collective (rank 0 gets the files, the others {})."""
+        weights = self._lora_weights()
+        if not weights:
+            return {}
         with tempfile.TemporaryDirectory() as tmp:
-            self.model.save_pretrained(tmp, save_embedding_layers=False)
+            self.model.save_pretrained(tmp, state_dict=weights, save_embedding_layers=False)
             return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def _like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` (a whole tensor) laid out as `param`: on its device and dtype, and for an FSDP shard
+    (a DTensor) this rank's piece of it, cut out locally."""
+    full = full.to(device=param.device, dtype=param.dtype)
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    return full
+
+
+def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
+    value = _like(param, full)
+    if hasattr(param, "to_local"):
+        param.to_local().copy_(value.to_local())
+    else:
+        param.copy_(value)
+
+
+def peft_name(name: str, adapter: str = "default") -> str:
+    """A LoRA parameter's name in a saved peft adapter: the model's name without the adapter's."""
+    return name.replace(f".{adapter}.", ".")
 
 
 def _torch_bytes(obj) -> bytes:

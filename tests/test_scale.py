@@ -69,43 +69,78 @@ def parts_of(cfg, n_parts=4):
     return [(p, score(model, p, variants=VARIANTS)) for p in parts]
 
 
-def group_step(cfg, parts, n):
-    """One step of a group of n learner actors (gloo); rank r takes a contiguous range of parts."""
+def start_group(cfg, n):
     from opsd_ray.learner import Learner
-    from opsd_ray.scoring import split_evenly
 
     learners = [ray.remote(Learner).options(num_cpus=1).remote(cfg, 1, r, n) for r in range(n)]
+    if n > 1:
+        address, port = ray.get(learners[0].group_address.remote())
+        ray.get([learner.join_group.remote(address, port) for learner in learners])
+    return learners
+
+
+def everyone(learners, method, *args, num_returns=1):
+    """A learner method on every member (a collective under fsdp): rank 0's result."""
+    refs = [getattr(a, method).options(num_returns=num_returns).remote(*args) for a in learners]
+    return ray.get([r[-1] if num_returns > 1 else r for r in refs])[0]
+
+
+def group_step(cfg, parts, n):
+    """One step of a group of n learner actors (gloo); rank r takes a contiguous range of parts.
+    Returns every rank's metrics and rank 0's adapter after the step."""
+    from opsd_ray.scoring import split_evenly
+
+    learners = start_group(cfg, n)
     try:
-        if n > 1:
-            address, port = ray.get(learners[0].group_address.remote())
-            ray.get([learner.join_group.remote(address, port) for learner in learners])
         for learner, share in zip(learners, split_evenly(parts, n), strict=True):
             for items, frozen in share:
                 learner.accumulate.remote(items, [0] * len(items), True, frozen)
         tokens = sum(f.num_tokens for _, f in parts)
         metrics = ray.get([learner.step.remote(tokens) for learner in learners])
-        states = [ray.get(learner.adapter_state.options(num_returns=2).remote()[1]) for learner in learners]
-        return metrics, states
+        return metrics, everyone(learners, "adapter_state", num_returns=2), everyone(learners, "checkpoint_files")
     finally:
         for learner in learners:
             ray.kill(learner)
 
 
-def test_two_learners_make_the_same_update_as_one(local_ray, tmp_path, small_data):
-    cfg = cfg_of(tmp_path, small_data)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_learners_make_the_same_update_as_one(local_ray, tmp_path, small_data, strategy):
+    cfg = cfg_of(tmp_path, small_data, f"learner.strategy={strategy}")
     parts = parts_of(cfg)
-    (one,), (state_one,) = group_step(cfg, parts, 1)
-    two, states_two = group_step(cfg, parts, 2)
+    (one,), state_one, _ = group_step(cfg, parts, 1)
+    two, state_two, files_two = group_step(cfg, parts, 2)
     for k in ("loss", "jsd", "grad_norm", "num_tokens", "cos_total_ref", "kl_target_base", "wire_bytes_per_token"):
         assert two[0][k] == pytest.approx(one[k], rel=1e-6), k
     drop = ("start", "end")
     assert {k: v for k, v in two[0].items() if k not in drop} == {k: v for k, v in two[1].items() if k not in drop}
+    assert set(state_two) == set(state_one)
     for k, v in state_one.items():
         # Two partial gradients summed differ from one sum in the last bits; Adam's first step, about
         # lr * sign(g), amplifies that for the few near-zero gradients (8e-7 seen; a step moves 1e-2).
-        torch.testing.assert_close(states_two[0][k], v, rtol=1e-5, atol=1e-5 * cfg.learner.lr / 1e-2)
-        assert torch.equal(states_two[0][k], states_two[1][k])  # the replicas stay identical
+        torch.testing.assert_close(state_two[k], v, rtol=1e-5, atol=1e-5 * cfg.learner.lr / 1e-2)
     assert any((v != 0).any() for k, v in state_one.items() if "lora_B" in k)  # it learned
+
+    # the group's checkpoint resumes a single learner (and the other way round) to the same adapter
+    from opsd_ray.learner import Learner
+
+    single = ray.remote(Learner).options(num_cpus=1).remote(cfg, 1)
+    try:
+        assert ray.get(single.load_checkpoint_files.remote(files_two)) == 1
+        back = ray.get(single.adapter_state.options(num_returns=2).remote()[1])
+        files_one = ray.get(single.checkpoint_files.remote())
+    finally:
+        ray.kill(single)
+    for k, v in state_two.items():
+        assert torch.equal(back[k], v), k
+    group = start_group(cfg, 2)
+    try:
+        ray.get([a.load_checkpoint_files.remote(files_one) for a in group])
+        again = everyone(group, "adapter_state", num_returns=2)
+    finally:
+        for a in group:
+            ray.kill(a)
+    for k, v in state_two.items():
+        assert torch.equal(again[k], v), k
 
 
 # ----------------------------------------------------------------------------- streaming = phases
