@@ -207,3 +207,15 @@ def test_resume_with_more_scoring_workers_continues_exactly(local_ray, tmp_path,
             assert rb[k] == ra[k], (ra["step"], k)
     for k, v in adapter(full).items():
         assert torch.equal(adapter(split)[k], v), k
+
+
+def test_an_fsdp_group_trains_checkpoints_and_a_single_learner_resumes(local_ray, tmp_path, small_data):
+    from opsd_ray.driver import train
+
+    folder = train(cfg_of(tmp_path, small_data, "learner.num_workers=2", "learner.strategy=fsdp", "train.steps=2",
+                          "checkpoint.every=2"))
+    resumed = train(cfg_of(tmp_path, small_data, "train.steps=3", "checkpoint.every=3"))  # one ddp learner
+    records = read_metrics(resumed)
+    assert resumed == folder and [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    assert records[2]["adapter_version"] == 3
