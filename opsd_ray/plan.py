@@ -39,6 +39,7 @@ PROMPT_OVERHEAD = 128  # chat template + instructions + reference markers, token
 OVERHEAD_BYTES = 2 * GiB  # per GPU process: CUDA context, allocator slack, vLLM graphs
 LOSS_BUFFERS = 9  # [chunk, vocab] buffers alive in the fused loss (measured: 8 float32 + 1 bf16)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ALLREDUCE_BYTES_PER_S = 100e9  # effective all-reduce bandwidth between a node's GPUs (NVLink-class, rough)
 
 
 @dataclass(frozen=True)
@@ -224,16 +225,17 @@ class Split:
     rollout_workers: int
     tp: int
     scoring_workers: int
-    learner_gpus: int
+    learners: int  # learner.num_workers, one GPU each
     util: float  # rollout.gpu_memory_utilization the split assumes
     seconds: dict[str, float]
+    step: float  # the estimated step under the config's schedule
 
     def overrides(self) -> str:
         return (
             f"rollout.num_workers={self.rollout_workers} rollout.gpus_per_worker=1 "
             f"rollout.tensor_parallel_size={self.tp} rollout.gpu_memory_utilization={self.util:g} "
             f"scoring.num_workers={self.scoring_workers} "
-            f"scoring.gpus_per_worker=1 learner.gpus={self.learner_gpus}"
+            f"scoring.gpus_per_worker=1 learner.num_workers={self.learners} learner.gpus=1"
         )
 
 
@@ -323,20 +325,33 @@ class Planner:
             return tokens * s.layers * self.dt * s.hidden + tokens * layer + edge
         return tokens * s.layers * layer + edge
 
-    def learner(self, micro_batch: int | None = None, checkpointing: bool | None = None) -> Role:
+    def learner(self, micro_batch: int | None = None, checkpointing: bool | None = None, learners: int | None = None) -> Role:
+        """One member of the learner group. ddp: the whole model on each; fsdp: the decoder layers
+        (frozen weights, LoRA and its optimizer state) sharded over the group, one layer gathered at a
+        time, the embeddings and lm_head whole."""
         le, o = self.cfg.learner, self.cfg.objective
+        n = learners or le.num_workers
         mb = micro_batch or le.micro_batch_size
         ckpt = le.gradient_checkpointing if checkpointing is None else checkpointing
         tokens = mb * self.len_student
         chunk = min(o.chunk_size, mb * self.new)
         other = self.activations(tokens, not ckpt)
-        role = Role("learner", 1, budget=self.mem)
+        role = Role("learner", n, budget=self.mem)
+        shard = n if le.strategy == "fsdp" and n > 1 else 1
+        if shard > 1:
+            s = self.s
+            layers = s.layers * s.layer_params() * self.dt
+            edges = (s.params() - s.layers * s.layer_params()) * self.dt
+            weights = Item("weights (fsdp)", layers / shard + s.layer_params() * self.dt + edges,
+                           f"decoder layers / {shard} + one gathered layer + embeddings and lm_head")
+        else:
+            weights = self.weights()
         role.items = [
-            self.weights(),
+            weights,
             Item(
                 "LoRA params + grads + AdamW",
-                self.lora * 16,
-                f"{self.lora / 1e6:.1f} M params x 16 B (float32 x 4)",
+                self.lora * 16 / shard,
+                f"{self.lora / 1e6:.1f} M params x 16 B (float32 x 4)" + (f" / {shard}" if shard > 1 else ""),
             ),
             Item(
                 f"activations ({mb} seqs x {self.len_student:,}, checkpointing {'on' if ckpt else 'off'})",
@@ -362,8 +377,8 @@ class Planner:
         return per_token, per_token * self.batch * self.new
 
     # ------------------------------------------------------------------ time and the split
-    def seconds(self, rollout_workers: int, tp: int, scoring_workers: int) -> dict[str, float]:
-        """Rough step time per phase (the driver runs them one after the other)."""
+    def seconds(self, rollout_workers: int, tp: int, scoring_workers: int, learners: int | None = None) -> dict[str, float]:
+        """Rough busy time of each role in a step (step_seconds combines them by schedule)."""
         s, dt = self.s, self.dt
         seqs = math.ceil(self.batch / rollout_workers)
         kv_read = seqs * (self.q + PROMPT_OVERHEAD + self.new / 2) * s.kv_bytes_per_token(dt)
@@ -374,8 +389,21 @@ class Planner:
         passes = 8 if self.cfg.learner.gradient_checkpointing else 6  # forward, (recompute), backward
         frozen_heads = self.variants_typical if self.cfg.scoring.wire_format == "hidden" else 0
         head = 2 * s.vocab * s.hidden * (frozen_heads + 2) * self.batch * self.new
-        learn = (passes * s.core_params() * self.batch * self.len_student + head) / self.flops
+        n = learners or self.cfg.learner.num_workers
+        allreduce = 2 * self.lora * 4 / ALLREDUCE_BYTES_PER_S if n > 1 else 0.0  # float32 LoRA gradients
+        learn = (passes * s.core_params() * self.batch * self.len_student + head) / self.flops / n + allreduce
         return {"rollout": decode + prefill, "scoring": score, "learner": learn}
+
+    def step_seconds(self, t: dict[str, float]) -> float:
+        """The step from the roles' busy times: their sum phase by phase; streaming overlaps them, and
+        only the last part's scoring and learning come after the rollout; one-step-off hides the
+        rollout behind the previous step's learning."""
+        if self.cfg.train.schedule == "phases":
+            return sum(t.values())
+        if self.cfg.rollout.max_staleness == 1:
+            return max(t.values())
+        parts = max(1, self.batch // self.cfg.learner.micro_batch_size)
+        return max(t.values()) + (t["scoring"] + t["learner"]) / parts
 
     def min_tp(self, workers: int, util: float) -> int | None:
         for tp in (1, 2, 4, 8):
@@ -384,19 +412,23 @@ class Planner:
         return None
 
     def suggest(self) -> Split | None:
-        """The split with the shortest estimated step among those that fit (1 learner GPU)."""
+        """The split with the shortest estimated step (under the config's schedule) among those that
+        fit: rollout workers x TP, scoring workers and learners, one GPU each."""
         util = max(self.cfg.rollout.gpu_memory_utilization, 0.85)
+        parts = self.batch // self.cfg.learner.micro_batch_size
         best = None
-        for workers in (w for w in range(1, self.gpus) if self.batch % w == 0):
-            tp = self.min_tp(workers, util)
-            if tp is None:
-                continue
-            scoring = self.gpus - 1 - workers * tp
-            if scoring < 1 or scoring > self.batch:
-                continue
-            t = self.seconds(workers, tp, scoring)
-            if best is None or sum(t.values()) < sum(best.seconds.values()) - 1e-9:
-                best = Split(workers, tp, scoring, 1, util, t)
+        for learners in (n for n in (1, 2, 4, 8) if n <= parts and self.learner(learners=n).total <= self.mem):
+            for workers in (w for w in range(1, self.gpus) if self.batch % w == 0):
+                tp = self.min_tp(workers, util)
+                if tp is None:
+                    continue
+                scoring = self.gpus - learners - workers * tp
+                if scoring < 1 or scoring > self.batch:
+                    continue
+                t = self.seconds(workers, tp, scoring, learners)
+                step = self.step_seconds(t)
+                if best is None or step < best.step - 1e-9:
+                    best = Split(workers, tp, scoring, learners, util, t, step)
         return best
 
     # ------------------------------------------------------------------ warnings
@@ -486,7 +518,8 @@ def render(p: Planner) -> str:
         f"{ro.tensor_parallel_size}), {math.ceil(p.batch / ro.num_workers)} sequences each; per GPU:",
         "scoring": f"scoring  {sc.num_workers} worker(s) x 1 GPU, micro-batch {min(sc.micro_batch_size, math.ceil(p.batch / sc.num_workers))}"
         f" trajectories x {p.variants_max} variants; per worker:",
-        "learner": f"learner  1 x 1 GPU, micro-batch {cfg.learner.micro_batch_size}; per GPU:",
+        "learner": f"learner  {cfg.learner.num_workers} x 1 GPU ({cfg.learner.strategy}), micro-batch "
+        f"{cfg.learner.micro_batch_size}; per GPU:",
     }
     for role in roles:
         lines.append(heads[role.name])
@@ -511,12 +544,12 @@ def render(p: Planner) -> str:
     asked = (
         ro.num_workers * ro.gpus_per_worker * ro.tensor_parallel_size
         + sc.num_workers * sc.gpus_per_worker
-        + cfg.learner.gpus
+        + cfg.learner.num_workers * cfg.learner.gpus
     )
     lines.append(
         f"GPUs     the config asks for {asked:g} (rollout {ro.num_workers} x {ro.gpus_per_worker:g} x TP "
         f"{ro.tensor_parallel_size}, scoring {sc.num_workers} x {sc.gpus_per_worker:g}, learner "
-        f"{cfg.learner.gpus:g}) of {p.gpus}"
+        f"{cfg.learner.num_workers} x {cfg.learner.gpus:g}) of {p.gpus}"
     )
     warnings = p.warnings(roles)
     split = p.suggest()
@@ -528,11 +561,12 @@ def render(p: Planner) -> str:
         )
     else:
         t = split.seconds
+        schedule = cfg.train.schedule + (" one-step-off" if cfg.rollout.max_staleness == 1 else "")
         lines += [
             f"suggested for {p.gpus} GPUs: rollout {split.rollout_workers} x {split.tp} GPU(s), scoring "
-            f"{split.scoring_workers} x 1, learner {split.learner_gpus}",
-            f"         est. step <= {sum(t.values()):.0f} s at the upper-bound lengths (rollout {t['rollout']:.0f} s, "
-            f"scoring {t['scoring']:.0f} s, learner {t['learner']:.0f} s; rough)",
+            f"{split.scoring_workers} x 1, learner {split.learners} x 1",
+            f"         est. step <= {split.step:.0f} s at the upper-bound lengths, {schedule} (busy: rollout "
+            f"{t['rollout']:.0f} s, scoring {t['scoring']:.0f} s, learner {t['learner']:.0f} s; rough)",
             f"         {split.overrides()}",
         ]
     if asked > p.gpus:

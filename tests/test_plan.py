@@ -182,12 +182,13 @@ def test_fused_loss_holds_about_nine_chunk_by_vocab_buffers():
 # ----------------------------------------------------------------------------- plans
 def test_paper_recipe_fits_and_its_split_is_the_suggestion():
     p = planner()
-    roles = [p.rollout(4, 1, 0.85), p.scoring(3), p.learner()]
+    roles = [p.rollout(4, 1, 0.85), p.scoring(2), p.learner()]
     assert all(r.total <= r.budget for r in roles) and p.warnings(roles) == []
     split = p.suggest()
     cfg = p.cfg
-    assert (split.rollout_workers, split.tp, split.scoring_workers, split.learner_gpus) == \
-        (cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size, cfg.scoring.num_workers, cfg.learner.gpus)
+    assert (split.rollout_workers, split.tp, split.scoring_workers, split.learners) == \
+        (cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size, cfg.scoring.num_workers, cfg.learner.num_workers)
+    assert cfg.learner.num_workers == 2 and cfg.learner.gpus == 1
     learner = {i.label.split(" (")[0]: i.nbytes for i in p.learner().items}
     assert learner["weights"] == 8_190_735_360 * 2 and learner["LoRA params + grads + AdamW"] == 174_587_904 * 16
     assert learner["fused loss"] == 9 * 1024 * 151936 * 4
@@ -210,7 +211,7 @@ def test_plan_cli_prints_the_plan(capsys):
     assert main(["model=qwen3-8b", "data=math-cot-20k", "gpus=8"]) == 0
     out = capsys.readouterr().out
     for text in ("8.19 B parameters", "shapes from: built-in table", "144 KiB/token", "0.75 GiB (logits would be 27.8 GiB)",
-                 "suggested for 8 GPUs: rollout 4 x 1 GPU(s), scoring 3 x 1, learner 1", "no warnings"):
+                 "suggested for 8 GPUs: rollout 4 x 1 GPU(s), scoring 2 x 1, learner 2 x 1", "no warnings"):
         assert text in out, text
     assert main(["model=qwen3-8b", "data=dasd-10k", "gpus=4", "gpu_mem=24"]) == 0  # no data.path needed
     out = capsys.readouterr().out
@@ -233,3 +234,21 @@ def test_plan_cli_bad_input_exits_2(args, message, capsys):
 
 def test_gib_is_binary():
     assert GiB == 1024**3
+
+
+def test_learner_groups_in_the_plan():
+    """Two learners halve the learner's time; fsdp also divides its layers' memory by the group."""
+    p = planner()
+    one, two = p.seconds(4, 1, 2, learners=1), p.seconds(4, 1, 2, learners=2)
+    assert two["learner"] == pytest.approx(one["learner"] / 2, rel=0.01) and two["rollout"] == one["rollout"]
+    ddp, fsdp = planner("learner.strategy=ddp").learner(learners=2), planner("learner.strategy=fsdp").learner(learners=2)
+    w = {r.items[0].label: r.items[0].nbytes for r in (ddp, fsdp)}
+    assert w["weights"] == 8_190_735_360 * 2 and w["weights (fsdp)"] < 0.65 * w["weights"]
+    assert fsdp.items[1].nbytes == ddp.items[1].nbytes / 2  # LoRA + AdamW sharded too
+
+
+def test_step_estimate_follows_the_schedule():
+    t = {"rollout": 10.0, "scoring": 6.0, "learner": 4.0}
+    assert planner("train.schedule=phases").step_seconds(t) == 20.0
+    assert planner("rollout.max_staleness=1").step_seconds(t) == 10.0
+    assert planner().step_seconds(t) == pytest.approx(10.0 + 10.0 / 8)  # the last of 8 parts after the rollout

@@ -50,8 +50,9 @@ def test_recipe_fits_one_8_gpu_node_and_is_the_plans_split(model, data):
         check_fits(requests, {"CPU": 64.0, "GPU": 7.0})
     p = Planner(cfg, gpus=8, gpu_mem_gib=80)
     split = p.suggest()
-    assert (cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size, cfg.scoring.num_workers, cfg.learner.gpus) \
-        == (split.rollout_workers, split.tp, split.scoring_workers, split.learner_gpus)
+    assert (cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size, cfg.scoring.num_workers, cfg.learner.num_workers) \
+        == (split.rollout_workers, split.tp, split.scoring_workers, split.learners)
+    assert cfg.learner.gpus == 1
     ro = cfg.rollout
     roles = [p.rollout(ro.num_workers, ro.tensor_parallel_size, ro.gpu_memory_utilization),
              p.scoring(cfg.scoring.num_workers), p.learner()]
