@@ -68,8 +68,8 @@ def bench_overlap(args: argparse.Namespace) -> list[Record]:
     from opsd_ray.driver import Roles, adapter_config
     from opsd_ray.models import load_tokenizer
 
-    model, batch, new_tokens, n_steps = ("tiny", 4, 16, 3) if args.quick else ("smollm2-135m", 8, 32, 4)
-    reps = args.reps or (1 if args.quick else 2)
+    model, batch, new_tokens, n_steps = ("tiny", 4, 16, 3) if args.quick else ("smollm2-135m", 8, 24, 3)
+    reps = args.reps or 1  # pinned roles do not share cores: repetitions vary little (and take minutes)
     cores = role_cores()
     times: dict[tuple[str, str], list[float]] = {}
     utils: dict[tuple[str, str], dict[str, float]] = {}
@@ -89,7 +89,9 @@ def bench_overlap(args: argparse.Namespace) -> list[Record]:
 
             roles.start = ray.put(ray.get(roles.learner.checkpoint_files.remote()))
             conf = adapter_config(cfg)
-            schedule_steps(cfg, roles, examples, tok, conf, "phases")  # warm-up: first calls, caches
+            warm = copy.deepcopy(cfg)
+            warm.train.steps = 1
+            schedule_steps(warm, roles, examples, tok, conf, "phases")  # warm-up: first calls, caches
             for rep in range(reps):
                 for name in (list(SCHEDULES) if rep % 2 == 0 else list(SCHEDULES)[::-1]):
                     recs = schedule_steps(cfg, roles, examples, tok, conf, name)
@@ -105,7 +107,7 @@ def bench_overlap(args: argparse.Namespace) -> list[Record]:
         finally:
             roles.shutdown()
     setup = (f"{model}, {batch} GSM8K prompts x {new_tokens} new tokens, hf engine, 4 parts of 2 trajectories, "
-             f"{n_steps} steps per arm (the first not counted), {reps} interleaved reps, median; rollout pinned to "
+             f"{n_steps} steps per arm (the first not counted), {reps} interleaved rep(s), median; rollout pinned to "
              f"cores {cores['rollout']}, scoring and learner to {cores['scoring']}; lr 0; {parts}")
     med = {k: statistics.median(v) for k, v in times.items()}
     out = []
