@@ -372,6 +372,18 @@ def validate_train(cfg: DictConfig) -> None:
         f"({t.batch_size}) / learner.micro_batch_size ({le.micro_batch_size}) is "
         f"{t.batch_size // le.micro_batch_size}",
     )
+    parts = t.batch_size // le.micro_batch_size
+    _check(
+        le.strategy != "fsdp" or le.num_workers == 1 or parts % le.num_workers == 0,
+        f"learner.strategy=fsdp: every learner runs every micro-batch's collectives, so the step's "
+        f"{parts} micro-batches (train.batch_size / learner.micro_batch_size) must divide evenly among "
+        f"learner.num_workers={le.num_workers}",
+    )
+    _check(
+        le.num_workers == 1 or le.gpus == 0 or le.gpus >= 1,
+        f"learner.num_workers={le.num_workers} learners need a GPU each (learner.gpus=1; got {le.gpus}): "
+        "two ranks of one NCCL group cannot share a GPU",
+    )
     for role in ("rollout", "scoring", "learner"):
         for name, v in cfg[role].resources.items():
             _check(v >= 0, f"{role}.resources.{name} must be >= 0 (got {v})")

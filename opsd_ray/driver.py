@@ -27,7 +27,7 @@ from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.eval.markers import marker_record
 from opsd_ray.prompts import build_prompt_ids
 from opsd_ray.runfolder import RunFolder
-from opsd_ray.schedule import BusyLog, Rollout, launch_rollout, run_step
+from opsd_ray.schedule import BusyLog, Rollout, drain, launch_rollout, run_step
 from opsd_ray.scoring import VARIANTS
 
 
@@ -299,7 +299,11 @@ def steps(cfg, roles: Roles, sampler: PromptSampler, tok, first: int, version: i
         # one-step-off: the next rollout starts now, with the adapter the workers have (one behind)
         more = one_step_off and step < cfg.train.steps
         ahead = start_rollout(cfg, roles, sampler, tok, step + 1) if more else None
+        started = time.time()
         record = train_step(cfg, roles, rollout, tok, step, version)
+        if ahead is not None:
+            drain(ahead, roles.busy)  # what the next rollout finished during this step
+        record.update(utilization(roles, started, time.time()))
         t0 = time.perf_counter()
         synced = sync_adapter(roles, adapter_conf, dtype, wait=ahead is None)
         version = synced["version"]
@@ -413,13 +417,14 @@ def train_step(cfg, roles: Roles, rollout: Rollout, tok, step: int, version: int
         "time/scoring": result.scoring_done - result.rollout_done,
         "time/learning": result.learning_done - result.scoring_done,
         "time/step": result.learning_done - t0,
-        **{f"util/{role}": roles.busy.util(role, n, t0, result.learning_done) for role, n in role_counts(roles).items()},
         **marker_record(texts, lengths),
     }
 
 
-def role_counts(roles: Roles) -> dict[str, int]:
-    return {"rollout": len(roles.rollout), "scoring": len(roles.scoring), "learner": len(roles.learners)}
+def utilization(roles: Roles, t0: float, t1: float) -> dict[str, float]:
+    """util/<role>: the share of [t0, t1] the role's workers were busy, averaged over its workers."""
+    counts = {"rollout": len(roles.rollout), "scoring": len(roles.scoring), "learner": len(roles.learners)}
+    return {f"util/{role}": roles.busy.util(role, n, t0, t1) for role, n in counts.items()}
 
 
 def finish_record(record: dict, sync_seconds: float, sync_bytes: int) -> dict:

@@ -96,7 +96,10 @@ class Learner:
         use_cores(num_threads)
         torch.manual_seed(cfg.run.seed)  # LoRA init (rank 0's is broadcast when the group forms)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        base = load_model(cfg.model, device=default_device())
+        self.fsdp = cfg.learner.strategy == "fsdp" and world_size > 1
+        self.device = default_device()
+        # fsdp: the whole base stays in CPU memory until its layers are sharded onto the GPU
+        base = load_model(cfg.model, device="cpu" if self.fsdp else self.device)
         if cfg.learner.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
@@ -104,7 +107,6 @@ class Learner:
         self.lm_head = base.get_output_embeddings().weight  # frozen: shared by student and targets
         tok = load_tokenizer(cfg.model)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.fsdp = cfg.learner.strategy == "fsdp" and world_size > 1
         self._make_optimizer()
         self.version = 0  # adapter version = number of optimizer steps taken
         self.sums: dict[str, float] = {}  # the step being accumulated: metric x tokens
@@ -146,18 +148,25 @@ class Learner:
         layer only while it computes; gradients are reduce-scattered. The embeddings, the final norm
         and the lm_head stay whole on every learner: the fused loss applies the lm_head itself.
         """
+        from datetime import timedelta
+
         import torch.distributed as dist
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # a rank may wait in a collective while another one's micro-batches are still being scored
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
-                                world_size=self.world_size)
+                                world_size=self.world_size, timeout=timedelta(hours=2))
         if self.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (self.world_size,))
+            mesh = init_device_mesh(torch.device(self.device).type, (self.world_size,))
             for layer in self.model.get_base_model().get_decoder().layers:
-                fully_shard(layer, mesh=mesh)  # each rank keeps its shard of its own (identical) copy
+                # each rank keeps its shard of its own copy (identical: same seed, same LoRA init), on the
+                # mesh's device; reshard after forward: a layer is whole only while it computes
+                fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+            self.model.to(self.device)  # the embeddings, final norm and lm_head stay whole
+            self.lm_head = self.model.get_base_model().get_output_embeddings().weight
             self._make_optimizer()
         else:
             with torch.no_grad():
@@ -312,7 +321,7 @@ class Learner:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=self.fsdp)  # fsdp: gathered to rank 0
-        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        optimizer = _to_cpu(get_optimizer_state_dict(self.model, self.optimizer, options=options))
         files = self.adapter_files()
         if not files:
             return {}
@@ -327,7 +336,7 @@ class Learner:
         from safetensors.torch import load as load_safetensors
 
         saved = load_safetensors(files["adapter_model.safetensors"])
-        opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=False)
+        opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=False, map_location="cpu")
         names = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if set(saved) != {peft_name(n) for n in names}:
             raise ValueError(f"the checkpoint's adapter does not fit this model's LoRA (r, targets): "
@@ -342,7 +351,7 @@ class Learner:
                     }
         self.optimizer.param_groups[0]["lr"] = opt["optimizer"]["param_groups"][0]["lr"]
         self.scheduler.load_state_dict(opt["scheduler"])
-        set_rng_state(torch.load(io.BytesIO(files["rng.pt"]), weights_only=False))
+        set_rng_state(torch.load(io.BytesIO(files["rng.pt"]), weights_only=False, map_location="cpu"))
         self.version = int(json.loads(files["learner_state.json"])["adapter_version"])
         return self.version
 
@@ -379,6 +388,17 @@ def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
 def peft_name(name: str, adapter: str = "default") -> str:
     """A LoRA parameter's name in a saved peft adapter: the model's name without the adapter's."""
     return name.replace(f".{adapter}.", ".")
+
+
+def _to_cpu(obj):
+    """A state dict's tensors on the CPU (a checkpoint must load on any machine)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _torch_bytes(obj) -> bytes:

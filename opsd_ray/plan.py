@@ -417,7 +417,9 @@ class Planner:
         util = max(self.cfg.rollout.gpu_memory_utilization, 0.85)
         parts = self.batch // self.cfg.learner.micro_batch_size
         best = None
-        for learners in (n for n in (1, 2, 4, 8) if n <= parts and self.learner(learners=n).total <= self.mem):
+        fsdp = self.cfg.learner.strategy == "fsdp"
+        fits = [n for n in (1, 2, 4, 8) if n <= parts and not (fsdp and parts % n) and self.learner(learners=n).total <= self.mem]
+        for learners in fits:
             for workers in (w for w in range(1, self.gpus) if self.batch % w == 0):
                 tp = self.min_tp(workers, util)
                 if tp is None:

@@ -273,13 +273,20 @@ class VLLMEngine:
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=self.lora, use_tqdm=False
         )
         # enqueue returns vLLM's internal ids ("<external>-<8 random chars>"); outputs carry the external one
-        index = {key: i for i, rid in enumerate(ids) for key in (rid, rid.rsplit("-", 1)[0])}
+        internal = {rid.rsplit("-", 1)[0]: rid for rid in ids}
+        index = {rid.rsplit("-", 1)[0]: i for i, rid in enumerate(ids)}
+        unfinished = set(ids)
         engine = self.llm.llm_engine
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    done = out.outputs[0]
-                    yield index[out.request_id], list(done.token_ids), finish_reason(done.finish_reason)
+        try:
+            while unfinished and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in index:
+                        unfinished.discard(internal[out.request_id])
+                        done = out.outputs[0]
+                        yield index[out.request_id], list(done.token_ids), finish_reason(done.finish_reason)
+        finally:  # an error or an abandoned stream must not leave requests behind for the next call
+            if unfinished:
+                engine.abort_request(list(unfinished), internal=True)
 
     def sequence_logprobs(self, prompt, response):
         from vllm import SamplingParams

@@ -35,6 +35,11 @@ class Rollout:
     streams: list[tuple[int, int, object]]  # (worker index, offset of its share, ObjectRefGenerator)
     sampler_state: dict  # the sampler before this batch was drawn: a checkpoint of step - 1 stores it
     launched: float = field(default_factory=time.time)
+    pending: dict = field(default_factory=dict)  # the streams not yet exhausted -> (worker, offset)
+    arrived: list = field(default_factory=list)  # (index, Trajectory) read ahead, not yet used
+
+    def __post_init__(self):
+        self.pending = {gen: (k, offset) for k, offset, gen in self.streams}
 
 
 def launch_rollout(roles, prompts: list[PromptIds], requests: list, step: int, sampler_state: dict) -> Rollout:
@@ -97,36 +102,67 @@ class _Parts:
         self.scoring_stats.append((w, stats))
 
     def feed_learners(self) -> None:
-        """Hand each learner its next parts, in order, as far as they have been dispatched to scoring."""
-        for r, (learner, parts) in enumerate(zip(self.roles.learners, self.queue, strict=True)):
+        """Hand each learner its next parts, in order, as far as they have been dispatched to scoring.
+
+        fsdp: a micro-batch's forward and backward are collectives of the whole group, so round i (every
+        learner's i-th part) goes out only once all its parts are scored; a learner never waits inside
+        a collective for another's scoring."""
+        if self.roles.fsdp:
+            while all(self.queue) and all(q[0] in self.frozen for q in self.queue):
+                refs = [self.frozen[q[0]] for q in self.queue]
+                done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+                if len(done) < len(refs):
+                    return
+                for r in range(len(self.queue)):
+                    self._submit(r, self.queue[r].pop(0))
+            return
+        for r, parts in enumerate(self.queue):
             while parts and parts[0] in self.frozen:
-                k = parts.pop(0)
-                a, b = self.bounds[k]
-                items = [ScoringItem(self.rollout.prompts[i], self.trajectories[i].response_ids) for i in range(a, b)]
-                versions = [self.trajectories[i].adapter_version for i in range(a, b)]
-                call = learner.accumulate.remote(items, versions, self.diagnostics, self.frozen[k])
-                self.learner_calls.append((r, call))
+                self._submit(r, parts.pop(0))
+
+    def _submit(self, r: int, k: int) -> None:
+        a, b = self.bounds[k]
+        items = [ScoringItem(self.rollout.prompts[i], self.trajectories[i].response_ids) for i in range(a, b)]
+        versions = [self.trajectories[i].adapter_version for i in range(a, b)]
+        call = self.roles.learners[r].accumulate.remote(items, versions, self.diagnostics, self.frozen[k])
+        self.learner_calls.append((r, call))
+
+
+def _read(rollout: Rollout, busy, timeout: float | None) -> bool:
+    """Take one item from whichever stream has one (waiting up to `timeout`); False if none came."""
+    import ray
+
+    ready, _ = ray.wait(list(rollout.pending), num_returns=1, timeout=timeout)
+    if not ready:
+        return False
+    gen = ready[0]
+    k, offset = rollout.pending[gen]
+    try:
+        item = ray.get(next(gen))
+    except StopIteration:
+        del rollout.pending[gen]
+        return True
+    if isinstance(item, RolloutDone):
+        busy.stop("rollout", k, item.start, item.end)
+    else:
+        rollout.arrived.append((offset + item[0], item[1]))
+    return True
+
+
+def drain(rollout: Rollout, busy) -> None:
+    """Take in what a running rollout has finished so far, without waiting (one-step-off: then its
+    workers' busy time is known when the current step's util/rollout is computed)."""
+    while rollout.pending and _read(rollout, busy, timeout=0):
+        pass
 
 
 def next_items(rollout: Rollout, busy):
     """(global index, Trajectory) from every worker's stream, as they finish."""
-    import ray
-
-    pending = {gen: (k, offset) for k, offset, gen in rollout.streams}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        gen = ready[0]
-        k, offset = pending[gen]
-        try:
-            item = ray.get(next(gen))
-        except StopIteration:
-            del pending[gen]
-            continue
-        if isinstance(item, RolloutDone):
-            busy.stop("rollout", k, item.start, item.end)
-            continue
-        index, trajectory = item
-        yield offset + index, trajectory
+    while rollout.pending or rollout.arrived:
+        if rollout.arrived:
+            yield rollout.arrived.pop(0)
+        else:
+            _read(rollout, busy, timeout=None)
 
 
 def run_step(cfg, roles, rollout: Rollout, variants: tuple[str, ...], diagnostics: bool) -> StepResult:
@@ -147,8 +183,7 @@ def run_step(cfg, roles, rollout: Rollout, variants: tuple[str, ...], diagnostic
     refs = list(parts.frozen.values())
     ray.wait(refs, num_returns=len(refs), fetch_local=False)  # scoring done; the data stays where it is
     scoring_done = time.time()
-    if not streaming:
-        parts.feed_learners()
+    parts.feed_learners()  # phases: every part; streaming: what is left (fsdp rounds not yet complete)
     for w, stats in parts.scoring_stats:
         interval = ray.get(stats)
         roles.busy.stop("scoring", w, interval["start"], interval["end"])

@@ -398,3 +398,15 @@ def test_slurm_script_gives_every_srun_step_its_cpus(tmp_path):
     missing = subprocess.run(["bash", str(CLUSTER / "slurm.sbatch")], env={**env, "VENV": str(tmp_path / "none")},
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "make install-gpu" in missing.stderr
+
+
+def test_custom_resources_go_into_bundles_and_the_fit_check():
+    from opsd_ray.cluster import role_bundle
+
+    cfg = load_train_config(["model=tiny", "learner.resources.big_gpu=1", "learner.num_workers=2",
+                             "train.batch_size=4", "learner.micro_batch_size=2"])
+    learner = next(r for r in role_requests(cfg) if r.role == "learner")
+    assert learner.count == 2 and role_bundle(learner)["big_gpu"] == 1
+    check_fits(role_requests(cfg), {"CPU": 8.0, "big_gpu": 2.0})
+    with pytest.raises(ConfigError, match="need 2 of the custom resource 'big_gpu'.*has 1"):
+        check_fits(role_requests(cfg), {"CPU": 8.0, "big_gpu": 1.0})

@@ -77,3 +77,25 @@ def test_every_preset_composes():
         if data == "dasd-10k":
             continue
         assert load_train_config([f"data={data}"]).data.name == data
+
+
+def test_learner_group_settings_are_validated():
+    with pytest.raises(ConfigError, match="divide evenly among learner.num_workers=3"):
+        load_train_config(["model=tiny", "train.batch_size=8", "learner.micro_batch_size=2", "learner.num_workers=3",
+                           "learner.strategy=fsdp"])
+    load_train_config(["model=tiny", "train.batch_size=8", "learner.micro_batch_size=2", "learner.num_workers=3"])  # ddp
+    with pytest.raises(ConfigError, match="need a GPU each"):
+        load_train_config(["model=tiny", "learner.num_workers=2", "learner.gpus=0.5", "train.batch_size=4",
+                           "learner.micro_batch_size=2"])
+    with pytest.raises(ConfigError, match="at least one micro-batch each"):
+        load_train_config(["model=tiny", "train.batch_size=4", "learner.micro_batch_size=4", "learner.num_workers=2"])
+    with pytest.raises(ConfigError, match="max_staleness must be 0"):
+        load_train_config(["model=tiny", "rollout.max_staleness=2"])
+    with pytest.raises(ConfigError, match="learner.strategy"):
+        load_train_config(["model=tiny", "learner.strategy=zero3"])
+    with pytest.raises(ConfigError, match="train.schedule"):
+        load_train_config(["model=tiny", "train.schedule=async"])
+    cfg = load_train_config(["model=tiny", "learner.resources.big_gpu=1"])
+    assert cfg.learner.resources == {"big_gpu": 1.0}
+    with pytest.raises(ConfigError, match="learner.resources.big_gpu must be >= 0"):
+        load_train_config(["model=tiny", "learner.resources.big_gpu=-1"])
