@@ -115,3 +115,16 @@ def test_pooled_rollout_ratio_takes_one_rollout_time_for_both_arms():
     a = [{"time/rollout": 10.0, "time/scoring": 3.0, "time/learning": 2.0, "time/sync": 0.0}]
     b = [{"time/rollout": 14.0, "time/scoring": 1.0, "time/learning": 2.0, "time/sync": 0.0}]
     assert bs.pooled_rollout_ratio(a, b) == pytest.approx((12 + 5) / (12 + 3))
+
+
+def test_overlap_bench_pins_roles_and_skips_the_first_step(monkeypatch):
+    import os
+
+    from opsd_ray import bench_overlap as bo
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert bo.role_cores() == {"rollout": [0, 1], "scoring": [2, 3], "learner": [2, 3]}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
+    assert bo.role_cores() == {"rollout": [5], "scoring": [5], "learner": [5]}  # one core: shared
+    assert bo.steady_step_time([{"time/step": 9.0}, {"time/step": 2.0}, {"time/step": 4.0}]) == 3.0
+    assert set(bo.SCHEDULES) == {"phases", "streaming", "one_step_off"} and bo.SCHEDULES["one_step_off"][1] == 1
