@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from opsd_ray.config import ConfigError, known_presets, load_train_config, parse_overrides
+from opsd_ray.config import ConfigError, RunStopped, known_presets, load_train_config, parse_overrides
 
 
 def _train(args: list[str], show_config: bool) -> int:
@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"opsd-ray {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"opsd-ray {ns.command}: stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the CLI prints it and exits with code 2."""
 
 
+class RunStopped(RuntimeError):
+    """A run stopped on purpose (repeated failures, bad numbers): the CLI prints why, what to check
+    and where to resume from, and exits with code 1."""
+
+
 def recipes_dir() -> Path:
     return Path(os.environ.get("OPSD_RAY_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
 
@@ -171,6 +176,12 @@ class RayConfig:
 
 
 @dataclass
+class FaultConfig:
+    max_restarts: int = 3  # per role: worker replacements (rollout, scoring) or learner-group restarts
+    max_skipped_steps: int = 3  # consecutive steps with a non-finite loss or gradient norm before stopping
+
+
+@dataclass
 class RunConfig:
     name: str | None = None  # None: <model>-<data>-<mode>-<timestamp>
     output_dir: str = "runs"
@@ -191,6 +202,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 CHOICES = {
@@ -409,6 +421,8 @@ def validate_train(cfg: DictConfig) -> None:
     )
     _check(t.diagnostics_every >= 0, f"train.diagnostics_every must be >= 0 (got {t.diagnostics_every})")
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (got {cfg.checkpoint.every})")
+    _check(cfg.fault.max_restarts >= 0, f"fault.max_restarts must be >= 0 (got {cfg.fault.max_restarts})")
+    _check(cfg.fault.max_skipped_steps >= 1, f"fault.max_skipped_steps must be >= 1 (got {cfg.fault.max_skipped_steps})")
     _check(cfg.eval.every >= 0, f"eval.every must be >= 0 (got {cfg.eval.every})")
     _check(cfg.eval.n_samples >= 1, f"eval.n_samples must be >= 1 (got {cfg.eval.n_samples})")
     _check(cfg.eval.limit is None or cfg.eval.limit >= 1, f"eval.limit must be >= 1 or null (got {cfg.eval.limit})")

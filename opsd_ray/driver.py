@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from opsd_ray.cluster import check_fits, init_ray, placed, role_placement_group, role_requests
+from opsd_ray.config import RunStopped
 from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.eval.markers import marker_record
 from opsd_ray.prompts import build_prompt_ids
@@ -264,8 +265,10 @@ def train(cfg) -> Path | str:
         if cfg.eval.every and start == 0:  # the base model's score, the curves' first point
             log.log({"step": 0, **evaluate(cfg, roles, run, 0)})
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
+        skips = SkipCounter(cfg.fault.max_skipped_steps)
         for record, ahead in steps(cfg, roles, sampler, tok, start + 1, version, adapter_conf, dtype):
             step = record["step"]
+            record["skipped_steps"] = skips.add(step, record["skipped"])
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 record.update(evaluate(cfg, roles, run, step))
             log.log(record)
@@ -273,6 +276,7 @@ def train(cfg) -> Path | str:
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
                 save_checkpoint(cfg, roles, run, step, ahead.sampler_state if ahead else sampler.state_dict())
+            skips.check(run)
         bar.close()
         final = run.write_files("final", ray.get(roles.on_learners("adapter_files")))
     finally:
@@ -309,6 +313,36 @@ def steps(cfg, roles: Roles, sampler: PromptSampler, tok, first: int, version: i
         version = synced["version"]
         record.update(finish_record(record, time.perf_counter() - t0, synced["bytes"]))
         yield record, ahead
+
+
+class SkipCounter:
+    """Steps whose update was skipped for a non-finite loss or gradient norm; too many in a row stop the run."""
+
+    def __init__(self, limit: int):
+        self.limit, self.total, self.streak = limit, 0, []
+
+    def add(self, step: int, skipped: int) -> int:
+        if skipped:
+            self.total += 1
+            self.streak.append(step)
+            print(f"step {step}: non-finite loss or gradient norm, update skipped (the adapter is unchanged)",
+                  flush=True)
+        else:
+            self.streak = []
+        return self.total
+
+    def check(self, run: RunFolder) -> None:
+        if len(self.streak) < self.limit:
+            return
+        last = latest_checkpoint(run)
+        raise RunStopped(
+            f"{len(self.streak)} steps in a row ({', '.join(map(str, self.streak))}) had a non-finite loss or "
+            f"gradient norm (fault.max_skipped_steps={self.limit}); their updates were skipped. Likely causes: "
+            "NaN or Inf in the model weights (a corrupted model.path or checkpoint), float16 overflow (use "
+            "bfloat16), a very small objective.temperature, or a learner.lr high enough to diverge. "
+            + (f"The last checkpoint is {run.uri(last)} (checkpoint.resume=auto continues from it)." if last
+               else "No checkpoint was written.")
+        )
 
 
 def resume(cfg, roles: Roles, run: RunFolder, sampler: PromptSampler) -> int:

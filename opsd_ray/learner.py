@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import tempfile
 import time
@@ -222,7 +223,7 @@ class Learner:
         Returns the step's metrics (identical on every rank) and when this learner was busy with it."""
         start = time.time()
         metrics = self.reduce(num_tokens)
-        metrics.update(self.optimizer_step())
+        metrics.update(self.optimizer_step(metrics["loss"]))
         return {**metrics, "start": start, "end": time.time()}
 
     def train_step(
@@ -231,7 +232,7 @@ class Learner:
         """A whole step in one call (in-process use): the parts' rows in order, in micro-batches."""
         check_staleness(versions, self.version, self.cfg.rollout.max_staleness)
         metrics = self.backward(items, merge(list(frozen_parts)), diagnostics)
-        metrics.update(self.optimizer_step())
+        metrics.update(self.optimizer_step(metrics["loss"]))
         return metrics
 
     def backward(
@@ -297,19 +298,24 @@ class Learner:
         out["wire_bytes_per_token"] = out.pop("wire_bytes", 0.0)
         return {**out, "num_tokens": num_tokens}
 
-    def optimizer_step(self) -> dict[str, float]:
+    def optimizer_step(self, loss: float = 0.0) -> dict[str, float]:
+        """Clip and step; a non-finite loss or gradient norm skips the update instead (the adapter, the
+        optimizer and the schedule stay as they were; every rank sees the same reduced numbers)."""
         clip = self.cfg.learner.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # fsdp: a DTensor
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        skipped = not (math.isfinite(loss) and math.isfinite(float(grad_norm)))
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.version += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.version += 1
         return {
             "grad_norm": float(grad_norm),
             "lr": self.scheduler.get_last_lr()[0],
             "adapter_version": self.version,
+            "skipped": int(skipped),
         }
 
     # ------------------------------------------------------------------ checkpoints (as files)

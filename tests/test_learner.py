@@ -1,5 +1,7 @@
 """The learner and scoring in-process on the tiny model: normalisation, wire formats, staleness."""
 
+import math
+
 import pytest
 import torch
 
@@ -140,3 +142,23 @@ def test_checkpoint_round_trip(batch, tmp_path):
     assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
     for (k, va), vb in zip(a.adapter_state()[1].items(), b.adapter_state()[1].values()):
         torch.testing.assert_close(va, vb, msg=k)
+
+
+def test_a_nan_in_a_frozen_variant_skips_the_update_and_leaves_the_adapter(batch):
+    import copy
+
+    items, base = batch
+    frozen = score(base, items)
+    poisoned = copy.deepcopy(frozen)
+    poisoned.tensors["teacher"][3, 5] = float("nan")  # one value of one frozen row
+    learner = Learner(make_cfg())
+    _, before = learner.adapter_state()
+    metrics = learner.train_step(items, [0] * 4, False, poisoned)
+    assert metrics["skipped"] == 1 and not math.isfinite(metrics["loss"]) and learner.version == 0
+    _, after = learner.adapter_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # unchanged
+    assert all(p.grad is None for p in learner.params) and not learner.optimizer.state  # nothing carried over
+    good = learner.train_step(items, [0] * 4, False, frozen)  # the next good step is a normal first step
+    fresh = Learner(make_cfg()).train_step(items, [0] * 4, False, frozen)
+    assert good["skipped"] == 0 and learner.version == 1
+    assert good["loss"] == fresh["loss"] and good["grad_norm"] == fresh["grad_norm"]
