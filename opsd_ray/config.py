@@ -235,7 +235,20 @@ def load_preset(kind: str, name: str) -> DictConfig:
             + (f" (did you mean '{hint[0]}'?)" if hint else "")
             + f"; known {kind} presets: {', '.join(known)}"
         )
-    return OmegaConf.load(path)
+    return load_recipe(path)
+
+
+def load_recipe(path: Path) -> DictConfig:
+    """A recipe file as a config layer; a file that is not a YAML mapping is a ConfigError."""
+    rel = f"recipes/{path.parent.name}/{path.name}"
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as e:  # yaml's parser errors, OmegaConf's own
+        detail = " ".join(str(e).split())[:200]
+        raise ConfigError(f"{rel} is not valid YAML: {detail}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{rel} must be a mapping of sections (model:, data:, ...), not a {type(layer).__name__}")
+    return layer
 
 
 # ----------------------------------------------------------------------------- composing
@@ -299,7 +312,7 @@ def compose(schema_cls: type, presets: dict[str, str], overrides: dict[str, str]
         layers.append((f"recipes/{kind}/{name}.yaml", load_preset(kind, name)))
     experiment = recipes_dir() / "experiment" / ("__".join(presets.values()) + ".yaml")
     if presets and experiment.is_file():
-        layers.append((f"recipes/experiment/{experiment.name}", OmegaConf.load(experiment)))
+        layers.append((f"recipes/experiment/{experiment.name}", load_recipe(experiment)))
     dotlist = [f"{k}={v}" for k, v in overrides.items()]
     check_known_keys(schema, {k: None for k in overrides}, "the command line")
     layers.append(("the command line", OmegaConf.from_dotlist(dotlist)))
@@ -359,6 +372,13 @@ def validate_train(cfg: DictConfig) -> None:
         ("scoring.micro_batch_size", sc.micro_batch_size),
     ):
         _check(mb >= 1, f"{name} must be >= 1 (got {mb})")
+    for name, n in (
+        ("rollout.num_workers", ro.num_workers),
+        ("scoring.num_workers", sc.num_workers),
+        ("learner.num_workers", le.num_workers),
+        ("rollout.tensor_parallel_size", ro.tensor_parallel_size),
+    ):
+        _check(n >= 1, f"{name} must be >= 1 (got {n})")
     _check(
         t.batch_size % le.micro_batch_size == 0,
         f"train.batch_size ({t.batch_size}) must be divisible by learner.micro_batch_size ({le.micro_batch_size})",
@@ -371,13 +391,6 @@ def validate_train(cfg: DictConfig) -> None:
         t.batch_size >= sc.num_workers,
         f"scoring.num_workers ({sc.num_workers}) must be <= train.batch_size ({t.batch_size})",
     )
-    for name, n in (
-        ("rollout.num_workers", ro.num_workers),
-        ("scoring.num_workers", sc.num_workers),
-        ("learner.num_workers", le.num_workers),
-        ("rollout.tensor_parallel_size", ro.tensor_parallel_size),
-    ):
-        _check(n >= 1, f"{name} must be >= 1 (got {n})")
     _check(
         t.batch_size // le.micro_batch_size >= le.num_workers,
         f"learner.num_workers ({le.num_workers}) learners need at least one micro-batch each: train.batch_size "
@@ -468,6 +481,29 @@ def check_paths(cfg: DictConfig) -> None:
         )
         if looks_local and not Path(value).expanduser().exists():
             raise ConfigError(f"{key}: no such file or folder: {value}")
+    check_model_folders(cfg.model)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "*.safetensors.index.json")
+
+
+def check_model_folders(model) -> None:
+    """A local model folder must hold a model (config.json and weights) and, unless model.tokenizer
+    points elsewhere, a tokenizer. Hub ids are checked when they load."""
+    path = Path(str(model.path)).expanduser()
+    if not str(model.path).startswith("builtin:") and path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path={model.path}: no config.json: not a model folder (a Hugging Face "
+                              "checkpoint folder, a Hub id, or builtin:tiny / builtin:smollm2-135m)")
+        if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+            raise ConfigError(f"model.path={model.path}: no weights (*.safetensors or *.bin) in the folder")
+        if not model.tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(f"model.path={model.path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                              "copy them there or set model.tokenizer=<folder or Hub id>")
+    tok = Path(str(model.tokenizer)).expanduser() if model.tokenizer else None
+    if tok is not None and tok.is_dir() and not any((tok / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"model.tokenizer={model.tokenizer}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
 
 def load_train_config(args: list[str]) -> DictConfig:

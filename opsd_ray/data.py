@@ -82,32 +82,46 @@ def detect_format(path: str) -> str:
     raise ConfigError(f"data.path: no such file or folder: {path}")
 
 
-def read_rows(path: str, fmt: str = "auto", split: str = "train") -> tuple[list[Any], int]:
-    """All rows of a source as Python objects, plus the number of lines that were not valid JSON."""
+def read_rows(path: str, fmt: str = "auto", split: str = "train") -> tuple[list[Any], dict[str, int]]:
+    """All rows of a source as Python objects, plus the lines that could not be read, by reason."""
     path = resolve_path(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
+    local = Path(path).expanduser()
+    if fmt in ("jsonl", "parquet") and local.is_dir():
+        raise ConfigError(f"data.path={path} is a folder but data.format={fmt} reads a file; pass the file, or "
+                          "data.format=hf_disk for a dataset saved with save_to_disk")
     if fmt == "jsonl":
-        return _read_jsonl(Path(path).expanduser())
+        return _read_jsonl(local)
     if fmt == "parquet":
-        return pq.read_table(Path(path).expanduser()).to_pylist(), 0
+        try:
+            return pq.read_table(local).to_pylist(), {}
+        except (pa.ArrowException, OSError) as e:
+            raise ConfigError(f"data.path={path}: not a readable parquet file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160]})") from None
     if fmt == "hf_disk":
-        return _read_hf_disk(Path(path).expanduser(), split), 0
+        return _read_hf_disk(local, split), {}
     if fmt == "hub":
-        return _read_hub(path, split), 0
+        return _read_hub(path, split), {}
     raise ConfigError(f"data.format={fmt!r} is not one of: auto, jsonl, parquet, hf_disk, hub")
 
 
-def _read_jsonl(path: Path) -> tuple[list[Any], int]:
-    rows, bad = [], 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
+def _read_jsonl(path: Path) -> tuple[list[Any], dict[str, int]]:
+    """One JSON value per line; lines that are not UTF-8 or not JSON are counted, not fatal."""
+    rows, bad = [], Counter()
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad["not_utf8"] += 1
+                continue
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                bad += 1
-    return rows, bad
+                bad["invalid_json"] += 1
+    return rows, dict(bad)
 
 
 def _read_hf_disk(path: Path, split: str) -> list[Any]:
@@ -122,8 +136,12 @@ def _read_hf_disk(path: Path, split: str) -> list[Any]:
         raise ConfigError(f"{path}: not a saved Hugging Face dataset (no .arrow files)")
     tables = []
     for f in files:
-        with pa.memory_map(str(f)) as source:
-            tables.append(pa.ipc.open_stream(source).read_all())
+        try:
+            with pa.memory_map(str(f)) as source:
+                tables.append(pa.ipc.open_stream(source).read_all())
+        except (pa.ArrowException, OSError) as e:
+            raise ConfigError(f"{f}: not a readable saved dataset ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160]})") from None
     return pa.concat_tables(tables).to_pylist()
 
 
@@ -221,15 +239,16 @@ def validate_rows(
 
 def load_examples(data_cfg: Any, count_tokens=None, seed: int = 0) -> tuple[list[Example], DataReport]:
     """Read, validate and shuffle (deterministic per seed); zero valid rows is an error."""
-    rows, bad_json = read_rows(data_cfg.path, data_cfg.format, data_cfg.split)
+    rows, unreadable = read_rows(data_cfg.path, data_cfg.format, data_cfg.split)
     examples, report = validate_rows(rows, data_cfg, count_tokens, source=str(data_cfg.path))
-    if bad_json:
-        report.rows_read += bad_json
-        report.skipped["invalid_json"] = bad_json
+    report.rows_read += sum(unreadable.values())
+    report.skipped.update(unreadable)
     if not examples:
+        columns = sorted({k for r in rows[:100] if isinstance(r, dict) for k in r})
         raise ConfigError(
             f"no valid rows in {data_cfg.path} ({report.summary()}); check data.question_key="
             f"{data_cfg.question_key} and data.reference_key={data_cfg.reference_key}"
+            + (f" (the rows have columns: {', '.join(columns)})" if columns else "")
         )
     random.Random(seed).shuffle(examples)
     if data_cfg.limit is not None:

@@ -143,8 +143,9 @@ def render(rows: list[Row]) -> str:
 
 def main(args: list[str]) -> int:
     if args:
-        print(f"opsd-ray doctor takes no arguments (got {' '.join(args)})")
-        return 2
+        from opsd_ray.config import ConfigError
+
+        raise ConfigError(f"doctor takes no arguments (got {' '.join(args)})")
     rows = diagnose()
     print(render(rows))
     failed = [r.name for r in rows if r.status == "FAIL"]

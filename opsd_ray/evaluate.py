@@ -32,7 +32,7 @@ from opsd_ray.config import (
     load_preset,
     parse_overrides,
 )
-from opsd_ray.eval.benchmarks import BENCHMARKS, Problem, check_benchmarks, load_benchmark
+from opsd_ray.eval.benchmarks import Problem, check_benchmarks, grades_numbers, load_benchmark
 from opsd_ray.eval.grading import grade, normalize
 from opsd_ray.eval.markers import count_markers, marker_rates
 from opsd_ray.eval.metrics import avg_at_k, maj_at_k, mean_pass_at_k
@@ -56,7 +56,7 @@ def grade_sample(
     benchmark: str, problem: Problem, sample: int, seed: int, text: str, num_tokens: int, finish_reason: str
 ) -> dict:
     """One line of generations.jsonl."""
-    g = grade(text, problem.answer, last_number=BENCHMARKS[benchmark].numeric)
+    g = grade(text, problem.answer, last_number=grades_numbers(benchmark))
     return {
         "benchmark": benchmark,
         "problem_id": problem.id,
@@ -225,13 +225,14 @@ def eval_log_record(summary: dict, prefix: str = "eval") -> dict[str, float]:
     """The flat metrics a training step logs for one evaluation (keys listed in the README)."""
     out: dict[str, float] = {}
     for bench, s in summary["benchmarks"].items():
+        label = Path(bench).stem if bench.endswith(".jsonl") else bench  # a benchmark file: its name
         for key, value in s.items():
             if key.startswith(("avg@", "pass@", "maj@")) or key in (
                 "response_length",
                 "truncation_rate",
                 "no_answer_rate",
             ):
-                out[f"{prefix}/{bench}/{key}"] = value
+                out[f"{prefix}/{label}/{key}"] = value
     out[f"{prefix}/mean/avg"] = summary["mean"]["avg"]
     for unit, values in summary["markers"].items():
         for marker, value in values.items():

@@ -147,10 +147,17 @@ def load_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
     tok_path = getattr(model_cfg, "tokenizer", None) or _path_of(model_cfg)
-    return AutoTokenizer.from_pretrained(
-        resolve_model_path(str(tok_path)),
-        trust_remote_code=bool(getattr(model_cfg, "trust_remote_code", False)),
-    )
+    try:
+        return AutoTokenizer.from_pretrained(
+            resolve_model_path(str(tok_path)),
+            trust_remote_code=bool(getattr(model_cfg, "trust_remote_code", False)),
+        )
+    except (OSError, ValueError) as e:  # no such repo or folder, offline, no tokenizer files in it
+        from opsd_ray.config import ConfigError
+
+        key = "model.tokenizer" if getattr(model_cfg, "tokenizer", None) else "model.path"
+        detail = " ".join(str(e).split())[:240]
+        raise ConfigError(f"{key}={tok_path}: cannot load a tokenizer from it ({type(e).__name__}: {detail})") from None
 
 
 def default_device() -> str:
