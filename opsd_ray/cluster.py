@@ -103,11 +103,13 @@ def init_ray(cfg) -> None:
     )
 
 
-def placed(actor_cls, request: RoleRequest, index: int, pg):
-    """Actor options for bundle `index` of the role's placement group."""
+def placed(actor_cls, request: RoleRequest, index: int, pg, max_restarts: int = 0):
+    """Actor options for bundle `index` of the role's placement group. With max_restarts, Ray restarts
+    a lost actor in the same bundle (its calls in flight fail; the driver redoes them)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    opts = {"num_cpus": request.cpus, "num_gpus": request.gpus, "resources": dict(request.resources)}
+    opts = {"num_cpus": request.cpus, "num_gpus": request.gpus, "resources": dict(request.resources),
+            "max_restarts": max_restarts}
     if pg is not None:
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
     return actor_cls.options(**opts)

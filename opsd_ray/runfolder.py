@@ -10,7 +10,10 @@ in place with the completion marker (trainer_state.json) last.
 
 from __future__ import annotations
 
+import json
+import os
 import posixpath
+import time
 import uuid
 from pathlib import Path
 
@@ -118,3 +121,88 @@ class RunFolder:
     def read_files(self, rel: str) -> dict[str, bytes]:
         return {name: self.read_bytes(posixpath.join(rel, name)) for name in self.listdir(rel)
                 if not name.startswith(".")}
+
+
+class DriverLock:
+    """One driver per run: `driver.lock` in the run folder names the driver training it, with a heartbeat
+    a thread refreshes every `beat_s`. A resubmitted job (a KubeRay retry, `make submit` again) with the
+    same run.name takes the run over once the old driver is gone: at once when its process has exited on
+    this host, else when its heartbeat is `stale_s` old (it may have run on a node that is gone). While
+    the old driver lives, the new one is refused."""
+
+    NAME = "driver.lock"
+
+    def __init__(self, run: RunFolder, stale_s: float = 90.0, beat_s: float = 15.0):
+        import socket
+
+        self.run, self.stale_s, self.beat_s = run, stale_s, beat_s
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self._stop = None
+
+    def holder(self) -> dict | None:
+        """The live driver holding the run, if any (not this process)."""
+        if not self.run.exists(self.NAME):
+            return None
+        try:
+            info = json.loads(self.run.read_text(self.NAME))
+        except (ValueError, OSError):
+            return None  # a half-written lock: its writer did not get far
+        if {k: info.get(k) for k in self.me} == self.me:
+            return None
+        if info.get("host") == self.me["host"] and not _alive(int(info.get("pid", -1))):
+            return None
+        if time.time() - float(info.get("heartbeat", 0)) > self.stale_s:
+            return None
+        return info
+
+    def acquire(self) -> None:
+        """Take the run; waits up to stale_s for a driver on another host to stop beating (a retried
+        job starts while the lost driver's last heartbeat is still fresh), then refuses."""
+        from opsd_ray.config import ConfigError
+
+        other, told = self.holder(), False
+        deadline = time.time() + self.stale_s + self.beat_s
+        while other is not None and other.get("host") != self.me["host"] and time.time() < deadline:
+            if not told:
+                print(f"run {self.run}: waiting for the driver on {other['host']} (pid {other['pid']}) to stop; "
+                      f"its heartbeat counts as stale after {self.stale_s:.0f} s", flush=True)
+                told = True
+            time.sleep(min(5.0, self.beat_s))
+            other = self.holder()
+        if other is not None:
+            age = time.time() - float(other["heartbeat"])
+            raise ConfigError(
+                f"run {self.run} is being trained by another driver ({other['host']} pid {other['pid']}, heartbeat "
+                f"{age:.0f} s ago): stop it first, or pick another run.name"
+            )
+        self._beat()
+        import threading
+
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, daemon=True, name="driver-lock-heartbeat").start()
+
+    def _beat(self) -> None:
+        self.run.write_text(self.NAME, json.dumps({**self.me, "heartbeat": time.time()}))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.beat_s):
+            try:
+                self._beat()
+            except OSError:  # a storage hiccup: the next beat tries again
+                pass
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        if self.run.exists(self.NAME) and self.holder() is None:
+            self.run.fs.delete_file(self.run.path(self.NAME))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from opsd_ray.faults import LearnersLost, is_actor_loss
 from opsd_ray.prompts import PromptIds
 from opsd_ray.rollout import RolloutDone, Trajectory
 from opsd_ray.scoring import ScoringItem, split_evenly
@@ -32,25 +33,30 @@ class Rollout:
     step: int
     prompts: list[PromptIds]
     requests: list[tuple[int, list[int], int]]  # (example id, student prompt ids, seed)
-    streams: list[tuple[int, int, object]]  # (worker index, offset of its share, ObjectRefGenerator)
+    version: int  # the adapter version the workers generate it with
     sampler_state: dict  # the sampler before this batch was drawn: a checkpoint of step - 1 stores it
     launched: float = field(default_factory=time.time)
-    pending: dict = field(default_factory=dict)  # the streams not yet exhausted -> (worker, offset)
-    arrived: list = field(default_factory=list)  # (index, Trajectory) read ahead, not yet used
-
-    def __post_init__(self):
-        self.pending = {gen: (k, offset) for k, offset, gen in self.streams}
+    pending: dict = field(default_factory=dict)  # stream -> (worker, the request indices it generates)
+    arrived: list = field(default_factory=list)  # (index, Trajectory) read, not yet used
+    received: set = field(default_factory=set)  # request indices whose trajectory has come back
 
 
 def launch_rollout(roles, prompts: list[PromptIds], requests: list, step: int, sampler_state: dict) -> Rollout:
     """Each rollout worker starts generating its contiguous share of the requests (a stream)."""
-    streams, offset = [], 0
-    for k, (worker, share) in enumerate(zip(roles.rollout, split_evenly(requests, len(roles.rollout)), strict=True)):
-        if share:
-            streams.append((k, offset, worker.generate_stream.options(num_returns="streaming").remote(share)))
-            roles.busy.start("rollout", k)
-        offset += len(share)
-    return Rollout(step, prompts, requests, streams, sampler_state)
+    rollout = Rollout(step, prompts, requests, roles.version, sampler_state)
+    shares = split_evenly(list(range(len(requests))), len(roles.rollout))
+    for k, indices in enumerate(shares):
+        if indices:
+            _stream(roles, rollout, k, indices)
+    return rollout
+
+
+def _stream(roles, rollout: Rollout, k: int, indices: list[int]) -> None:
+    gen = roles.rollout[k].generate_stream.options(num_returns="streaming").remote(
+        [rollout.requests[i] for i in indices]
+    )
+    rollout.pending[gen] = (k, indices)
+    roles.busy.start("rollout", k)
 
 
 def part_bounds(n: int, size: int) -> list[tuple[int, int]]:
@@ -80,8 +86,8 @@ class _Parts:
         self.trajectories: list[Trajectory | None] = [None] * len(rollout.requests)
         owners = split_evenly(list(range(len(self.bounds))), len(roles.learners))
         self.queue = [list(parts) for parts in owners]  # each learner's parts, in order
-        self.frozen: dict[int, object] = {}  # part -> FrozenBatch ref
-        self.scoring_stats: list[tuple[int, object]] = []  # (scoring worker, ref of its busy interval)
+        self.frozen: dict[int, object] = {}  # part -> FrozenBatch ref, once scored without error
+        self.scoring: dict = {}  # busy-interval ref -> (part, scoring worker, FrozenBatch ref): in flight
         self.learner_calls: list[tuple[int, object]] = []  # (learner rank, ref of accumulate's result)
         self.dispatched = 0
 
@@ -92,27 +98,41 @@ class _Parts:
         self.missing[k] -= 1
         return k if self.missing[k] == 0 else None
 
-    def score(self, k: int) -> None:
-        """Part k to the next scoring worker (round robin in dispatch order)."""
+    def score(self, k: int, w: int | None = None) -> None:
+        """Part k to the next scoring worker (round robin in dispatch order), or to worker `w`."""
+        if w is None:
+            w = self.dispatched % len(self.roles.scoring)
+            self.dispatched += 1
         a, b = self.bounds[k]
         items = [ScoringItem(self.rollout.prompts[i], self.trajectories[i].response_ids) for i in range(a, b)]
-        w = self.dispatched % len(self.roles.scoring)
-        self.dispatched += 1
-        stats, self.frozen[k] = self.roles.scoring[w].score_part.options(num_returns=2).remote(items, self.variants)
-        self.scoring_stats.append((w, stats))
+        stats, frozen = self.roles.scoring[w].score_part.options(num_returns=2).remote(items, self.variants)
+        self.scoring[stats] = (k, w, frozen)
+        self.roles.busy.start("scoring", w)
+
+    def scored(self, stats) -> bool:
+        """A scoring call finished: True if it succeeded; a lost worker is restarted and the part redone."""
+        k, w, frozen = self.scoring.pop(stats)
+        try:
+            interval = self.ray.get(stats)
+        except Exception as e:
+            if not is_actor_loss(e):
+                raise
+            self.roles.busy.abandon("scoring", w)
+            self.roles.replace("scoring", w, e)
+            self.score(k, w)
+            return False
+        self.roles.busy.stop("scoring", w, interval["start"], interval["end"])
+        self.frozen[k] = frozen
+        return True
 
     def feed_learners(self) -> None:
-        """Hand each learner its next parts, in order, as far as they have been dispatched to scoring.
+        """Hand each learner its next parts, in order, as far as they are scored.
 
         fsdp: a micro-batch's forward and backward are collectives of the whole group, so round i (every
         learner's i-th part) goes out only once all its parts are scored; a learner never waits inside
         a collective for another's scoring."""
         if self.roles.fsdp:
             while all(self.queue) and all(q[0] in self.frozen for q in self.queue):
-                refs = [self.frozen[q[0]] for q in self.queue]
-                done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-                if len(done) < len(refs):
-                    return
                 for r in range(len(self.queue)):
                     self._submit(r, self.queue[r].pop(0))
             return
@@ -128,70 +148,90 @@ class _Parts:
         self.learner_calls.append((r, call))
 
 
-def _read(rollout: Rollout, busy, timeout: float | None) -> bool:
-    """Take one item from whichever stream has one (waiting up to `timeout`); False if none came."""
+def _read(roles, rollout: Rollout, timeout: float | None, gen=None) -> bool:
+    """Take one item from `gen`, or from whichever stream has one (waiting up to `timeout`); False if none
+    came. A lost rollout worker is restarted and generates the trajectories it had not sent back."""
     import ray
 
-    ready, _ = ray.wait(list(rollout.pending), num_returns=1, timeout=timeout)
-    if not ready:
-        return False
-    gen = ready[0]
-    k, offset = rollout.pending[gen]
+    if gen is None:
+        ready, _ = ray.wait(list(rollout.pending), num_returns=1, timeout=timeout)
+        if not ready:
+            return False
+        gen = ready[0]
+    k, indices = rollout.pending[gen]
     try:
         item = ray.get(next(gen))
     except StopIteration:
         del rollout.pending[gen]
         return True
+    except Exception as e:
+        if not is_actor_loss(e):
+            raise
+        del rollout.pending[gen]
+        roles.busy.abandon("rollout", k)
+        roles.replace("rollout", k, e)
+        roles.load_adapter(k, rollout.version)  # the adapter the lost generation used
+        missing = [i for i in indices if i not in rollout.received]
+        if missing:  # each with its own seed: the same trajectories as if nothing had happened
+            _stream(roles, rollout, k, missing)
+        if roles.version != rollout.version:  # one-step-off: the newer adapter, for the next generation
+            roles.load_adapter(k, roles.version)
+        return True
     if isinstance(item, RolloutDone):
-        busy.stop("rollout", k, item.start, item.end)
+        roles.busy.stop("rollout", k, item.start, item.end)
     else:
-        rollout.arrived.append((offset + item[0], item[1]))
+        index = indices[item[0]]
+        rollout.arrived.append((index, item[1]))
+        rollout.received.add(index)
     return True
 
 
-def drain(rollout: Rollout, busy) -> None:
+def drain(rollout: Rollout, roles) -> None:
     """Take in what a running rollout has finished so far, without waiting (one-step-off: then its
     workers' busy time is known when the current step's util/rollout is computed)."""
-    while rollout.pending and _read(rollout, busy, timeout=0):
+    while rollout.pending and _read(roles, rollout, timeout=0):
         pass
 
 
-def next_items(rollout: Rollout, busy):
-    """(global index, Trajectory) from every worker's stream, as they finish."""
-    while rollout.pending or rollout.arrived:
-        if rollout.arrived:
-            yield rollout.arrived.pop(0)
-        else:
-            _read(rollout, busy, timeout=None)
-
-
 def run_step(cfg, roles, rollout: Rollout, variants: tuple[str, ...], diagnostics: bool) -> StepResult:
-    """Score and learn one step's trajectories as they stream in (or phase by phase)."""
+    """Score and learn one step's trajectories as they stream in (or phase by phase).
+
+    One loop waits on whatever comes next: a trajectory from a rollout stream, or a scored part. A part
+    goes to scoring when its last trajectory arrives (streaming) or when all have (phases), and to its
+    learner once it is scored without error (streaming) or once all are (phases).
+    """
     import ray
 
     streaming = cfg.train.schedule == "streaming"
     parts = _Parts(roles, rollout, cfg.learner.micro_batch_size, variants, diagnostics)
-    for index, trajectory in next_items(rollout, roles.busy):
-        k = parts.arrived(index, trajectory)
-        if streaming and k is not None:
-            parts.score(k)
+    rollout_done = None
+    while True:
+        while rollout.arrived:
+            k = parts.arrived(*rollout.arrived.pop(0))
+            if streaming and k is not None:
+                parts.score(k)
+        if rollout_done is None and not rollout.pending:
+            rollout_done = time.time()
+            if not streaming:
+                for k in range(len(parts.bounds)):
+                    parts.score(k)
+        if not rollout.pending and not parts.scoring:
+            break
+        ready, _ = ray.wait([*rollout.pending, *parts.scoring], num_returns=1)
+        if ready[0] in rollout.pending:
+            _read(roles, rollout, None, ready[0])
+        elif parts.scored(ready[0]) and streaming:
             parts.feed_learners()
-    rollout_done = time.time()
-    if not streaming:
-        for k in range(len(parts.bounds)):
-            parts.score(k)
-    refs = list(parts.frozen.values())
-    ray.wait(refs, num_returns=len(refs), fetch_local=False)  # scoring done; the data stays where it is
     scoring_done = time.time()
-    parts.feed_learners()  # phases: every part; streaming: what is left (fsdp rounds not yet complete)
-    for w, stats in parts.scoring_stats:
-        interval = ray.get(stats)
-        roles.busy.stop("scoring", w, interval["start"], interval["end"])
-    for r, call in parts.learner_calls:
-        stats = ray.get(call)
-        roles.busy.stop("learner", r, stats["start"], stats["end"])
-    num_tokens = sum(len(t.response_ids) for t in parts.trajectories)
-    steps = ray.get([learner.step.remote(num_tokens) for learner in roles.learners])
+    parts.feed_learners()  # phases: every part; streaming: what is left
+    try:
+        for r, call in parts.learner_calls:
+            stats = ray.get(call)
+            roles.busy.stop("learner", r, stats["start"], stats["end"])
+        num_tokens = sum(len(t.response_ids) for t in parts.trajectories)
+        steps = ray.get([learner.step.remote(num_tokens) for learner in roles.learners])
+    except Exception as e:  # a lost learner breaks the group's collectives: the driver restarts the group
+        raise LearnersLost(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
     for r, m in enumerate(steps):
         roles.busy.stop("learner", r, m.pop("start"), m.pop("end"))
     return StepResult(parts.trajectories, steps[0], rollout_done, scoring_done, time.time())
@@ -208,6 +248,12 @@ class BusyLog:
     def start(self, role: str, worker: int) -> None:
         """A long call was submitted: it counts as busy from now until stop() reports it."""
         self.open.setdefault((role, worker), []).append(time.time())
+
+    def abandon(self, role: str, worker: int) -> None:
+        """The worker died in its oldest open call: that call will not report back."""
+        opened = self.open.get((role, worker))
+        if opened:
+            opened.pop(0)
 
     def stop(self, role: str, worker: int, start: float, end: float) -> None:
         """A call's real interval; closes the oldest open call of that worker (an actor runs its calls in order)."""

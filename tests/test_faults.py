@@ -65,3 +65,104 @@ def test_a_model_that_gives_nan_targets_skips_updates_then_stops(local_ray, tmp_
     assert [r["skipped_steps"] for r in records] == [1, 2, 3] and all(r["skipped"] == 1 for r in records)
     assert all(r["adapter_version"] == 0 for r in records)  # no update was applied
     assert all(math.isfinite(r["response_length"]) for r in records)  # the student itself was fine
+
+
+# ----------------------------------------------------------------------------- lost workers
+def actor_pid(name: str) -> int:
+    """The process of the (one) Ray actor of class `name` (Ray titles actor processes `ray::<Class>...`)."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd and cmd[0].startswith(f"ray::{name}"):
+            return proc.info["pid"]
+    raise LookupError(name)
+
+
+def logged(folder, step: int):
+    """The run in `folder` has logged `step`."""
+
+    def done() -> bool:
+        path = folder / "metrics.jsonl"
+        steps = [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
+        return bool(steps) and max(steps) >= step
+
+    return done
+
+
+def kill_when(folder, plan):
+    """A thread that kill -9s actor processes when conditions hold: plan = [(step logged, or a callable, name)]."""
+    import os
+    import signal
+    import threading
+    import time
+
+    killed = []
+
+    def watch():
+        for when, name in plan:
+            ready = logged(folder, when) if isinstance(when, int) else when
+            deadline = time.time() + 300
+            while time.time() < deadline and not ready():
+                time.sleep(0.05)
+            os.kill(actor_pid(name), signal.SIGKILL)
+            killed.append((when, name))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, killed
+
+
+def same_run(a, b, keys=("loss", "jsd", "grad_norm", "num_tokens", "response_length", "kl_target_base")):
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        for k in keys:
+            assert y[k] == x[k], (x["step"], k, x[k], y[k])
+    from safetensors.torch import load_file
+
+    fa, fb = load_file(str(a / "final" / "adapter_model.safetensors")), load_file(str(b / "final" / "adapter_model.safetensors"))
+    for k, v in fa.items():
+        assert torch.equal(fb[k], v), k
+
+
+def test_killed_rollout_and_scoring_workers_are_restarted_and_the_run_is_unchanged(local_ray, tmp_path, small_data,
+                                                                                capsys):
+    from opsd_ray.driver import train
+
+    full = train(load_train_config(args_of(tmp_path, small_data, "run.name=full", "train.steps=5")))
+    thread, killed = kill_when(tmp_path / "hit", [(1, "RolloutWorker"), (3, "ScoringWorker")])
+    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", "train.steps=5")))
+    thread.join(timeout=10)
+    out = capsys.readouterr().out
+    assert killed == [(1, "RolloutWorker"), (3, "ScoringWorker")]
+    assert "rollout worker 0 was lost" in out and "scoring worker 0 was lost" in out
+    same_run(full, hit)  # every trajectory has its seed, every part is scored as one unit
+
+
+def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(local_ray, tmp_path, small_data, capsys):
+    from opsd_ray.driver import train
+
+    full = train(load_train_config(args_of(tmp_path, small_data, "run.name=full", "train.steps=4",
+                                           "checkpoint.every=2")))
+    # killed while step 3 runs, once step 2's checkpoint is complete (its trainer_state.json goes last)
+    saved = (tmp_path / "hit" / "checkpoints" / "step_2" / "trainer_state.json").exists
+    thread, killed = kill_when(tmp_path / "hit", [(saved, "Learner")])
+    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", "train.steps=4", "checkpoint.every=2")))
+    thread.join(timeout=10)
+    out = capsys.readouterr().out
+    assert killed == [(saved, "Learner")] and "a learner of the group was lost" in out
+    assert "the learner group restarted from step 2 (its newest checkpoint); redoing from step 3" in out
+    same_run(full, hit)
+
+
+def test_a_role_that_keeps_losing_workers_stops_the_run(local_ray, tmp_path, small_data, capsys):
+    from opsd_ray.cli import main
+
+    thread, killed = kill_when(tmp_path / "r", [(1, "ScoringWorker"), (2, "ScoringWorker")])
+    rc = main(["train", *args_of(tmp_path, small_data, "train.steps=8", "fault.max_restarts=1", "checkpoint.every=1")])
+    thread.join(timeout=10)
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err[-2000:]
+    assert "the scoring role lost workers 2 times (fault.max_restarts=1)" in err, err[-2000:]
+    assert "checkpoint.resume=auto" in err

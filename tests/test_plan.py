@@ -65,6 +65,8 @@ def test_find_shapes_reads_config_json_on_disk(tmp_path):
         "model_type": "qwen3", "num_hidden_layers": 36, "hidden_size": 4096, "num_attention_heads": 32,
         "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288, "vocab_size": 151936,
         "tie_word_embeddings": False}))
+    for name in ("model.safetensors", "tokenizer.json"):  # a model folder; the plan reads config.json only
+        (tmp_path / name).write_text("{}")
     cfg = load_train_config(["model=qwen3-8b", f"model.path={tmp_path}"])
     s = find_shapes(cfg.model)
     assert s.source == str(tmp_path / "config.json")

@@ -96,3 +96,47 @@ def test_util_counts_open_calls_until_the_end_and_averages_over_workers():
 def test_parts_cover_the_batch_in_order():
     assert part_bounds(8, 3) == [(0, 3), (3, 6), (6, 8)]
     assert part_bounds(4, 4) == [(0, 4)]
+
+
+# ----------------------------------------------------------------------------- one driver per run
+def test_a_live_driver_keeps_the_run_and_a_dead_or_silent_one_is_taken_over(tmp_path, capsys):
+    import json
+    import socket
+    import subprocess
+    import time
+
+    from opsd_ray.config import ConfigError
+    from opsd_ray.runfolder import DriverLock
+
+    run = RunFolder(str(tmp_path))
+    here = socket.gethostname()
+    other = subprocess.Popen(["sleep", "60"])  # a live driver on this host
+    try:
+        run.write_text("driver.lock", json.dumps({"host": here, "pid": other.pid, "heartbeat": time.time()}))
+        with pytest.raises(ConfigError, match=f"being trained by another driver .{here} pid {other.pid}"):
+            DriverLock(run).acquire()
+    finally:
+        other.kill()
+        other.wait()
+    lock = DriverLock(run, beat_s=0.05)  # its process has exited: taken over at once, even with a fresh heartbeat
+    lock.acquire()
+    first = json.loads(run.read_text("driver.lock"))
+    assert (first["host"], first["pid"]) == (here, lock.me["pid"])
+    time.sleep(0.3)
+    assert json.loads(run.read_text("driver.lock"))["heartbeat"] > first["heartbeat"]  # the thread beats
+    lock.release()
+    assert not run.exists("driver.lock")
+
+    # another host: a fresh heartbeat is waited on until it is stale_s old; one that keeps beating is refused
+    run.write_text("driver.lock", json.dumps({"host": "node-gone", "pid": 1, "heartbeat": time.time() - 0.5}))
+    lock = DriverLock(run, stale_s=1.0, beat_s=0.1)
+    lock.acquire()
+    assert "waiting for the driver on node-gone (pid 1) to stop" in capsys.readouterr().out
+    lock.release()
+    run.write_text("driver.lock", json.dumps({"host": "node-b", "pid": 1, "heartbeat": time.time() + 60}))
+    with pytest.raises(ConfigError, match="node-b pid 1"):
+        DriverLock(run, stale_s=0.5, beat_s=0.1).acquire()
+    run.write_text("driver.lock", "{half a lo")  # a lock its writer never finished: no holder
+    lock = DriverLock(run)
+    lock.acquire()
+    lock.release()
