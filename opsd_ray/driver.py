@@ -28,7 +28,7 @@ from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.eval.markers import marker_record
 from opsd_ray.faults import Faults, LearnersLost, is_actor_loss
 from opsd_ray.prompts import build_prompt_ids
-from opsd_ray.runfolder import DriverLock, RunFolder
+from opsd_ray.runfolder import DriverLock, RunFolder, WriteFailed
 from opsd_ray.schedule import BusyLog, Rollout, drain, launch_rollout, run_step
 from opsd_ray.scoring import VARIANTS
 
@@ -54,11 +54,7 @@ class MetricsLog:
 
     def __init__(self, run: RunFolder, keep_until_step: int):
         self.run, self.name = run, "metrics.jsonl"
-        kept = []
-        if run.exists(self.name):  # a resumed run drops what the crashed run logged after its checkpoint
-            kept = [line for line in run.read_text(self.name).splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
-        run.write_text(self.name, "".join(line + "\n" for line in kept))
+        self.truncate_file(keep_until_step)  # a resumed run drops what was logged after its checkpoint
         # TensorBoard writes local files: into the run folder, or a staging folder copied there
         self.tb_dir = run.local_path("tensorboard") or Path(tempfile.mkdtemp(prefix="opsd_ray_tb_"))
         self.tb = None
@@ -66,28 +62,35 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.tb_dir), purge_step=keep_until_step + 1)
+            _quiet_tensorboard_thread_errors()
         except ImportError:  # tensorboard is a dependency; stay usable without it
             print("tensorboard not installed: metrics go to metrics.jsonl only")
 
     def log(self, record: dict) -> None:
         self.run.append_text(self.name, json.dumps(record) + "\n")
         if self.tb:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(k.replace(".", "/"), v, record["step"])
-            self.tb.flush()
+            try:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                        self.tb.add_scalar(k.replace(".", "/"), v, record["step"])
+                self.tb.flush()
+            except OSError as e:  # TensorBoard writes from a thread and re-raises its error here
+                self.tb = None
+                raise WriteFailed(f"writing {self.tb_dir} failed: {type(e).__name__}: {e}") from e
             if not self.run.is_local:
                 for f in self.tb_dir.iterdir():
                     self.run.write_bytes(f"tensorboard/{f.name}", f.read_bytes())
 
     def steps(self) -> list[int]:
-        return [json.loads(line)["step"] for line in self.run.read_text(self.name).splitlines() if line.strip()]
+        return [r["step"] for r in self.run.read_jsonl(self.name)]
+
+    def truncate_file(self, step: int) -> None:
+        kept = [r for r in self.run.read_jsonl(self.name) if r.get("step", 0) <= step]
+        self.run.write_text(self.name, "".join(json.dumps(r) + "\n" for r in kept))
 
     def truncate(self, step: int) -> None:
         """Drop what was logged after `step` (a learner group restarted from that step's checkpoint)."""
-        kept = [line for line in self.run.read_text(self.name).splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.run.write_text(self.name, "".join(line + "\n" for line in kept))
+        self.truncate_file(step)
         if self.tb:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -96,7 +99,28 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.tb:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError:  # a full disk: the write that failed first has already stopped the run
+                pass
+
+
+def _quiet_tensorboard_thread_errors() -> None:
+    """TensorBoard's writer thread re-raises a failed write, which Python prints as a traceback; the
+    main thread gets the same error at its next flush and stops the run with a message instead."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "opsd_ray", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook.opsd_ray = True
+    threading.excepthook = hook
 
 
 # ----------------------------------------------------------------------------- roles
@@ -326,8 +350,18 @@ def train(cfg) -> Path | str:
     lock.acquire()  # one driver per run: a resubmitted job takes over once the old driver is gone
     try:
         return _train(cfg, run)
+    except WriteFailed as e:  # a full disk: what was written is intact, the run stops where it is
+        raise RunStopped(f"{e}. {resume_hint(run)} Free space (or fix the storage), then run the same "
+                         "command again") from e
     finally:
         lock.release()
+
+
+def resume_hint(run: RunFolder) -> str:
+    last = latest_checkpoint(run)
+    if last is None:
+        return "No checkpoint was written."
+    return f"The last complete checkpoint is {run.uri(last)} (checkpoint.resume=auto continues from it)."
 
 
 def _train(cfg, run: RunFolder) -> Path | str:
@@ -444,14 +478,12 @@ class SkipCounter:
     def check(self, run: RunFolder) -> None:
         if len(self.streak) < self.limit:
             return
-        last = latest_checkpoint(run)
         raise RunStopped(
             f"{len(self.streak)} steps in a row ({', '.join(map(str, self.streak))}) had a non-finite loss or "
             f"gradient norm (fault.max_skipped_steps={self.limit}); their updates were skipped. Likely causes: "
             "NaN or Inf in the model weights (a corrupted model.path or checkpoint), float16 overflow (use "
             "bfloat16), a very small objective.temperature, or a learner.lr high enough to diverge. "
-            + (f"The last checkpoint is {run.uri(last)} (checkpoint.resume=auto continues from it)." if last
-               else "No checkpoint was written.")
+            + resume_hint(run)
         )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from opsd_ray.config import ConfigError
 from opsd_ray.eval.markers import MARKERS
+from opsd_ray.runfolder import jsonl_records
 
 _AVG_KEY = re.compile(r"^eval/([^/]+)/avg@(\d+)$")
 TRAIN_KEYS = ("loss", "jsd", "student_entropy", "kl_target_base")
@@ -51,10 +52,8 @@ def load_run(folder: str | Path) -> Run:
     if not metrics.is_file():
         raise ConfigError(f"{folder}: no metrics.jsonl (expected a run folder such as runs/<name>)")
     records: dict[int, dict] = {}
-    for line in metrics.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            records.setdefault(int(rec.get("step", 0)), {}).update(rec)
+    for rec in jsonl_records(metrics.read_text()):
+        records.setdefault(int(rec.get("step", 0)), {}).update(rec)
     from opsd_ray.evaluate import eval_log_record
 
     for path in sorted((folder / "eval").glob("step_*/summary.json")):  # evaluations the metrics lack

@@ -15,7 +15,12 @@ import os
 import posixpath
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+
+
+class WriteFailed(OSError):
+    """A write to the run folder failed (a full disk, a storage error); what was there is intact."""
 
 
 class RunFolder:
@@ -70,12 +75,21 @@ class RunFolder:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Whole-file write; atomic on a local filesystem (a temp file, then a rename)."""
+        with self._writing(rel):
+            self._write_bytes(rel, data)
+
+    def _write_bytes(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
         self.fs.create_dir(posixpath.dirname(target), recursive=True)
         tmp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
         dest = tmp if self.is_local else target
-        with self.fs.open_output_stream(dest) as f:
-            f.write(data)
+        try:
+            with self.fs.open_output_stream(dest) as f:
+                f.write(data)
+        except BaseException:  # a full disk: no temp file left behind, the old file stays as it was
+            if self.is_local:
+                _remove_quietly(self.fs, tmp, folder=False)
+            raise
         if self.is_local:
             self.fs.move(tmp, target)
 
@@ -83,17 +97,48 @@ class RunFolder:
         self.write_bytes(rel, text.encode())
 
     def append_text(self, rel: str, text: str) -> None:
-        """Append (local); read and rewrite where the filesystem has no append (object stores)."""
+        with self._writing(rel):
+            self._append_text(rel, text)
+
+    def _append_text(self, rel: str, text: str) -> None:
+        """Append whole lines: locally in one O_APPEND write, synced, and cut back to the old end if the
+        write fails (a full disk), so the file never holds half a line; read and rewrite where the
+        filesystem has no append (object stores), so a failed write leaves the old file."""
         if self.is_local:
             path = Path(self.path(rel))
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                f.write(text)
+            data = text.encode()
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                end = os.fstat(fd).st_size
+                try:
+                    done = 0
+                    while done < len(data):
+                        done += os.write(fd, data[done:])
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, end)
+                    raise
+            finally:
+                os.close(fd)
             return
         old = self.read_text(rel) if self.exists(rel) else ""
-        self.write_text(rel, old + text)
+        self._write_bytes(rel, (old + text).encode())
 
     def write_files(self, rel: str, files: dict[str, bytes], last: str | None = None) -> str:
+        with self._writing(rel):
+            return self._write_files(rel, files, last)
+
+    @contextmanager
+    def _writing(self, rel: str):
+        try:
+            yield
+        except WriteFailed:
+            raise
+        except OSError as e:
+            raise WriteFailed(f"writing {self.uri(rel)} failed: {type(e).__name__}: {e}") from e
+
+    def _write_files(self, rel: str, files: dict[str, bytes], last: str | None = None) -> str:
         """A folder of files, replacing any folder there. Local: written to a temp folder and renamed,
         so it appears complete or not at all. Elsewhere: written in place, `last` (the completion
         marker) after every other file."""
@@ -103,9 +148,13 @@ class RunFolder:
         if self.is_local:
             tmp = posixpath.join(parent, f".{posixpath.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
             self.fs.create_dir(tmp, recursive=True)
-            for name in order:
-                with self.fs.open_output_stream(posixpath.join(tmp, name)) as f:
-                    f.write(files[name])
+            try:
+                for name in order:
+                    with self.fs.open_output_stream(posixpath.join(tmp, name)) as f:
+                        f.write(files[name])
+            except BaseException:  # a full disk: the half-written folder goes, what was there stays
+                _remove_quietly(self.fs, tmp, folder=True)
+                raise
             if self.exists(rel):
                 self.fs.delete_dir(target)
             self.fs.move(tmp, target)
@@ -117,6 +166,10 @@ class RunFolder:
                 with self.fs.open_output_stream(posixpath.join(target, name)) as f:
                     f.write(files[name])
         return self.uri(rel)
+
+    def read_jsonl(self, rel: str) -> list[dict]:
+        """The records of a jsonl file (see `jsonl_records`)."""
+        return jsonl_records(self.read_text(rel)) if self.exists(rel) else []
 
     def read_files(self, rel: str) -> dict[str, bytes]:
         return {name: self.read_bytes(posixpath.join(rel, name)) for name in self.listdir(rel)
@@ -194,8 +247,36 @@ class DriverLock:
     def release(self) -> None:
         if self._stop is not None:
             self._stop.set()
-        if self.run.exists(self.NAME) and self.holder() is None:
-            self.run.fs.delete_file(self.run.path(self.NAME))
+        try:
+            if self.run.exists(self.NAME) and self.holder() is None:
+                self.run.fs.delete_file(self.run.path(self.NAME))
+        except OSError:  # left behind, it is taken over: its pid is gone
+            pass
+
+
+def jsonl_records(text: str) -> list[dict]:
+    """One record per line. A last line without its newline that does not parse is what a writer
+    killed mid-line left (files written before line appends were atomic): dropped; any other bad line
+    is an error."""
+    lines = text.split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:  # no newline after it: unfinished
+                break
+            raise
+    return records
+
+
+def _remove_quietly(fs, path: str, folder: bool) -> None:
+    try:
+        fs.delete_dir(path) if folder else fs.delete_file(path)
+    except OSError:  # it may not exist yet
+        pass
 
 
 def _alive(pid: int) -> bool:

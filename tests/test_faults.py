@@ -3,6 +3,7 @@ killed rollout / scoring / learner processes, a second driver, and writes that f
 
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -166,3 +167,70 @@ def test_a_role_that_keeps_losing_workers_stops_the_run(local_ray, tmp_path, sma
     assert rc == 1 and "Traceback" not in err, err[-2000:]
     assert "the scoring role lost workers 2 times (fault.max_restarts=1)" in err, err[-2000:]
     assert "checkpoint.resume=auto" in err
+
+
+# ----------------------------------------------------------------------------- nothing lost
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MiB tmpfs to fill (needs the right to mount, as root in a container)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk):
+    """Write until the disk is full."""
+    with open(disk / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishes_it(local_ray, tmp_path, small_disk,
+                                                                                      small_data, capsys):
+    """The disk fills once step 1's checkpoint is written: step 2's metrics line or checkpoint cannot be
+    written. The run stops (exit 1) naming the checkpoint; nothing is half-written; once space is freed
+    the same command continues and ends where an uninterrupted run ends."""
+    from opsd_ray.cli import main
+    from opsd_ray.driver import latest_checkpoint
+    from opsd_ray.runfolder import RunFolder
+
+    full = tmp_path / "full"
+    assert main(["train", *args_of(tmp_path, small_data, "run.name=full", "train.steps=3", "checkpoint.every=1")]) == 0
+    args = ["train", *args_of(small_disk, small_data, "train.steps=3", "checkpoint.every=1")]
+    folder = small_disk / "r"
+    saved = (folder / "checkpoints" / "step_1" / "trainer_state.json").exists
+    thread = threading.Thread(target=lambda: (wait_for(saved), fill(small_disk)), daemon=True)
+    thread.start()
+    rc = main(args)
+    thread.join(timeout=10)
+    err = capsys.readouterr().err
+    assert rc == 1 and "No space left on device" in err and "Traceback" not in err, err[-2000:]
+    assert f"The last complete checkpoint is {folder}/checkpoints/step_1" in err
+    assert [r["step"] for r in read_metrics(folder)] in ([1], [1, 2])  # whole lines only
+    assert (folder / "metrics.jsonl").read_text().endswith("\n")
+    assert latest_checkpoint(RunFolder(str(folder))) == "checkpoints/step_1"
+    assert not [p for p in folder.rglob("*") if ".tmp-" in p.name]  # no half-written file or folder
+
+    (small_disk / "filler").unlink()
+    assert main(args) == 0
+    assert "resumed from" in capsys.readouterr().out
+    same_run(full, folder)
+
+
+def wait_for(condition, timeout_s: float = 300) -> None:
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not condition():
+        time.sleep(0.02)

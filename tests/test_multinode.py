@@ -16,10 +16,13 @@ ray = pytest.importorskip("ray")
 def two_nodes():
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    # A lost node is noticed within a few seconds (Ray's defaults take ~30 s)
+    fast = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 3, "include_dashboard": False, "_system_config": fast})
     second = cluster.add_node(num_cpus=2, resources={"learner_node": 1})
     ray.init(address=cluster.address, runtime_env=runtime_env(), log_to_driver=False, configure_logging=False)
-    yield second.node_id
+    yield second.node_id, cluster
     ray.shutdown()
     cluster.shutdown()
 
@@ -43,7 +46,7 @@ def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the
     roles = Roles(cfg(2), "hf")
     try:
         (learner,) = [i for i in roles.info if i["role"] == "learner"]
-        assert learner["node"] == two_nodes != ray.get_runtime_context().get_node_id()  # not the driver's node
+        assert learner["node"] == two_nodes[0] != ray.get_runtime_context().get_node_id()  # not the driver's node
     finally:
         roles.shutdown()
 
@@ -60,3 +63,52 @@ def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the
     assert (folder / "checkpoints" / "step_3" / "optimizer.pt").exists()
     assert {p.name for p in (folder / "final").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
     assert not list(folder.rglob(".*tmp-*"))  # no half-written folder left
+
+
+def test_a_lost_node_takes_its_rollout_worker_along_and_the_run_is_unchanged(two_nodes, tmp_path, capsys):
+    """The rollout worker's node is removed after step 1 (raylet and workers gone, as a preempted VM): Ray
+    moves its placement-group bundle to a spare node, restarts the actor there, and the driver redoes the
+    lost work; the metrics and the adapter equal those of a run on healthy nodes."""
+    import threading
+    import time
+
+    from test_faults import same_run
+
+    from opsd_ray.data import ASSETS
+    from opsd_ray.driver import train
+
+    _, cluster = two_nodes
+    nodes = [cluster.add_node(num_cpus=1, resources={"rollout_node": 1}) for _ in range(2)]  # one is spare
+    cluster.wait_for_nodes()
+    data = tmp_path / "gsm8k_small.jsonl"
+    with open(ASSETS / "gsm8k_train.jsonl") as f:
+        data.write_text("".join(next(f) for _ in range(12)))
+
+    def cfg(name):
+        return load_train_config(["model=tiny", "data=gsm8k", f"data.path={data}", f"run.output_dir={tmp_path}",
+                                  f"run.name={name}", "rollout.engine=hf", "train.batch_size=4",
+                                  "learner.micro_batch_size=2", "rollout.max_new_tokens=8", "train.steps=3",
+                                  "checkpoint.every=0", "train.diagnostics_every=0", "learner.lr=1e-2",
+                                  "rollout.resources.rollout_node=1", "rollout.cpus_per_worker=1"])
+
+    full = train(cfg("full"))
+    lost = []
+
+    def remove_the_rollout_node_after_step_1():
+        path = tmp_path / "hit" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (path.exists() and path.read_text().strip()):
+            time.sleep(0.05)
+        (pg,) = [p for p in ray.util.placement_group_table().values()
+                 if p["name"].startswith("opsd_ray_rollout") and p["state"] == "CREATED"]
+        (node,) = [n for n in nodes if n.node_id == pg["bundles_to_node_id"][0]]
+        cluster.remove_node(node)
+        lost.append(node.node_id)
+
+    thread = threading.Thread(target=remove_the_rollout_node_after_step_1, daemon=True)
+    thread.start()
+    hit = train(cfg("hit"))
+    thread.join(timeout=10)
+    out = capsys.readouterr().out
+    assert lost and "rollout worker 0 was lost" in out, out[-3000:]
+    same_run(full, hit)

@@ -47,22 +47,28 @@ class Spy:
 
 
 def test_local_folders_appear_in_one_rename(tmp_path):
-    """A crash in the middle of writing a folder leaves only a hidden temp folder behind."""
+    """A write that fails mid-folder (a full disk) leaves the previous checkpoint as it was and no temp
+    folder; one a killed writer left (hidden) is never taken for a checkpoint."""
     from opsd_ray.driver import latest_checkpoint
+    from opsd_ray.runfolder import WriteFailed
 
     run = RunFolder(str(tmp_path / "r"))
+    run.write_files("checkpoints/step_1", {"a": b"1", "trainer_state.json": b"{}"}, last="trainer_state.json")
     calls = []
 
     def fail_second(path):
         calls.append(path)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(28, "No space left on device")
 
-    run.fs = Spy(run.fs, fail_second)
-    with pytest.raises(OSError):
-        run.write_files("checkpoints/step_1", {"a": b"1", "trainer_state.json": b"{}"}, last="trainer_state.json")
-    assert run.listdir("checkpoints")[0].startswith(".step_1.tmp-")  # never taken for a checkpoint
-    assert latest_checkpoint(run) is None
+    real, run.fs = run.fs, Spy(run.fs, fail_second)
+    with pytest.raises(WriteFailed, match="checkpoints/step_2 failed: OSError: .Errno 28. No space left"):
+        run.write_files("checkpoints/step_2", {"a": b"2", "trainer_state.json": b"{}"}, last="trainer_state.json")
+    run.fs = real
+    assert run.listdir("checkpoints") == ["step_1"] and run.read_bytes("checkpoints/step_1/a") == b"1"
+    (tmp_path / "r" / "checkpoints" / ".step_3.tmp-12345678").mkdir()  # a writer killed mid-folder
+    (tmp_path / "r" / "checkpoints" / ".step_3.tmp-12345678" / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(run) == "checkpoints/step_1"
 
 
 def test_the_completion_marker_is_written_last_where_there_is_no_rename():
@@ -140,3 +146,38 @@ def test_a_live_driver_keeps_the_run_and_a_dead_or_silent_one_is_taken_over(tmp_
     lock = DriverLock(run)
     lock.acquire()
     lock.release()
+
+
+APPEND_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from opsd_ray.runfolder import RunFolder, WriteFailed
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+run = RunFolder(sys.argv[1])
+run.append_text("metrics.jsonl", '{"step": 1}\\n')
+resource.setrlimit(resource.RLIMIT_FSIZE, (20, resource.RLIM_INFINITY))  # 8 more bytes may be written
+try:
+    run.append_text("metrics.jsonl", '{"step": 2, "loss": 0.25}\\n')
+except WriteFailed as e:
+    print("failed:", e)
+"""
+
+
+def test_a_line_that_does_not_fit_is_not_half_written(tmp_path):
+    """A real write that stops mid-line (the file-size limit lets 8 of 27 bytes through, then EFBIG):
+    the file is cut back to its last whole line."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", APPEND_UNDER_A_FILE_SIZE_LIMIT, str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "failed: writing" in out and "metrics.jsonl failed: OSError: [Errno 27] File too large" in out, out
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_line_a_killed_writer_left_unfinished_is_dropped_and_other_bad_lines_are_errors():
+    from opsd_ray.runfolder import jsonl_records
+
+    assert jsonl_records('{"step": 1}\n{"step": 2}\n{"step": 3, "lo') == [{"step": 1}, {"step": 2}]
+    assert jsonl_records('{"step": 1}\n\n{"step": 2}\n') == [{"step": 1}, {"step": 2}]
+    with pytest.raises(ValueError):
+        jsonl_records('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
