@@ -8,6 +8,8 @@ working directory (uploaded by Ray, without runs/, .venv/ and caches), so the cl
 and recipes of this checkout. The cluster's Python must already have opsd_ray's dependencies (an
 image or environment built with `make install-gpu`, or add `--pip` to install them per job, slower).
 Keys and presets are checked here before anything is sent; values and data paths on the cluster.
+Every job gets a fixed run.name (yours, or <model>-<data>-<mode>-<time> chosen here), so that the same
+command with that run.name, submitted again after a failure, continues the run (checkpoint.resume=auto).
 """
 
 from __future__ import annotations
@@ -43,20 +45,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="environment variable for the job (repeatable)")
     p.add_argument("--python", default="python", help="the cluster's Python (default: python)")
     p.add_argument("--pip", action="store_true", help="install opsd_ray's dependencies per job (runtime_env pip)")
-    p.add_argument("--submission-id", default=None, help="job id (default: opsd-<run name or model-data>-<time>)")
+    p.add_argument("--submission-id", default=None, help="job id (default: opsd-<run name>[-<time>])")
     p.add_argument("--wait", action="store_true", help="follow the logs and exit with the job's status")
     p.add_argument("--dry-run", action="store_true", help="print the command, submit nothing")
     p.add_argument("overrides", nargs="*", help="model=<preset> data=<preset> section.key=value ...")
     return p.parse_args(argv)
 
 
-def check_overrides(overrides: list[str]) -> dict[str, str]:
-    """Fail here, not on the cluster, on unknown keys and presets (paths are the cluster's)."""
+def check_overrides(overrides: list[str]) -> tuple[dict[str, str], str]:
+    """Fail here, not on the cluster, on unknown keys and presets (paths are the cluster's). Returns the
+    overrides and the run name: the user's, or the one the driver would choose, fixed now."""
     parsed = parse_overrides(overrides)
     rest = dict(parsed)
     presets = {"model": rest.pop("model", "smollm2-135m"), "data": rest.pop("data", "gsm8k")}
-    compose(Config, presets, rest)
-    return parsed
+    cfg = compose(Config, presets, rest)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return parsed, cfg.run.name or f"{cfg.model.name}-{cfg.data.name}-{cfg.objective.mode}-{stamp}"
 
 
 def runtime_env(env: dict[str, str], pip: bool) -> dict:
@@ -97,19 +101,22 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        parsed = check_overrides(a.overrides)
+        parsed, name = check_overrides(a.overrides)
         env = dict(parse_overrides(a.env))
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
-    name = parsed.get("run.name") or f"{parsed.get('model', 'smollm2-135m')}-{parsed.get('data', 'gsm8k')}"
-    job_id = a.submission_id or f"opsd-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = a.overrides if "run.name" in parsed else [*a.overrides, f"run.name={name}"]
+    stamp = "" if "run.name" not in parsed else f"-{time.strftime('%Y%m%d-%H%M%S')}"  # a name of our own has one
+    job_id = a.submission_id or f"opsd-{name}{stamp}"  # unique per submission: Ray refuses a job id twice
     cmd = [ray_cli(), "job", "submit", "--address", a.address, "--submission-id", job_id,
            "--runtime-env-json", json.dumps(runtime_env(env, a.pip))]
-    cmd += ([] if a.wait else ["--no-wait"]) + ["--", *entrypoint(a.python, a.overrides, env)]
+    cmd += ([] if a.wait else ["--no-wait"]) + ["--", *entrypoint(a.python, overrides, env)]
     if "run.output_dir" not in parsed:
         print("note: run.output_dir is not set: outputs go to runs/ inside the job's temporary working directory "
               "on the head node; pass OUTPUT_DIR=/shared/storage (make) or run.output_dir=... to keep them")
+    print(f"run {name}: after a failure, submit the same again with run.name={name} (it continues from its "
+          "newest checkpoint)")
     print("+ " + shlex.join(cmd), flush=True)
     if a.dry_run:
         return 0

@@ -83,9 +83,18 @@ def test_submit_dry_run_builds_the_ray_job_command():
     # variables the driver forwards itself go on the entrypoint (Ray refuses to merge duplicates)
     assert renv["env_vars"] == {"HF_HOME": "/h"}
     entry = cmd[cmd.index("--") + 1:]
-    assert entry == ["env", "OPSD_RAY_CACHE=/c", "python", "-m", "opsd_ray", "train", "model=tiny", "data=gsm8k",
-                     "train.steps=2", "run.output_dir=/shared/runs"]
+    # the run gets its name here, so that the same command with that name continues it after a failure
+    name = re.fullmatch(r"run.name=(tiny-gsm8k-pmi-\d{8}-\d{6})", entry[-1]).group(1)
+    assert entry[:-1] == ["env", "OPSD_RAY_CACHE=/c", "python", "-m", "opsd_ray", "train", "model=tiny",
+                          "data=gsm8k", "train.steps=2", "run.output_dir=/shared/runs"]
+    assert cmd[cmd.index("--submission-id") + 1] == f"opsd-{name}"
+    assert f"after a failure, submit the same again with run.name={name}" in res.stdout
     assert "note: run.output_dir" not in res.stdout
+    # a name of the user's is kept, and each submission of it gets its own job id
+    res = submit("--address", "http://head:8265", "--dry-run", "model=tiny", "run.name=mine")
+    cmd = shlex.split(res.stdout.split("+ ", 1)[1].splitlines()[0])
+    assert cmd[-1] == "run.name=mine" and [c for c in cmd if c.startswith("run.name=")] == ["run.name=mine"]
+    assert re.fullmatch(r"opsd-mine-\d{8}-\d{6}", cmd[cmd.index("--submission-id") + 1])
 
 
 def test_submit_checks_keys_before_sending_and_needs_an_address():
@@ -229,6 +238,8 @@ def test_rayjob_manifest():
     assert entry[:4] == ["python", "-m", "opsd_ray", "train"]
     args = dict(a.split("=", 1) for a in entry[4:])
     assert spec["shutdownAfterJobFinishes"] is True
+    # retried on a new cluster after a failure, and the retry continues the same run
+    assert spec["backoffLimit"] >= 1 and args["run.name"] and "checkpoint.resume" not in args
     cluster = spec["rayClusterSpec"]
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0" and head["rayStartParams"]["num-gpus"] == "0"
@@ -267,6 +278,9 @@ def test_ray_up_cluster_file():
 def test_slurm_script():
     path = CLUSTER / "slurm.sbatch"
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    # a requeued job keeps its job id, hence its run.name, and continues the run
+    text = path.read_text()
+    assert "#SBATCH --requeue" in text and "RUN=${RUN:-$MODEL-$DATA-$SLURM_JOB_ID}" in text
     text = path.read_text()
     sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", text, re.M))
     assert sbatch["nodes"] and sbatch["gpus-per-node"] == "8" and "exclusive" in sbatch
