@@ -207,6 +207,17 @@ def test_make_submit_runs_a_job_through_the_job_api(ray_head, tmp_path):
     assert "1/2" in logs and "2/2" in logs and "done: 2 steps" in logs, logs
     assert len((tmp_path / "runs" / "job" / "metrics.jsonl").read_text().splitlines()) == 2
 
+    # A resubmitted job with the same run name continues the run (here: one more step).
+    res = subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.installed", "submit", "MODEL=tiny", "DATA=gsm8k", "STEPS=3", "RUN=job",
+         f"RAY_ADDRESS={address}", f"OUTPUT_DIR={tmp_path / 'runs'}", f"JOB_ENV={job_env}", "WAIT=1",
+         f"ARGS=rollout.engine=hf data.path={small_gsm8k(tmp_path)}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resumed from" in res.stdout and "(step 2)" in res.stdout and "done: 3 steps" in res.stdout, res.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / "job" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
 
 @pytest.mark.slow
 def test_train_refuses_a_gpu_request_on_a_gpu_less_cluster_before_loading_models(ray_head, tmp_path):
