@@ -76,7 +76,15 @@ def test_wire_formats_hidden_and_logits_give_the_same_step(batch):
     logits = score(base, items, wire_format="logits")
     assert hidden.bytes_per_token == 3 * 64 * 4  # 3 variants x H float32
     assert logits.bytes_per_token == 3 * 151_936 * 4
-    assert_same_update(one_step(make_cfg(), items, hidden), one_step(make_cfg(), items, logits), tol=1e-4)
+    # Gradients, not Adam's update: the first Adam step is lr * g / (|g| + eps), whose slope lr / eps at
+    # g ~ 0 turns the last-bit differences of a different summation order into visible ones.
+    (mh, gh), (ml, gl) = gradients(make_cfg(), items, hidden), gradients(make_cfg(), items, logits)
+    for k in mh.keys() - {"wire_bytes_per_token"}:
+        assert ml[k] == pytest.approx(mh[k], rel=1e-4, abs=1e-7), k
+    scale = max(g.abs().max() for g in gh.values())
+    assert scale > 0
+    for k in gh:
+        torch.testing.assert_close(gl[k], gh[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
 
 
 def test_scoring_micro_batch_and_split_do_not_change_targets(batch):
