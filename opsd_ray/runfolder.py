@@ -20,7 +20,9 @@ from pathlib import Path
 
 
 class WriteFailed(OSError):
-    """A write to the run folder failed (a full disk, a storage error); what was there is intact."""
+    """A write to the run folder failed (a full disk, a storage error). What was complete before is
+    intact: a folder being replaced stays until its new version is complete, a line is appended whole
+    or not at all."""
 
 
 class RunFolder:
@@ -155,9 +157,12 @@ class RunFolder:
             except BaseException:  # a full disk: the half-written folder goes, what was there stays
                 _remove_quietly(self.fs, tmp, folder=True)
                 raise
-            if self.exists(rel):
-                self.fs.delete_dir(target)
+            aside = f"{tmp}.old" if self.exists(rel) else None
+            if aside:  # renames need no space: the old folder goes only once the new one is in place
+                self.fs.move(target, aside)
             self.fs.move(tmp, target)
+            if aside:
+                _remove_quietly(self.fs, aside, folder=True)
         else:
             if self.exists(rel):
                 self.fs.delete_dir(target)
@@ -180,8 +185,10 @@ class DriverLock:
     """One driver per run: `driver.lock` in the run folder names the driver training it, with a heartbeat
     a thread refreshes every `beat_s`. A resubmitted job (a KubeRay retry, `make submit` again) with the
     same run.name takes the run over once the old driver is gone: at once when its process has exited on
-    this host, else when its heartbeat is `stale_s` old (it may have run on a node that is gone). While
-    the old driver lives, the new one is refused."""
+    this host, else when its heartbeat is `stale_s` old (it may have run on a node that is gone; hosts'
+    clocks are taken to agree, as NTP keeps them). While the old driver lives, the new one is refused.
+    A driver whose lock another driver has taken over (its storage was away for longer than stale_s)
+    learns it at its next beat, and `check` stops it."""
 
     NAME = "driver.lock"
 
@@ -190,17 +197,13 @@ class DriverLock:
 
         self.run, self.stale_s, self.beat_s = run, stale_s, beat_s
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
-        self._stop = None
+        self._stop = self._thread = self.taken_by = None
 
     def holder(self) -> dict | None:
-        """The live driver holding the run, if any (not this process)."""
-        if not self.run.exists(self.NAME):
-            return None
-        try:
-            info = json.loads(self.run.read_text(self.NAME))
-        except (ValueError, OSError):
-            return None  # a half-written lock: its writer did not get far
-        if {k: info.get(k) for k in self.me} == self.me:
+        """The live driver holding the run, if any (not this process). A missing or half-written lock
+        holds nothing: its writer did not get far."""
+        info = self._other()
+        if info is None:
             return None
         if info.get("host") == self.me["host"] and not _alive(int(info.get("pid", -1))):
             return None
@@ -229,10 +232,26 @@ class DriverLock:
                 f"{age:.0f} s ago): stop it first, or pick another run.name"
             )
         self._beat()
+        time.sleep(min(1.0, self.beat_s))  # two drivers that start together: the last to write keeps it
+        other = self._other()
+        if other is not None:
+            raise ConfigError(f"run {self.run}: another driver ({other.get('host')} pid {other.get('pid')}) "
+                              "started on it at the same moment: stop it first, or pick another run.name")
         import threading
 
         self._stop = threading.Event()
-        threading.Thread(target=self._loop, daemon=True, name="driver-lock-heartbeat").start()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="driver-lock-heartbeat")
+        self._thread.start()
+
+    def _other(self) -> dict | None:
+        """The driver the lock file names, when it is not this one."""
+        try:
+            info = json.loads(self.run.read_text(self.NAME)) if self.run.exists(self.NAME) else {}
+        except (ValueError, OSError):
+            return None
+        if not isinstance(info, dict) or not info:
+            return None
+        return None if {k: info.get(k) for k in self.me} == self.me else info
 
     def _beat(self) -> None:
         self.run.write_text(self.NAME, json.dumps({**self.me, "heartbeat": time.time()}))
@@ -240,15 +259,29 @@ class DriverLock:
     def _loop(self) -> None:
         while not self._stop.wait(self.beat_s):
             try:
+                self.taken_by = self._other()
+                if self.taken_by is not None:
+                    return  # another driver has the run now: check() stops this one
                 self._beat()
             except OSError:  # a storage hiccup: the next beat tries again
                 pass
 
+    def check(self) -> None:
+        """RunStopped when another driver has taken the run over."""
+        from opsd_ray.config import RunStopped
+
+        if self.taken_by is not None:
+            raise RunStopped(
+                f"run {self.run} was taken over by another driver ({self.taken_by.get('host')} pid "
+                f"{self.taken_by.get('pid')}): this driver's heartbeat did not reach the run folder for more "
+                f"than {self.stale_s:.0f} s. This one stops; the other continues the run")
+
     def release(self) -> None:
         if self._stop is not None:
             self._stop.set()
+            self._thread.join()  # a beat in progress would write the lock again
         try:
-            if self.run.exists(self.NAME) and self.holder() is None:
+            if self.run.exists(self.NAME) and self._other() is None:
                 self.run.fs.delete_file(self.run.path(self.NAME))
         except OSError:  # left behind, it is taken over: its pid is gone
             pass

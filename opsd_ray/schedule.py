@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from opsd_ray.faults import LearnersLost, is_actor_loss
+from opsd_ray.faults import is_actor_loss
 from opsd_ray.prompts import PromptIds
 from opsd_ray.rollout import RolloutDone, Trajectory
 from opsd_ray.scoring import ScoringItem, split_evenly
@@ -36,7 +36,7 @@ class Rollout:
     version: int  # the adapter version the workers generate it with
     sampler_state: dict  # the sampler before this batch was drawn: a checkpoint of step - 1 stores it
     launched: float = field(default_factory=time.time)
-    pending: dict = field(default_factory=dict)  # stream -> (worker, the request indices it generates)
+    pending: dict = field(default_factory=dict)  # stream -> (worker, its incarnation, the request indices)
     arrived: list = field(default_factory=list)  # (index, Trajectory) read, not yet used
     received: set = field(default_factory=set)  # request indices whose trajectory has come back
 
@@ -55,7 +55,7 @@ def _stream(roles, rollout: Rollout, k: int, indices: list[int]) -> None:
     gen = roles.rollout[k].generate_stream.options(num_returns="streaming").remote(
         [rollout.requests[i] for i in indices]
     )
-    rollout.pending[gen] = (k, indices)
+    rollout.pending[gen] = (k, roles.incarnation("rollout", k), indices)
     roles.busy.start("rollout", k)
 
 
@@ -87,7 +87,7 @@ class _Parts:
         owners = split_evenly(list(range(len(self.bounds))), len(roles.learners))
         self.queue = [list(parts) for parts in owners]  # each learner's parts, in order
         self.frozen: dict[int, object] = {}  # part -> FrozenBatch ref, once scored without error
-        self.scoring: dict = {}  # busy-interval ref -> (part, scoring worker, FrozenBatch ref): in flight
+        self.scoring: dict = {}  # busy-interval ref -> (part, worker, its incarnation, FrozenBatch ref): in flight
         self.learner_calls: list[tuple[int, object]] = []  # (learner rank, ref of accumulate's result)
         self.dispatched = 0
 
@@ -106,19 +106,19 @@ class _Parts:
         a, b = self.bounds[k]
         items = [ScoringItem(self.rollout.prompts[i], self.trajectories[i].response_ids) for i in range(a, b)]
         stats, frozen = self.roles.scoring[w].score_part.options(num_returns=2).remote(items, self.variants)
-        self.scoring[stats] = (k, w, frozen)
+        self.scoring[stats] = (k, w, self.roles.incarnation("scoring", w), frozen)
         self.roles.busy.start("scoring", w)
 
     def scored(self, stats) -> bool:
         """A scoring call finished: True if it succeeded; a lost worker is restarted and the part redone."""
-        k, w, frozen = self.scoring.pop(stats)
+        k, w, sent_at, frozen = self.scoring.pop(stats)
         try:
             interval = self.ray.get(stats)
         except Exception as e:
             if not is_actor_loss(e):
                 raise
             self.roles.busy.abandon("scoring", w)
-            self.roles.replace("scoring", w, e)
+            self.roles.lost("scoring", w, e, sent_at)
             self.score(k, w)
             return False
         self.roles.busy.stop("scoring", w, interval["start"], interval["end"])
@@ -158,7 +158,7 @@ def _read(roles, rollout: Rollout, timeout: float | None, gen=None) -> bool:
         if not ready:
             return False
         gen = ready[0]
-    k, indices = rollout.pending[gen]
+    k, sent_at, indices = rollout.pending[gen]
     try:
         item = ray.get(next(gen))
     except StopIteration:
@@ -169,7 +169,7 @@ def _read(roles, rollout: Rollout, timeout: float | None, gen=None) -> bool:
             raise
         del rollout.pending[gen]
         roles.busy.abandon("rollout", k)
-        roles.replace("rollout", k, e)
+        roles.lost("rollout", k, e, sent_at)
         roles.load_adapter(k, rollout.version)  # the adapter the lost generation used
         missing = [i for i in indices if i not in rollout.received]
         if missing:  # each with its own seed: the same trajectories as if nothing had happened
@@ -224,14 +224,12 @@ def run_step(cfg, roles, rollout: Rollout, variants: tuple[str, ...], diagnostic
             parts.feed_learners()
     scoring_done = time.time()
     parts.feed_learners()  # phases: every part; streaming: what is left
-    try:
-        for r, call in parts.learner_calls:
-            stats = ray.get(call)
-            roles.busy.stop("learner", r, stats["start"], stats["end"])
-        num_tokens = sum(len(t.response_ids) for t in parts.trajectories)
-        steps = ray.get([learner.step.remote(num_tokens) for learner in roles.learners])
-    except Exception as e:  # a lost learner breaks the group's collectives: the driver restarts the group
-        raise LearnersLost(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+    # A lost learner raises LearnersLost here: the driver restarts the group.
+    done = roles.from_learners([call for _, call in parts.learner_calls])
+    for (r, _), stats in zip(parts.learner_calls, done):
+        roles.busy.stop("learner", r, stats["start"], stats["end"])
+    num_tokens = sum(len(t.response_ids) for t in parts.trajectories)
+    steps = roles.from_learners([learner.step.remote(num_tokens) for learner in roles.learners])
     for r, m in enumerate(steps):
         roles.busy.stop("learner", r, m.pop("start"), m.pop("end"))
     return StepResult(parts.trajectories, steps[0], rollout_done, scoring_done, time.time())

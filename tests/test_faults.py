@@ -138,23 +138,57 @@ def test_killed_rollout_and_scoring_workers_are_restarted_and_the_run_is_unchang
     out = capsys.readouterr().out
     assert killed == [(1, "RolloutWorker"), (3, "ScoringWorker")]
     assert "rollout worker 0 was lost" in out and "scoring worker 0 was lost" in out
+    # each loss counts once, however many calls were queued on the worker when it died
+    assert out.count(" was lost (") == 2 and "restart 2 of" not in out, out
     same_run(full, hit)  # every trajectory has its seed, every part is scored as one unit
 
 
-def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(local_ray, tmp_path, small_data, capsys):
+@pytest.mark.parametrize("learners", [1, 2])
+def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(local_ray, tmp_path, small_data, capsys,
+                                                                      learners):
+    """Any member of the group: with 2 learners (gloo), the survivor's collective fails too."""
+    import shutil
+
     from opsd_ray.driver import train
 
+    group = [f"learner.num_workers={learners}"]
     full = train(load_train_config(args_of(tmp_path, small_data, "run.name=full", "train.steps=4",
-                                           "checkpoint.every=2")))
+                                           "checkpoint.every=2", *group)))
+    # A checkpoint of an earlier run under the same name, which checkpoint.resume=never leaves alone:
+    # the restart must not take it.
+    shutil.copytree(full / "checkpoints" / "step_4", tmp_path / "hit" / "checkpoints" / "step_40")
     # killed while step 3 runs, once step 2's checkpoint is complete (its trainer_state.json goes last)
     saved = (tmp_path / "hit" / "checkpoints" / "step_2" / "trainer_state.json").exists
     thread, killed = kill_when(tmp_path / "hit", [(saved, "Learner")])
-    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", "train.steps=4", "checkpoint.every=2")))
+    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", "train.steps=4", "checkpoint.every=2",
+                                          "checkpoint.resume=never", *group)))
     thread.join(timeout=10)
     out = capsys.readouterr().out
     assert killed == [(saved, "Learner")] and "a learner of the group was lost" in out
     assert "the learner group restarted from step 2 (its newest checkpoint); redoing from step 3" in out
+    assert out.count(" was lost (") == 1, out
     same_run(full, hit)
+
+
+def test_a_learner_error_is_that_error_and_a_lost_learner_restarts_the_group(local_ray, tmp_path, small_data):
+    """An error inside a learner call (a bug, an OOM) reaches the user as it is; only a lost learner
+    (dead, or restarted by Ray) turns into a group restart."""
+    from opsd_ray.driver import Roles
+    from opsd_ray.faults import LearnersLost
+
+    roles = Roles(load_train_config(args_of(tmp_path, small_data)), "hf")
+    try:
+        with pytest.raises(ray.exceptions.RayTaskError, match="KeyError"):
+            roles.from_learners([roles.learner.load_checkpoint_files.remote({})])
+        assert not roles.a_learner_was_lost(grace_s=0)
+        ray.kill(roles.learner, no_restart=False)
+        with pytest.raises(LearnersLost):  # a call the dying learner had taken
+            roles.from_learners([roles.learner.load_checkpoint_files.remote({})])
+        assert roles.a_learner_was_lost()
+        roles.restart_learners(RuntimeError("test"))
+        assert not roles.a_learner_was_lost(grace_s=0)
+    finally:
+        roles.shutdown()
 
 
 def test_a_role_that_keeps_losing_workers_stops_the_run(local_ray, tmp_path, small_data, capsys):

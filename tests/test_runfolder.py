@@ -148,6 +148,46 @@ def test_a_live_driver_keeps_the_run_and_a_dead_or_silent_one_is_taken_over(tmp_
     lock.release()
 
 
+def test_of_two_drivers_starting_together_one_keeps_the_run_and_a_driver_taken_over_stops(tmp_path):
+    import json
+    import threading
+    import time
+
+    from opsd_ray.config import ConfigError, RunStopped
+    from opsd_ray.runfolder import DriverLock
+
+    run = RunFolder(str(tmp_path))
+    # b starts while a waits after writing; stale_s=0 lets b pass its first look as if a had not written yet
+    a, b = DriverLock(run, beat_s=0.5), DriverLock(run, stale_s=0, beat_s=0.5)
+    b.me = {"host": "node-b", "pid": 2}
+    outcome = {}
+
+    def start(name, lock, delay):
+        time.sleep(delay)
+        try:
+            lock.acquire()
+            outcome[name] = "runs"
+        except ConfigError as e:
+            outcome[name] = str(e)
+
+    threads = [threading.Thread(target=start, args=("a", a, 0)), threading.Thread(target=start, args=("b", b, 0.1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcome["b"] == "runs" and "node-b pid 2) started on it at the same moment" in outcome["a"]
+
+    # b's storage was away: a third driver took the run over. b learns it at its next beat and stops.
+    run.write_text("driver.lock", json.dumps({"host": "node-c", "pid": 3, "heartbeat": time.time()}))
+    deadline = time.time() + 5
+    while b.taken_by is None and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(RunStopped, match="taken over by another driver .node-c pid 3"):
+        b.check()
+    b.release()
+    assert json.loads(run.read_text("driver.lock"))["host"] == "node-c"  # the new holder's lock stays
+
+
 APPEND_UNDER_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
 from opsd_ray.runfolder import RunFolder, WriteFailed
