@@ -192,10 +192,12 @@ class DriverLock:
 
     NAME = "driver.lock"
 
-    def __init__(self, run: RunFolder, stale_s: float = 90.0, beat_s: float = 15.0):
+    def __init__(self, run: RunFolder, stale_s: float = 90.0, beat_s: float = 15.0, settle_s: float | None = None):
         import socket
 
         self.run, self.stale_s, self.beat_s = run, stale_s, beat_s
+        # how long a write may take to show: a local file at once, an object store's in about a second
+        self.settle_s = settle_s if settle_s is not None else (0.1 if run.is_local else 1.0)
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
         self._stop = self._thread = self.taken_by = None
 
@@ -232,7 +234,7 @@ class DriverLock:
                 f"{age:.0f} s ago): stop it first, or pick another run.name"
             )
         self._beat()
-        time.sleep(min(1.0, self.beat_s))  # two drivers that start together: the last to write keeps it
+        time.sleep(self.settle_s)  # two drivers that start together: the last to write keeps it
         other = self._other()
         if other is not None:
             raise ConfigError(f"run {self.run}: another driver ({other.get('host')} pid {other.get('pid')}) "

@@ -127,47 +127,52 @@ def same_run(a, b, keys=("loss", "jsd", "grad_norm", "num_tokens", "response_len
         assert torch.equal(fb[k], v), k
 
 
-def test_killed_rollout_and_scoring_workers_are_restarted_and_the_run_is_unchanged(local_ray, tmp_path, small_data,
+# One uninterrupted run that the runs with killed workers must equal: 3 steps, a checkpoint at step 2,
+# a group of 2 learners (gloo).
+GROUP_RUN = ("train.steps=3", "checkpoint.every=2", "learner.num_workers=2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(local_ray, tmp_path_factory, small_data):
+    from opsd_ray.driver import train
+
+    return train(load_train_config(args_of(tmp_path_factory.mktemp("full"), small_data, "run.name=full", *GROUP_RUN)))
+
+
+def test_killed_rollout_and_scoring_workers_are_restarted_and_the_run_is_unchanged(uninterrupted, tmp_path, small_data,
                                                                                 capsys):
     from opsd_ray.driver import train
 
-    full = train(load_train_config(args_of(tmp_path, small_data, "run.name=full", "train.steps=5")))
-    thread, killed = kill_when(tmp_path / "hit", [(1, "RolloutWorker"), (3, "ScoringWorker")])
-    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", "train.steps=5")))
+    thread, killed = kill_when(tmp_path / "hit", [(1, "RolloutWorker"), (2, "ScoringWorker")])
+    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", *GROUP_RUN)))
     thread.join(timeout=10)
     out = capsys.readouterr().out
-    assert killed == [(1, "RolloutWorker"), (3, "ScoringWorker")]
+    assert killed == [(1, "RolloutWorker"), (2, "ScoringWorker")]
     assert "rollout worker 0 was lost" in out and "scoring worker 0 was lost" in out
     # each loss counts once, however many calls were queued on the worker when it died
     assert out.count(" was lost (") == 2 and "restart 2 of" not in out, out
-    same_run(full, hit)  # every trajectory has its seed, every part is scored as one unit
+    same_run(uninterrupted, hit)  # every trajectory has its seed, every part is scored as one unit
 
 
-@pytest.mark.parametrize("learners", [1, 2])
-def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(local_ray, tmp_path, small_data, capsys,
-                                                                      learners):
-    """Any member of the group: with 2 learners (gloo), the survivor's collective fails too."""
+def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(uninterrupted, tmp_path, small_data, capsys):
+    """Any member of the group (here one of 2): the survivor's collective fails too."""
     import shutil
 
     from opsd_ray.driver import train
 
-    group = [f"learner.num_workers={learners}"]
-    full = train(load_train_config(args_of(tmp_path, small_data, "run.name=full", "train.steps=4",
-                                           "checkpoint.every=2", *group)))
     # A checkpoint of an earlier run under the same name, which checkpoint.resume=never leaves alone:
     # the restart must not take it.
-    shutil.copytree(full / "checkpoints" / "step_4", tmp_path / "hit" / "checkpoints" / "step_40")
+    shutil.copytree(uninterrupted / "checkpoints" / "step_3", tmp_path / "hit" / "checkpoints" / "step_40")
     # killed while step 3 runs, once step 2's checkpoint is complete (its trainer_state.json goes last)
     saved = (tmp_path / "hit" / "checkpoints" / "step_2" / "trainer_state.json").exists
     thread, killed = kill_when(tmp_path / "hit", [(saved, "Learner")])
-    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", "train.steps=4", "checkpoint.every=2",
-                                          "checkpoint.resume=never", *group)))
+    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", "checkpoint.resume=never", *GROUP_RUN)))
     thread.join(timeout=10)
     out = capsys.readouterr().out
     assert killed == [(saved, "Learner")] and "a learner of the group was lost" in out
     assert "the learner group restarted from step 2 (its newest checkpoint); redoing from step 3" in out
     assert out.count(" was lost (") == 1, out
-    same_run(full, hit)
+    same_run(uninterrupted, hit)
 
 
 def test_a_learner_error_is_that_error_and_a_lost_learner_restarts_the_group(local_ray, tmp_path, small_data):

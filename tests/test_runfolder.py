@@ -158,7 +158,7 @@ def test_of_two_drivers_starting_together_one_keeps_the_run_and_a_driver_taken_o
 
     run = RunFolder(str(tmp_path))
     # b starts while a waits after writing; stale_s=0 lets b pass its first look as if a had not written yet
-    a, b = DriverLock(run, beat_s=0.5), DriverLock(run, stale_s=0, beat_s=0.5)
+    a, b = DriverLock(run, beat_s=0.5, settle_s=0.5), DriverLock(run, stale_s=0, beat_s=0.5, settle_s=0.5)
     b.me = {"host": "node-b", "pid": 2}
     outcome = {}
 
