@@ -151,9 +151,14 @@ class Roles:
 
     def on_learners(self, method: str, *args, num_returns: int = 1):
         """Rank 0's result of a learner method that reads the whole adapter: with fsdp every learner must
-        take part (its weights are sharded over the group), with ddp rank 0 alone has it all."""
+        take part (its weights are sharded over the group), with ddp rank 0 alone has it all. Every
+        member's call is awaited: a lost one is seen at once, not after a collective's timeout. With
+        num_returns > 1: rank 0's first value, and refs to its other values."""
         targets = self.learners if self.fsdp else self.learners[:1]
-        return [getattr(a, method).options(num_returns=num_returns).remote(*args) for a in targets][0]
+        calls = [getattr(a, method).options(num_returns=num_returns).remote(*args) for a in targets]
+        if num_returns == 1:
+            return self.from_learners(calls)[0]
+        return self.from_learners([c[0] for c in calls])[0], *calls[0][1:]
 
     def _start(self, cfg, engine: str, cores: dict[str, list[int]]) -> None:
         import ray
@@ -348,7 +353,6 @@ def sync_adapter(roles: Roles, adapter_conf: dict, dtype: str = "float32", wait:
 
     roles.settle_loads()  # the previous sync's loads (done by now)
     info, state = roles.on_learners("adapter_state", dtype, num_returns=2)
-    (info,) = roles.from_learners([info])
     roles.adapters[info["version"]] = (state, adapter_conf)  # kept: a restarted worker may need it
     for old in sorted(roles.adapters)[:-3]:
         del roles.adapters[old]
@@ -451,7 +455,7 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
                         checkpoint = run, save_checkpoint(cfg, roles, run, step, sampler_state)
                     skips.check(run)
                     lock.check()
-                (adapter_files,) = roles.from_learners([roles.on_learners("adapter_files")])
+                adapter_files = roles.on_learners("adapter_files")
                 break
             except LearnersLost as e:
                 lost = e
@@ -577,7 +581,7 @@ def save_checkpoint(cfg, roles: Roles, run: RunFolder, step: int, sampler_state:
     """Learner rank 0's adapter, optimizer and RNG, written by the driver into its run folder;
     trainer_state.json (step, data position) goes last: it marks the checkpoint complete."""
 
-    (files,) = roles.from_learners([roles.on_learners("checkpoint_files")])
+    files = roles.on_learners("checkpoint_files")
     state = {"step": step, "sampler": sampler_state, "run": cfg.run.name}
     files["trainer_state.json"] = (json.dumps(state, indent=2) + "\n").encode()
     return run.write_files(f"checkpoints/step_{step}", files, last="trainer_state.json")
