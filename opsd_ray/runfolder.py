@@ -83,7 +83,7 @@ class RunFolder:
     def _write_bytes(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
         self.fs.create_dir(posixpath.dirname(target), recursive=True)
-        tmp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = _temp_beside(target)
         dest = tmp if self.is_local else target
         try:
             with self.fs.open_output_stream(dest) as f:
@@ -145,10 +145,9 @@ class RunFolder:
         so it appears complete or not at all. Elsewhere: written in place, `last` (the completion
         marker) after every other file."""
         target = self.path(rel)
-        parent = posixpath.dirname(target)
         order = sorted(files, key=lambda name: name == last)
         if self.is_local:
-            tmp = posixpath.join(parent, f".{posixpath.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp = _temp_beside(target)
             self.fs.create_dir(tmp, recursive=True)
             try:
                 for name in order:
@@ -305,6 +304,11 @@ def jsonl_records(text: str) -> list[dict]:
                 break
             raise
     return records
+
+
+def _temp_beside(target: str) -> str:
+    """A hidden, unique name next to `target`: readers skip it, a rename makes it the target."""
+    return posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
 
 
 def _remove_quietly(fs, path: str, folder: bool) -> None:
