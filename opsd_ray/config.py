@@ -182,6 +182,21 @@ class FaultConfig:
 
 
 @dataclass
+class MarkersConfig:
+    match: str = "substring"  # substring: Kim et al.'s convention, the paper's figures | word: whole words
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False  # also log to Weights & Biases (pip install -e '.[wandb]'; WANDB_MODE=offline works)
+    project: str = "opsd_ray"
+    entity: str | None = None  # None: your W&B default entity
+    name: str | None = None  # None: run.name
+    tags: list[str] = field(default_factory=list)
+    verbose: bool = False  # engine and worker logs on the console too (`opsd-ray train --verbose`)
+
+
+@dataclass
 class RunConfig:
     name: str | None = None  # None: <model>-<data>-<mode>-<timestamp>
     output_dir: str = "runs"
@@ -203,6 +218,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    markers: MarkersConfig = field(default_factory=MarkersConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 CHOICES = {
@@ -217,6 +234,7 @@ CHOICES = {
     "scoring.dtype": ("float32", "bfloat16", "float16"),
     "learner.strategy": ("ddp", "fsdp"),
     "train.schedule": ("streaming", "phases"),
+    "markers.match": ("substring", "word"),
 }
 
 
@@ -460,6 +478,11 @@ def validate_train(cfg: DictConfig) -> None:
         f"rollout.gpus_per_worker=1 (got {ro.gpus_per_worker}); the worker then holds "
         f"{ro.tensor_parallel_size} GPUs",
     )
+    if cfg.logging.wandb:
+        import importlib.util
+
+        _check(importlib.util.find_spec("wandb") is not None,
+               "logging.wandb=true needs wandb: pip install -e '.[wandb]' (or drop logging.wandb)")
     resume = cfg.checkpoint.resume
     _check(
         resume in ("auto", "never") or Path(resume).is_dir(),

@@ -452,7 +452,7 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
                         sampler_state = ahead.sampler_state if ahead else sampler.state_dict()
-                        checkpoint = run, save_checkpoint(cfg, roles, run, step, sampler_state)
+                        checkpoint = run, save_checkpoint(cfg, roles, run, step, sampler_state, log.records())
                     skips.check(run)
                     lock.check()
                 adapter_files = roles.on_learners("adapter_files")
@@ -460,7 +460,7 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
             except LearnersLost as e:
                 lost = e
         bar.close()
-        final = run.write_files("final", adapter_files)
+        final = run.write_files("final", with_card(cfg, adapter_files, cfg.train.steps, log.records()))
     finally:
         if log is not None:
             log.close()
@@ -577,14 +577,24 @@ def restore(roles: Roles, sampler: PromptSampler, checkpoint: tuple[RunFolder, s
     return int(state["step"])
 
 
-def save_checkpoint(cfg, roles: Roles, run: RunFolder, step: int, sampler_state: dict) -> str:
-    """Learner rank 0's adapter, optimizer and RNG, written by the driver into its run folder;
-    trainer_state.json (step, data position) goes last: it marks the checkpoint complete."""
+def save_checkpoint(cfg, roles: Roles, run: RunFolder, step: int, sampler_state: dict,
+                    records: list[dict] = ()) -> str:
+    """Learner rank 0's adapter, optimizer and RNG, written by the driver into its run folder with a
+    model card; trainer_state.json (step, data position) goes last: it marks the checkpoint complete."""
 
-    files = roles.on_learners("checkpoint_files")
+    files = with_card(cfg, roles.on_learners("checkpoint_files"), step, records)
     state = {"step": step, "sampler": sampler_state, "run": cfg.run.name}
     files["trainer_state.json"] = (json.dumps(state, indent=2) + "\n").encode()
     return run.write_files(f"checkpoints/step_{step}", files, last="trainer_state.json")
+
+
+def with_card(cfg, files: dict[str, bytes], step: int, records: list[dict]) -> dict[str, bytes]:
+    """An adapter's files with our model card as README.md (in place of peft's empty template)."""
+    from opsd_ray.modelcard import last_evaluation, model_card
+    from opsd_ray.models import resolve_model_path
+
+    card = model_card(cfg, resolve_model_path(cfg.model), step, last_evaluation(records))
+    return {**files, "README.md": card.encode()}
 
 
 def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
@@ -604,7 +614,8 @@ def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
     )
 
     e, workers = cfg.eval, roles.rollout
-    generation = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p)
+    generation = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+                      marker_match=cfg.markers.match)
     t_start = time.perf_counter()
     records: list[dict] = []
     for bench in e.benchmarks:
@@ -619,7 +630,7 @@ def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
     versions = sorted({r.pop("adapter_version") for r in records})
     settings = eval_settings(str(cfg.model.name), e.n_samples, e.max_new_tokens, e.temperature, e.top_p, e.limit,
                              cfg.run.seed, None, versions[0] if len(versions) == 1 else versions,
-                             rollout_workers=len(workers))
+                             rollout_workers=len(workers), markers=cfg.markers.match)
     summary = finish(records, list(e.benchmarks), settings, time.perf_counter() - t_start, None)
     files = {name: text.encode() for name, text in output_files(records, summary).items()}
     run.write_files(f"eval/step_{step}", files)
@@ -681,7 +692,7 @@ def train_step(cfg, roles: Roles, rollout: Rollout, tok, step: int, version: int
         "time/scoring": result.scoring_done - result.rollout_done,
         "time/learning": result.learning_done - result.scoring_done,
         "time/step": result.learning_done - t0,
-        **marker_record(texts, lengths),
+        **marker_record(texts, lengths, match=cfg.markers.match),
     }
 
 

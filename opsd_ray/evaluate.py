@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from opsd_ray.config import (
     BOXED_INSTRUCTION,
     ConfigError,
+    MarkersConfig,
     ModelConfig,
     RolloutConfig,
     load_preset,
@@ -34,7 +35,7 @@ from opsd_ray.config import (
 )
 from opsd_ray.eval.benchmarks import Problem, check_benchmarks, grades_numbers, load_benchmark
 from opsd_ray.eval.grading import grade, normalize
-from opsd_ray.eval.markers import count_markers, marker_rates
+from opsd_ray.eval.markers import MATCHES, count_markers, marker_rates
 from opsd_ray.eval.metrics import avg_at_k, maj_at_k, mean_pass_at_k
 from opsd_ray.prompts import chat_prompt_ids
 
@@ -53,7 +54,8 @@ def prompt_ids(tokenizer, model_cfg, problem: Problem, enable_thinking: bool | N
 
 
 def grade_sample(
-    benchmark: str, problem: Problem, sample: int, seed: int, text: str, num_tokens: int, finish_reason: str
+    benchmark: str, problem: Problem, sample: int, seed: int, text: str, num_tokens: int, finish_reason: str,
+    marker_match: str = "substring",
 ) -> dict:
     """One line of generations.jsonl."""
     g = grade(text, problem.answer, last_number=grades_numbers(benchmark))
@@ -68,7 +70,7 @@ def grade_sample(
         "grading_error": g.error,
         "num_tokens": num_tokens,
         "finish_reason": finish_reason,
-        "markers": count_markers(text),
+        "markers": count_markers(text, marker_match),
         "response": text,
     }
 
@@ -136,7 +138,7 @@ def eval_jobs(benchmark: str, n_samples: int, limit: int | None, seed: int,
 
 
 def run_jobs(engine, tokenizer, model_cfg, jobs: list[EvalJob], *, max_new_tokens: int, temperature: float,
-             top_p: float, enable_thinking: bool | None = None) -> list[dict]:
+             top_p: float, enable_thinking: bool | None = None, marker_match: str = "substring") -> list[dict]:
     """Generate every job with `engine` (one batch) and grade it: the generations.jsonl records, in order."""
     prompts = {}
     for j in jobs:
@@ -147,7 +149,7 @@ def run_jobs(engine, tokenizer, model_cfg, jobs: list[EvalJob], *, max_new_token
                               max_new_tokens, temperature, top_p)
     return [
         grade_sample(j.benchmark, j.problem, j.sample, j.seed, tokenizer.decode(ids, skip_special_tokens=True),
-                     len(ids), finish)
+                     len(ids), finish, marker_match)
         for j, (ids, finish) in zip(jobs, outputs, strict=True)
     ]
 
@@ -178,6 +180,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
     settings: dict | None = None,
+    marker_match: str = "substring",
 ) -> dict:
     """Generate `n_samples` per problem with `engine`, grade them, return the summary dict.
 
@@ -194,11 +197,11 @@ def evaluate(
         t0 = time.perf_counter()
         part = run_jobs(engine, tokenizer, model_cfg, eval_jobs(bench, n_samples, limit, seed, instruction),
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        enable_thinking=enable_thinking)
+                        enable_thinking=enable_thinking, marker_match=marker_match)
         records += part
         log(benchmark_line(bench, part, time.perf_counter() - t0))
     run_settings = eval_settings(str(model_cfg.name), n_samples, max_new_tokens, temperature, top_p, limit, seed,
-                                 enable_thinking, adapter_version, **(settings or {}))
+                                 enable_thinking, adapter_version, markers=marker_match, **(settings or {}))
     return finish(records, list(benchmarks), run_settings, time.perf_counter() - t_start, out_dir)
 
 
@@ -291,6 +294,7 @@ class EvalArgs:
     out: str | None = None  # None: runs/eval-<model>-<time>
     seed: int = 0
     enable_thinking: bool | None = None  # None: the model preset's
+    markers: MarkersConfig = field(default_factory=MarkersConfig)  # markers.match=substring|word
 
 
 def parse_eval_args(args: list[str]) -> tuple[DictConfig, DictConfig, DictConfig]:
@@ -306,7 +310,7 @@ def parse_eval_args(args: list[str]) -> tuple[DictConfig, DictConfig, DictConfig
         (sections[prefix] if prefix else plain)[key.removeprefix(prefix or "")] = value
     schema = OmegaConf.structured(EvalArgs)
     for key in plain:
-        if key not in schema:
+        if key.split(".")[0] not in schema:
             hint = difflib.get_close_matches(key, list(schema), n=1)
             raise ConfigError(
                 f"unknown eval key '{key}'"
@@ -339,6 +343,7 @@ def validate_eval_args(ev: DictConfig) -> None:
         (0 < ev.top_p <= 1, f"top_p must be in (0, 1] (got {ev.top_p})"),
         (ev.limit is None or ev.limit >= 1, f"limit must be >= 1 (got {ev.limit})"),
         (ev.engine in ("auto", "vllm", "hf"), f"engine={ev.engine!r} is not one of: auto, vllm, hf"),
+        (ev.markers.match in MATCHES, f"markers.match={ev.markers.match!r} is not one of: {', '.join(MATCHES)}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -410,6 +415,7 @@ def main(args: list[str]) -> int:
         out_dir=out,
         log=lambda m: print(m, flush=True),
         settings={"adapter": ev.adapter, "engine": engine_name, "model_path": str(model_cfg.path)},
+        marker_match=ev.markers.match,
     )
     print(markdown_table(summary), end="")
     print(f"wrote {out / 'generations.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}", flush=True)

@@ -9,6 +9,7 @@ config.yaml for the label (objective.mode and model.name). Several runs share th
     decomposition.png  cos(Δ_total, Δ_ref), cos(Δ_total, Δ_it) and the norm fractions against step (Fig. 3)
     training.png       loss, jsd, student_entropy, kl_target_base against step
     summary.md         a table per run and the four plots
+    table.md           the runs as the paper's Table 1: best checkpoint's avg@k per benchmark and mean
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opsd_ray.config import ConfigError
-from opsd_ray.eval.markers import MARKERS
+from opsd_ray.eval.markers import MARKERS, describe
+from opsd_ray.results_table import table_markdown
 from opsd_ray.runfolder import jsonl_records
 
 _AVG_KEY = re.compile(r"^eval/([^/]+)/avg@(\d+)$")
@@ -32,6 +34,12 @@ class Run:
     folder: Path
     label: str
     records: dict[int, dict] = field(default_factory=dict)  # step -> every metric logged at that step
+    config: dict = field(default_factory=dict)  # config.yaml, flat dotted keys
+
+    @property
+    def marker_match(self) -> str:
+        """markers.match of the run (runs from before the setting counted whole words)."""
+        return str(self.config.get("markers.match") or "word")
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         pts = [
@@ -61,19 +69,25 @@ def load_run(folder: str | Path) -> Run:
         rec = records.setdefault(step, {"step": step})
         for k, v in eval_log_record(json.loads(path.read_text())).items():
             rec.setdefault(k, v)
-    return Run(folder, run_label(folder), records)
+    config = run_config(folder)
+    return Run(folder, run_label(folder, config), records, config)
 
 
-def run_label(folder: Path) -> str:
+def run_config(folder: Path) -> dict:
+    """The run's config.yaml as flat dotted keys ({} without one)."""
+    from omegaconf import OmegaConf
+
+    from opsd_ray.config import _flatten
+
+    path = folder / "config.yaml"
+    return _flatten(OmegaConf.to_container(OmegaConf.load(path))) if path.is_file() else {}
+
+
+def run_label(folder: Path, config: dict) -> str:
     """'<objective.mode> · <model.name>' from config.yaml, else the folder name."""
-    cfg = folder / "config.yaml"
-    if cfg.is_file():
-        from omegaconf import OmegaConf
-
-        c = OmegaConf.load(cfg)
-        mode, model = OmegaConf.select(c, "objective.mode"), OmegaConf.select(c, "model.name")
-        if mode or model:
-            return " · ".join(str(x) for x in (mode, model) if x)
+    mode, model = config.get("objective.mode"), config.get("model.name")
+    if mode or model:
+        return " · ".join(str(x) for x in (mode, model) if x)
     return folder.name
 
 
@@ -102,6 +116,14 @@ def benchmarks_of(runs: list[Run]) -> list[tuple[str, str]]:
     if len(pairs) > 1 and any(run.has("eval/mean/avg") for run in runs):
         pairs.append(("mean", "eval/mean/avg"))
     return pairs
+
+
+def marker_rule(runs: list[Run]) -> str:
+    """How the runs' markers were counted (markers.match), for titles."""
+    rules = sorted({run.marker_match for run in runs})
+    if len(rules) > 1:
+        return "counted differently: " + ", ".join(f"{r.label}: {describe(r.marker_match)}" for r in runs)
+    return "counted as " + describe(rules[0])
 
 
 def marker_source(runs: list[Run]) -> tuple[str, str]:
@@ -239,7 +261,7 @@ def plot_markers(runs: list[Run], path: Path) -> None:
     else:
         _empty(ax_b, "no marker records")
     ax_b.set_title("Per marker: first (hatched) vs last step")
-    fig.suptitle(f"Epistemic markers on {source} (whole words, case-insensitive)")
+    fig.suptitle(f"Epistemic markers on {source} ({marker_rule(runs)})")
     _save(fig, path)
 
 
@@ -346,7 +368,7 @@ def summary_markdown(runs: list[Run], images: list[str]) -> str:
     prefix, source = marker_source(runs)
     lines += [
         "",
-        f"Epistemic markers on {source} (whole words, case-insensitive), per response: first → last.",
+        f"Epistemic markers on {source} ({marker_rule(runs)}), per response: first → last.",
         "",
         "| run | total | " + " | ".join(MARKERS) + " |",
         "|---|---|" + "---|" * len(MARKERS),
@@ -386,6 +408,7 @@ def report(folders: list[str | Path], out: str | Path | None = None) -> Path:
     for name, fn in plots.items():
         fn(runs, out / name)
     (out / "summary.md").write_text(summary_markdown(runs, list(plots)))
+    (out / "table.md").write_text(table_markdown(runs))
     return out
 
 
@@ -400,5 +423,6 @@ def main(args: list[str]) -> int:
             "[runs/<b> ...] [out=<folder>]"
         )
     out = report(folders, options.get("out"))
-    print(f"report: {out / 'summary.md'} and {', '.join(sorted(p.name for p in out.glob('*.png')))}")
+    print(f"report: {out / 'summary.md'}, {out / 'table.md'} and "
+          f"{', '.join(sorted(p.name for p in out.glob('*.png')))}")
     return 0

@@ -112,3 +112,47 @@ def test_bad_arguments(tmp_path):
         main([])
     with pytest.raises(ConfigError, match="unknown report option"):
         main([str(tmp_path), "outt=x"])
+
+
+def with_accuracy(folder, curve):
+    """Rewrite a run's evaluations: step -> (aime24, hmmt25) avg@12."""
+    from opsd_ray.evaluate import eval_log_record
+
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for rec in records:
+        for k in [k for k in rec if k.startswith("eval/")]:
+            del rec[k]
+        if rec["step"] in curve:
+            rec.update(eval_log_record(fake_summary(*curve[rec["step"]], markers=3)))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def table_rows(md):
+    return [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| tiny")]
+
+
+def test_table_md_holds_each_runs_best_checkpoint_as_the_papers_table_1(tmp_path):
+    """Base row from step 0; each run's row is the checkpoint with the best mean avg@k (not its last, and
+    not the best of each column taken from different checkpoints)."""
+    pmi = with_accuracy(make_run(tmp_path / "pmi", "pmi"),
+                        {0: (0.30, 0.10), 4: (0.40, 0.20), 8: (0.50, 0.12), 12: (0.35, 0.25)})
+    std = with_accuracy(make_run(tmp_path / "std", "standard"),
+                        {0: (0.30, 0.10), 4: (0.32, 0.11), 8: (0.28, 0.09), 12: (0.20, 0.05)})
+    assert main([str(pmi), str(std), f"out={tmp_path / 'rep'}"]) == 0
+    md = (tmp_path / "rep" / "table.md").read_text()
+    assert "| model | method | run | aime24 (avg@12) | hmmt25 (avg@12) | mean | step |" in md
+    assert table_rows(md) == [
+        ["tiny", "Base", "pmi (step 0)", "30.0", "10.0", "20.0", "0"],  # once for the model
+        ["tiny", "OPSD-PMI", "pmi", "50.0", "12.0", "31.0", "8"],  # mean 0.31 at step 8 beats 0.30 and 0.30 (hmmt alone peaks at 12)
+        ["tiny", "OPSD-Standard", "std", "32.0", "11.0", "21.5", "4"],
+    ]
+
+
+def test_table_md_of_runs_without_evaluation_says_so(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    md = (report([folder]) / "table.md").read_text()
+    assert "No run has an evaluation" in md
