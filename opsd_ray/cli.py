@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from opsd_ray.config import ConfigError, RunStopped, known_presets, load_train_config, parse_overrides
 
 
-def _train(args: list[str], show_config: bool) -> int:
-    cfg = load_train_config(args)
+def _train(args: list[str], show_config: bool, verbose: bool = False) -> int:
+    cfg = load_train_config([*args, "logging.verbose=true"] if verbose else args)
     if show_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train with OPSD (pmi or standard mode)")
     train.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--verbose", action="store_true",
+                       help="engine and worker logs on the console too (they always go to runs/<name>/logs/)")
     sub.add_parser("eval", help="evaluate a model or adapter on math benchmarks")
     sub.add_parser("prepare-data", help="validate a data source and write a clean parquet file")
     sub.add_parser("plan", help="print the memory and GPU plan of a setting")
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         if ns.command == "train":
-            return _train(ns.overrides, ns.show_config)
+            return _train(ns.overrides, ns.show_config, ns.verbose)
         if ns.command == "prepare-data":
             return _prepare_data(ns.overrides)
         if ns.command == "plan":

@@ -78,17 +78,18 @@ def runtime_env() -> dict:
     return {"env_vars": env_vars}
 
 
-def init_ray(cfg) -> None:
-    """Join $RAY_ADDRESS / ray.address when given, else start local Ray (dashboard off, loopback only)."""
+def init_ray(cfg) -> bool:
+    """Join $RAY_ADDRESS / ray.address when given, else start local Ray (dashboard off, loopback only).
+    False when this process was already connected to Ray (the caller's to stop)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = runtime_env()
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
-        return
+        ray.init(address=address, runtime_env=env, log_to_driver=True, configure_logging=False)
+        return True
     # Local: logical CPUs may exceed the physical ones so fractional roles always fit on one machine.
     need = sum(r.total()[0] for r in role_requests(cfg))
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
@@ -101,6 +102,7 @@ def init_ray(cfg) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
+    return True
 
 
 def placed(actor_cls, request: RoleRequest, index: int, pg, max_restarts: int = 0):

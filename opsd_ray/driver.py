@@ -15,7 +15,6 @@ adapter k-1 while step k learns (one-step-off). The driver owns the run folder (
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from opsd_ray.cluster import check_fits, init_ray, placed, role_placement_group, role_requests
 from opsd_ray.config import RunStopped
+from opsd_ray.console import engine_logs, say
 from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.eval.markers import marker_record
 from opsd_ray.faults import Faults, LearnersLost, actor_state, is_actor_loss
@@ -31,6 +31,7 @@ from opsd_ray.prompts import build_prompt_ids
 from opsd_ray.runfolder import DriverLock, RunFolder, WriteFailed
 from opsd_ray.schedule import BusyLog, Rollout, drain, launch_rollout, run_step
 from opsd_ray.scoring import VARIANTS
+from opsd_ray.tracking import MetricsLog
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -47,81 +48,6 @@ def latest_checkpoint(run: RunFolder) -> str | None:
              and run.exists(f"checkpoints/{n}/trainer_state.json")]
     newest = max(steps, key=lambda n: int(n.split("_")[1]), default=None)
     return f"checkpoints/{newest}" if newest else None
-
-
-class MetricsLog:
-    """metrics.jsonl (one record per step) and TensorBoard scalars, in the run folder."""
-
-    def __init__(self, run: RunFolder, keep_until_step: int):
-        self.run, self.name = run, "metrics.jsonl"
-        self.truncate_file(keep_until_step)  # a resumed run drops what was logged after its checkpoint
-        # TensorBoard writes local files: into the run folder, or a staging folder copied there
-        self.tb_dir = run.local_path("tensorboard") or Path(tempfile.mkdtemp(prefix="opsd_ray_tb_"))
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.tb_dir), purge_step=keep_until_step + 1)
-            _quiet_tensorboard_thread_errors()
-        except ImportError:  # tensorboard is a dependency; stay usable without it
-            print("tensorboard not installed: metrics go to metrics.jsonl only")
-
-    def log(self, record: dict) -> None:
-        self.run.append_text(self.name, json.dumps(record) + "\n")
-        if self.tb:
-            try:
-                for k, v in record.items():
-                    if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                        self.tb.add_scalar(k.replace(".", "/"), v, record["step"])
-                self.tb.flush()
-            except OSError as e:  # TensorBoard writes from a thread and re-raises its error here
-                self.close()
-                self.tb = None
-                raise WriteFailed(f"writing {self.tb_dir} failed: {type(e).__name__}: {e}") from e
-            if not self.run.is_local:
-                for f in self.tb_dir.iterdir():
-                    self.run.write_bytes(f"tensorboard/{f.name}", f.read_bytes())
-
-    def records(self) -> list[dict]:
-        return self.run.read_jsonl(self.name)
-
-    def truncate_file(self, step: int) -> None:
-        kept = [r for r in self.run.read_jsonl(self.name) if r.get("step", 0) <= step]
-        self.run.write_text(self.name, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def truncate(self, step: int) -> None:
-        """Drop what was logged after `step` (a learner group restarted from that step's checkpoint)."""
-        self.truncate_file(step)
-        if self.tb:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.close()
-            self.tb = SummaryWriter(str(self.tb_dir), purge_step=step + 1)
-
-    def close(self) -> None:
-        if self.tb:
-            try:
-                self.tb.close()
-            except OSError:  # a full disk: the write that failed first has already stopped the run
-                pass
-
-
-def _quiet_tensorboard_thread_errors() -> None:
-    """TensorBoard's writer thread re-raises a failed write, which Python prints as a traceback; the
-    main thread gets the same error at its next flush and stops the run with a message instead."""
-    import threading
-
-    previous = threading.excepthook
-    if getattr(previous, "opsd_ray", False):
-        return
-
-    def hook(args):
-        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
-            return
-        previous(args)
-
-    hook.opsd_ray = True
-    threading.excepthook = hook
 
 
 # ----------------------------------------------------------------------------- roles
@@ -318,7 +244,7 @@ class Roles:
         try:  # the rollout workers delete their adapter folders
             ray.get([w.close.remote() for w in self.rollout], timeout=10)
         except Exception as e:  # a dead or busy worker must not keep the others alive
-            print(f"note: a rollout worker did not remove its adapter folder ({type(e).__name__})", flush=True)
+            say(f"note: a rollout worker did not remove its adapter folder ({type(e).__name__})")
         for a in [*self.rollout, *self.scoring, *self.learners]:
             ray.kill(a)
         for pg in self.pgs.values():
@@ -405,7 +331,7 @@ def resume_hint(run: RunFolder) -> str:
 
 
 def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
-    from tqdm import tqdm
+    import ray
 
     from opsd_ray.config import config_yaml
     from opsd_ray.models import load_tokenizer
@@ -418,21 +344,40 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
     print(report.summary(), flush=True)
     engine = pick_engine(cfg.rollout.engine, cfg.model.lora.r)
     sampler = PromptSampler(examples, cfg.train.batch_size, seed=cfg.run.seed)
-    one_step_off = cfg.rollout.max_staleness == 1
+    with engine_logs(run, cfg.logging.verbose) as logs_at:
+        started_ray = init_ray(cfg)
+        try:
+            final = train_loop(cfg, run, lock, engine, sampler, tok)
+        finally:
+            if started_ray:  # stopped here, so that its last worker lines reach the log file
+                ray.shutdown()
+    print(f"\ndone: {cfg.train.steps} steps", flush=True)
+    places = {"metrics": run.uri("metrics.jsonl"), "tensorboard": run.uri("tensorboard"), "wandb": wandb_where(cfg, run),
+              "adapter": f"{final} (README.md: its model card)", "checkpoints": run.uri("checkpoints"),
+              "report": write_report(run), "logs": logs_at, "config": run.uri("config.yaml")}
+    for name, where in places.items():
+        if where:
+            print(f"  {name + ':':<13}{where}", flush=True)
+    return run.local_path() or str(run)
 
-    init_ray(cfg)
-    roles = Roles(cfg, engine)
-    log = None
+
+def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: PromptSampler, tok) -> str:
+    """Start the roles and run the steps (restarting the learner group when one is lost); returns
+    where the final adapter was written."""
+    from tqdm import tqdm
+
+    one_step_off = cfg.rollout.max_staleness == 1
     fresh = sampler.state_dict()
     checkpoint = start_checkpoint(cfg, run)  # the newest this job may restart its learners from
+    log = MetricsLog(run, keep_until_step=checkpoint_step(checkpoint), cfg=cfg)  # first: W&B login problems
+    roles = None
     try:
+        roles = Roles(cfg, engine)
         start = restore(roles, sampler, checkpoint, fresh)
-        log = MetricsLog(run, keep_until_step=start)
         adapter_conf, dtype = adapter_config(cfg), adapter_dtype(cfg, engine)
-        print(f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} "
-              f"engine={engine} schedule={cfg.train.schedule}{' one-step-off' if one_step_off else ''}; "
-              f"{roles.where()}", flush=True)
-        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
+        say(f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} "
+            f"engine={engine} schedule={cfg.train.schedule}{' one-step-off' if one_step_off else ''}; {roles.where()}")
+        bar = tqdm(total=cfg.train.steps, initial=start, desc="step", unit="step", dynamic_ncols=True)
         lost = None
         while True:
             try:
@@ -460,18 +405,42 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
             except LearnersLost as e:
                 lost = e
         bar.close()
-        final = run.write_files("final", with_card(cfg, adapter_files, cfg.train.steps, log.records()))
+        return run.write_files("final", with_card(cfg, adapter_files, cfg.train.steps, log.records()))
     finally:
-        if log is not None:
-            log.close()
-        roles.shutdown()
-    print(
-        f"\ndone: {cfg.train.steps} steps\n  metrics:     {run.uri('metrics.jsonl')}\n"
-        f"  tensorboard: {run.uri('tensorboard')}\n  adapter:     {final}\n"
-        f"  checkpoints: {run.uri('checkpoints')}\n  config:      {run.uri('config.yaml')}",
-        flush=True,
-    )
-    return run.local_path() or str(run)
+        log.close()
+        if roles is not None:
+            roles.shutdown()
+
+
+def write_report(run: RunFolder) -> str | None:
+    """The run's plots, summary.md and table.md (`opsd-ray report` of it) in <run>/report/."""
+    from opsd_ray.report import report
+
+    try:
+        local = run.local_path()
+        if local is not None:
+            return str(report([local]) / "summary.md")
+        with tempfile.TemporaryDirectory() as tmp:  # a remote run folder: render locally, then copy
+            copy = Path(tmp) / Path(str(run)).name
+            copy.mkdir()
+            for name in ("metrics.jsonl", "config.yaml"):
+                (copy / name).write_bytes(run.read_text(name).encode())
+            out = report([copy], Path(tmp) / "report")
+            run.write_files("report", {f.name: f.read_bytes() for f in out.iterdir()})
+        return run.uri("report/summary.md")
+    except Exception as e:  # the run itself is complete: say so, and how to make the report again
+        say(f"warning: the report was not written ({type(e).__name__}: {e}); `opsd-ray report {run.uri()}` "
+            "makes it")
+        return None
+
+
+def wandb_where(cfg, run: RunFolder) -> str | None:
+    if not cfg.logging.wandb:
+        return None
+    run_id = run.read_text("wandb_id.txt").strip()
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+        return f"{run.uri('wandb')} (offline run {run_id}: `wandb sync` uploads it)"
+    return f"project {cfg.logging.project}, run {run_id}"
 
 
 def recover(roles: Roles, sampler: PromptSampler, log: MetricsLog, checkpoint, fresh: dict,
@@ -483,8 +452,8 @@ def recover(roles: Roles, sampler: PromptSampler, log: MetricsLog, checkpoint, f
     start = restore(roles, sampler, checkpoint, fresh)
     log.truncate(start)
     origin = f"step {start} (its newest checkpoint)" if checkpoint else "the start (no checkpoint yet)"
-    print(f"a learner was lost after step {at} was logged: the learner group restarted from {origin}; "
-          f"redoing from step {start + 1} ({max(at - start, 0)} logged step(s) lost)", flush=True)
+    say(f"a learner was lost after step {at} was logged: the learner group restarted from {origin}; "
+        f"redoing from step {start + 1} ({max(at - start, 0)} logged step(s) lost)")
     return start
 
 
@@ -531,8 +500,7 @@ class SkipCounter:
         if skipped:
             self.total += 1
             self.streak.append(step)
-            print(f"step {step}: non-finite loss or gradient norm, update skipped (the adapter is unchanged)",
-                  flush=True)
+            say(f"warning: step {step}: non-finite loss or gradient norm, update skipped (the adapter is unchanged)")
         else:
             self.streak = []
         return self.total
@@ -559,6 +527,14 @@ def start_checkpoint(cfg, run: RunFolder) -> tuple[RunFolder, str] | None:
     return RunFolder(cfg.checkpoint.resume), ""
 
 
+def checkpoint_step(checkpoint: tuple[RunFolder, str] | None) -> int:
+    """The step a checkpoint was saved after (0 without one)."""
+    if checkpoint is None:
+        return 0
+    source, rel = checkpoint
+    return int(json.loads(source.read_text(f"{rel}/trainer_state.json" if rel else "trainer_state.json"))["step"])
+
+
 def restore(roles: Roles, sampler: PromptSampler, checkpoint: tuple[RunFolder, str] | None, fresh: dict) -> int:
     """Learners and sampler as `checkpoint` left them; the step to continue after (0 without one: the
     sampler goes back to `fresh`, its initial state, and the learners are at their initial weights)."""
@@ -573,7 +549,7 @@ def restore(roles: Roles, sampler: PromptSampler, checkpoint: tuple[RunFolder, s
     shared = ray.put(files)
     roles.from_learners([learner.load_checkpoint_files.remote(shared) for learner in roles.learners])
     sampler.load_state_dict(state["sampler"])
-    print(f"resumed from {source.uri(rel)} (step {state['step']})", flush=True)
+    say(f"resumed from {source.uri(rel)} (step {state['step']})")
     return int(state["step"])
 
 
@@ -610,6 +586,7 @@ def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
         eval_log_record,
         eval_settings,
         finish,
+        markdown_table,
         output_files,
     )
 
@@ -626,7 +603,7 @@ def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
         part = sorted((dict(r, rollout_worker=k) for k in shares for r in got[k]),
                       key=lambda r: (r["problem_id"], r["sample"]))
         records += part
-        print(benchmark_line(bench, part, time.perf_counter() - t0), flush=True)
+        say(benchmark_line(bench, part, time.perf_counter() - t0))
     versions = sorted({r.pop("adapter_version") for r in records})
     settings = eval_settings(str(cfg.model.name), e.n_samples, e.max_new_tokens, e.temperature, e.top_p, e.limit,
                              cfg.run.seed, None, versions[0] if len(versions) == 1 else versions,
@@ -634,6 +611,7 @@ def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
     summary = finish(records, list(e.benchmarks), settings, time.perf_counter() - t_start, None)
     files = {name: text.encode() for name, text in output_files(records, summary).items()}
     run.write_files(f"eval/step_{step}", files)
+    say(f"evaluation at step {step} ({run.uri(f'eval/step_{step}')}):\n{markdown_table(summary).rstrip()}")
     return {**eval_log_record(summary), "time/eval": time.perf_counter() - t_start}
 
 

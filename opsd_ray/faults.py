@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 
+from opsd_ray.console import say
+
 
 class LearnersLost(Exception):
     """A learner of the group died (or a collective with it failed) during a step."""
@@ -45,8 +47,8 @@ class Faults:
         n = self.counts[role] = self.counts.get(role, 0) + 1
         detail = " ".join(str(error).split())[:200]
         if n <= self.max_restarts:
-            print(f"{what} was lost ({type(error).__name__}: {detail}); restart {n} of {self.max_restarts} "
-                  f"for the {role} role", flush=True)
+            say(f"warning: {what} was lost ({type(error).__name__}: {detail}); restart {n} of {self.max_restarts} "
+                f"for the {role} role")
         else:
             raise RunStopped(
                 f"the {role} role lost workers {n} times (fault.max_restarts={self.max_restarts}); the last: "

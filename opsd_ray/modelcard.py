@@ -44,6 +44,8 @@ def last_evaluation(records: list[dict]) -> tuple[int, dict] | None:
 def model_card(cfg, base_model: str, step: int, last_eval: tuple[int, dict] | None = None) -> str:
     """The card of the adapter after `step` steps; `last_eval` is (step, flat eval record) if any.
     `base_model` is the resolved model path (a Hub id, or a local folder the header leaves out)."""
+    from opsd_ray.rollout import vllm_max_lora_rank
+
     o, lora = cfg.objective, cfg.model.lora
     meta = {
         "library_name": "peft",
@@ -106,7 +108,8 @@ def model_card(cfg, base_model: str, step: int, last_eval: tuple[int, dict] | No
         "Served with vLLM:",
         "",
         "```bash",
-        f"vllm serve {base_model} --enable-lora --max-lora-rank {max(lora.r, 8)} --lora-modules {name}=<this folder>",
+        f"vllm serve {base_model} --enable-lora --max-lora-rank {vllm_max_lora_rank(lora.r)} "
+        f"--lora-modules {name}=<this folder>",
         "```",
         "",
         "## Method",

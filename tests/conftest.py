@@ -22,3 +22,54 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     return subprocess.run(
         [sys.executable, "-m", "opsd_ray", *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+def wandb_records(folder: Path) -> list:
+    """Every record W&B wrote into the offline runs under `folder` (its .wandb files, in run order).
+
+    A .wandb file is W&B's header (":W&B", magic, version: 7 bytes) and then LevelDB's log format:
+    32 KiB blocks of chunks (crc32 4, length 2, type 1; FULL=1 FIRST=2 MIDDLE=3 LAST=4), each record a
+    protobuf Record. Read here because W&B >= 0.20 has no Python reader of its own files."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out = []
+    for path in sorted(Path(folder).glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, buf = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B", path
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            buf += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):
+                record = pb.Record()
+                record.ParseFromString(buf)
+                out.append(record)
+                buf = b""
+    return out
+
+
+def wandb_history(folder: Path) -> list[dict]:
+    """The metrics W&B holds for the offline runs under `folder`: one dict per logged step."""
+    import json
+
+    rows = []
+    for r in wandb_records(folder):
+        if r.WhichOneof("record_type") == "history":
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            rows.append({k: v for k, v in row.items() if not k.startswith("_") or k == "_step"})
+    return rows
+
+
+def wandb_config(folder: Path) -> dict:
+    """The config of the first offline run under `folder` (W&B keeps nested sections as JSON)."""
+    import json
+
+    for r in wandb_records(folder):
+        if r.WhichOneof("record_type") == "run":
+            return {i.key: json.loads(i.value_json) for i in r.run.config.update}
+    return {}
