@@ -119,7 +119,8 @@ class WandbRun:
                 "Log in (`wandb login`, or WANDB_API_KEY), check logging.entity / logging.project, or set "
                 "WANDB_MODE=offline to keep the run in the run folder (`wandb sync` uploads it later)"
             ) from None
-        say(f"W&B run {run_id}: " + (self.run.url or f"offline, in {Path(self.run.dir).parent} (`wandb sync` uploads it)"))
+        where = f"offline, in {Path(self.run.dir).parent} (`wandb sync` uploads it)" if self.run.offline else self.run.url
+        say(f"W&B run {run_id}: {where}")
 
     def log(self, record: dict) -> None:
         if record["step"] > self.sent_step:

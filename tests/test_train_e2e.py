@@ -218,12 +218,57 @@ def test_killed_driver_resumes_to_the_same_metrics(uninterrupted, tmp_path, smal
             assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), (ra["step"], k)
 
 
-def test_make_train_leaves_metrics_and_an_adapter(tmp_path):
+def test_make_train_shows_a_console_for_people_and_leaves_report_card_and_wandb(tmp_path):
+    """The CPU default through `make train` (vLLM when installed), with evaluation and W&B offline: the
+    console holds what a person needs and no engine dump; the run folder holds the metrics, the
+    adapter with its model card, the report with table.md, the engine log and the W&B run."""
+    import yaml
+    from conftest import wandb_history
+
+    env = dict(os.environ, WANDB_MODE="offline")
     r = subprocess.run(["make", "--no-print-directory", "-s", "train", "MODEL=tiny", "DATA=gsm8k", "STEPS=2", "RUN=mk",
-                        f"ARGS=run.output_dir={tmp_path} rollout.engine=hf ray.num_cpus=4"],
-                       capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    records = read_metrics(tmp_path / "mk")
-    assert [x["step"] for x in records] == [1, 2] and all(math.isfinite(x["loss"]) for x in records)
-    assert (tmp_path / "mk" / "final" / "adapter_model.safetensors").exists()
-    assert "adapter:" in r.stdout
+                        f"ARGS=run.output_dir={tmp_path} ray.num_cpus=4 eval.every=2 eval.benchmarks=[gsm8k] "
+                        "eval.limit=2 eval.n_samples=2 eval.max_new_tokens=8 checkpoint.every=1 logging.wandb=true"],
+                       capture_output=True, text=True, timeout=900, env=env,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    console = r.stdout + r.stderr
+    assert r.returncode == 0, console[-3000:]
+    folder = tmp_path / "mk"
+    records = read_metrics(folder)
+    assert [x["step"] for x in records] == [0, 1, 2] and all(math.isfinite(x["loss"]) for x in records[1:])
+
+    # the console: what runs where, the evaluation tables, where everything is; no engine chatter
+    for wanted in ("data: ", "run mk: model=tiny", "evaluation at step 2", "| gsm8k | 2 | 2 |", "done: 2 steps",
+                   f"report:      {folder / 'report' / 'summary.md'}", f"logs:        {folder / 'logs' / 'engines.log'}"):
+        assert wanted in console, wanted
+    assert console.count("engine and worker logs:") == 1
+    for chatter in ("non-default args", "Initializing a V1 LLM engine", "Loading weights", "pid=", "Token authentication",
+                    "\nwandb: "):  # W&B's own lines start with "wandb: "
+        assert chatter not in console, chatter
+    engine_log = (folder / "logs" / "engines.log").read_text()
+    assert "(RolloutWorker pid=" in engine_log and "(ScoringWorker pid=" in engine_log
+    if vllm_available():
+        assert "Initializing a V1 LLM engine" in engine_log
+
+    # the report of the run, with the Table-1 view (Base: step 0)
+    assert {"summary.md", "table.md", "accuracy.png", "markers.png"} <= {p.name for p in (folder / "report").iterdir()}
+    table = (folder / "report" / "table.md").read_text()
+    assert "| tiny | Base | mk (step 0) |" in table and "| tiny | OPSD-PMI | mk |" in table
+
+    # W&B (offline) holds what metrics.jsonl holds
+    history = {h["_step"]: h for h in wandb_history(folder)}
+    assert sorted(history) == [0, 1, 2]
+    for rec in records:
+        assert history[rec["step"]]["eval/gsm8k/avg@2" if rec["step"] == 0 else "loss"] == pytest.approx(
+            rec["eval/gsm8k/avg@2" if rec["step"] == 0 else "loss"])
+
+    # the model card, in final/ and in each checkpoint; the adapter still loads with peft
+    for card_at, step in ((folder / "final", 2), (folder / "checkpoints" / "step_1", 1)):
+        card = (card_at / "README.md").read_text()
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert meta["library_name"] == "peft" and "opsd-pmi" in meta["tags"]
+        assert "OPSD-PMI" in card and "β=1" in card and "c=10" in card and f"| steps | {step} of 2 |" in card
+        assert "More Information Needed" not in card
+    assert "At step 2" in (folder / "final" / "README.md").read_text()
+    assert "At step 0" in (folder / "checkpoints" / "step_1" / "README.md").read_text()
+    check_run(folder, 2, "pmi")
