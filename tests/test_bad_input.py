@@ -134,6 +134,8 @@ CASES = {
                                  "flash-attention"),
     "unknown custom resource value": train_case("learner.resources.big=-1", fragment="learner.resources.big"),
     "negative fault budget": train_case("fault.max_restarts=-1", fragment="fault.max_restarts"),
+    "unknown marker rule": train_case("markers.match=words", fragment="markers.match='words' is not one of: substring, word"),
+    "unknown logging key": train_case("logging.wandb_project=x", fragment="unknown config key 'logging.wandb_project'"),
     # ---------------------------------------------------------------- recipe files
     "recipe that is not YAML": recipe_case("model: [unclosed\n", "not valid YAML"),
     "recipe with an unknown key": recipe_case("model:\n  name: x\n  pathh: y\n", "unknown config key 'model.pathh'"),

@@ -69,6 +69,8 @@ def test_parse_eval_args():
     assert list(ev.benchmarks) == ["aime24", "aime25"] and ev.limit == 2
     ev, model, _ = parse_eval_args(["model=tiny"])
     assert list(ev.benchmarks) == ["aime24", "aime25", "hmmt25"] and ev.n_samples == 12
+    assert ev.markers.match == "substring"  # Kim et al.'s convention, as the paper counts
+    assert parse_eval_args(["model=tiny", "markers.match=word"])[0].markers.match == "word"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -81,10 +83,23 @@ def test_parse_eval_args():
     (["model=tiny", "temperature=0"], "temperature"),
     (["model=tiny", "adapter=/no/such/adapter"], "adapter_model.safetensors"),
     (["model=tiny", "model.bogus=1"], "model"),
+    (["model=tiny", "markers.match=regex"], "markers.match='regex' is not one of: substring, word"),
+    (["model=tiny", "markers.rule=word"], "markers"),
 ])
 def test_bad_arguments(args, message):
     with pytest.raises(ConfigError, match=message):
         parse_eval_args(args)
+
+
+def test_the_marker_rule_reaches_each_graded_sample():
+    from opsd_ray.evaluate import grade_sample
+
+    problem = load_benchmark("gsm8k", limit=1)[0]
+    text = "That seems unlikely; rechecking. Wait, \\boxed{18}"
+    default = grade_sample("gsm8k", problem, 0, 1, text, 12, "stop")["markers"]
+    word = grade_sample("gsm8k", problem, 0, 1, text, 12, "stop", marker_match="word")["markers"]
+    assert (default["likely"], default["check"], default["wait"]) == (1, 1, 1)
+    assert (word["likely"], word["check"], word["wait"]) == (0, 0, 1)
 
 
 def test_cli_bad_argument_exits_2(capsys):
@@ -152,6 +167,7 @@ def test_evaluate_with_a_fake_engine(tmp_path):
     assert s["markers"]["per_response"]["total"] == pytest.approx(0.75)
     assert s["markers"]["per_1k_tokens"]["wait"] == pytest.approx(1000 * 3 / 36)
     assert summary["mean"]["avg"] == pytest.approx(0.25)
+    assert summary["settings"]["markers"] == "substring"
 
     lines = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and sum(r["correct"] for r in lines) == 3
