@@ -364,12 +364,14 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
 def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: PromptSampler, tok) -> str:
     """Start the roles and run the steps (restarting the learner group when one is lost); returns
     where the final adapter was written."""
+    import ray
     from tqdm import tqdm
 
     one_step_off = cfg.rollout.max_staleness == 1
     fresh = sampler.state_dict()
     checkpoint = start_checkpoint(cfg, run)  # the newest this job may restart its learners from
-    log = MetricsLog(run, keep_until_step=checkpoint_step(checkpoint), cfg=cfg)  # first: W&B login problems
+    check_fits(role_requests(cfg), ray.cluster_resources())  # before anything is written or loaded
+    log = MetricsLog(run, keep_until_step=checkpoint_step(checkpoint), cfg=cfg)  # then a W&B login problem
     roles = None
     try:
         roles = Roles(cfg, engine)
