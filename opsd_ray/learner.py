@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opsd_ray.common import pad_id_of
 from opsd_ray.models import to_torch_dtype
 from opsd_ray.objectives import FrozenVariants, opsd_loss
 from opsd_ray.scoring import FrozenBatch, ScoringItem, merge, response_hidden
@@ -107,7 +108,7 @@ class Learner:
         self.model = get_peft_model(base, lora_config(cfg.model))
         self.lm_head = base.get_output_embeddings().weight  # frozen: shared by student and targets
         tok = load_tokenizer(cfg.model)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_id_of(tok)
         self._make_optimizer()
         self.version = 0  # adapter version = number of optimizer steps taken
         self.sums: dict[str, float] = {}  # the step being accumulated: metric x tokens

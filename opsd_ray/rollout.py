@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from opsd_ray.cluster import use_cores, worker_info
+from opsd_ray.common import pad_id_of
 
 
 @dataclass
@@ -129,7 +130,7 @@ class HFEngine:
         self.tokenizer = load_tokenizer(model_cfg)
         self.model = get_peft_model(load_model(model_cfg, device=default_device()), lora_config(model_cfg)).eval()
         self.eos = eos_ids(self.tokenizer, resolve_model_path(model_cfg), bool(model_cfg.trust_remote_code))
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0]
+        self.pad_id = pad_id_of(self.tokenizer)
         self.version = -1
 
     def load_adapter(self, version: int, state: dict[str, torch.Tensor], adapter_config: dict) -> None:

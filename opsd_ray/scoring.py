@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from opsd_ray.common import pad_id_of
 from opsd_ray.prompts import PromptIds, ScoringSequence, append_response
 
 VARIANTS = ("teacher", "reference_only", "base")
@@ -297,7 +298,7 @@ class ScoringWorker:
         self.model = load_model(model_cfg, dtype=scoring_cfg.dtype, device=default_device())
         self.model.eval().requires_grad_(False)
         tok = load_tokenizer(model_cfg)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_id_of(tok)
         self.cfg = scoring_cfg
         self.info = worker_info("scoring", started)
 

@@ -1,4 +1,4 @@
-"""The system benchmarks (opsd_ray.bench_system) on the tiny model: record schema and sane values.
+"""The benchmarks (opsd_ray.bench) on the tiny model: record schema and sane values.
 
 No timing assertions: the machine is shared. Ray and vLLM arms are left to `make bench`.
 """
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 _omp = os.environ.get("OMP_WAIT_POLICY")
-from opsd_ray import bench_system as bs  # noqa: E402  (sets OMP_WAIT_POLICY for benchmark runs)
+from opsd_ray.bench import common, overlap, scoring, step, wire  # noqa: E402  (sets OMP_WAIT_POLICY for benchmarks)
 
 if _omp is None:  # keep the other tests' environment as it was
     os.environ.pop("OMP_WAIT_POLICY", None)
@@ -35,14 +35,14 @@ def check_schema(records):
 
 def test_interleaved_alternates_order_and_pairs():
     calls = []
-    runs = bs.interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 3)
+    runs = common.interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 3)
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert [r for r, _ in runs["a"]] == [1, 1, 1] and all(t >= 0 for _, t in runs["b"])
-    assert bs.paired_median([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0
+    assert common.paired_median([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0
 
 
 def test_wire_records_tiny():
-    recs = check_schema(bs.wire_records("tiny", 1, 8))
+    recs = check_schema(wire.wire_records("tiny", 1, 8))
     assert recs["wire_values_per_token_hidden"]["value"] == 3 * TINY_H  # the goal: at most 3*H per token
     assert recs["wire_bytes_per_token_hidden"]["value"] == 3 * TINY_H * 4  # float32
     assert recs["wire_bytes_per_token_logits"]["value"] == 3 * TINY_V * 4
@@ -51,7 +51,7 @@ def test_wire_records_tiny():
 
 
 def test_scoring_records_tiny():
-    recs = check_schema(bs.scoring_records("tiny", 2, 16, reps=1))
+    recs = check_schema(scoring.scoring_records("tiny", 2, 16, reps=1))
     assert recs["scoring_one_pass_speedup_tiny"]["value"] > 0
     assert recs["scoring_one_pass_tokens_per_s_tiny"]["value"] > 0
     assert recs["scoring_one_pass_speedup_tiny"]["baseline"] == 1.2
@@ -65,26 +65,26 @@ def test_local_steps_tiny_both_modes():
     from opsd_ray.models import load_tokenizer
 
     cfgs = {
-        m: bs.bench_cfg("tiny", "learner.micro_batch_size=1", batch=1, new_tokens=4, mode=m)
+        m: common.bench_cfg("tiny", "learner.micro_batch_size=1", batch=1, new_tokens=4, mode=m)
         for m in ("pmi", "standard")
     }
     cfg = cfgs["pmi"]
     assert cfg.learner.lr == 0.0 and cfg.train.diagnostics_every == 0
     tok = load_tokenizer(cfg.model)
-    examples = bs.examples_of(cfg, 8)
-    local = bs.LocalRoles(cfg, "hf")
+    examples = common.examples_of(cfg, 8)
+    local = step.LocalRoles(cfg, "hf")
     conf = adapter_config(cfg)
-    assert bs.local_sync(local, conf) == 0
+    assert step.local_sync(local, conf) == 0
     recs = {}
     for mode, c in cfgs.items():
         sampler = PromptSampler(examples, 1, seed=cfg.run.seed)
-        recs[mode] = bs.timed_step(
-            lambda c=c, s=sampler: bs.local_train_step(c, local, s, tok, 2),
-            lambda: bs.local_sync(local, conf),
+        recs[mode] = step.timed_step(
+            lambda c=c, s=sampler: step.local_train_step(c, local, s, tok, 2),
+            lambda: step.local_sync(local, conf),
         )
     for rec in recs.values():
         assert math.isfinite(rec["loss"]) and rec["loss"] >= 0
-        parts = sum(rec[f"time/{p}"] for p in bs.STEP_PHASES)
+        parts = sum(rec[f"time/{p}"] for p in common.STEP_PHASES)
         assert rec["time/step"] == pytest.approx(parts, rel=1e-6)
         assert rec["cpu/step"] > 0
     assert recs["pmi"]["num_tokens"] == recs["standard"]["num_tokens"]  # the same trajectories
@@ -94,6 +94,7 @@ def test_local_steps_tiny_both_modes():
 def test_bench_main_registers_system_benchmarks(tmp_path, monkeypatch):
     """`python -m opsd_ray.bench` lists the system benchmarks; main() runs one and writes the JSON."""
     from opsd_ray import bench
+    from opsd_ray.bench.__main__ import main
 
     help_text = subprocess.run(
         [sys.executable, "-m", "opsd_ray.bench", "--help"],
@@ -103,9 +104,9 @@ def test_bench_main_registers_system_benchmarks(tmp_path, monkeypatch):
         timeout=120,
     ).stdout
     assert all(name in help_text for name in ("objectives", "rollout", "scoring", "step", "wire"))
-    monkeypatch.setitem(bench.BENCHMARKS, "wire", lambda args: bs.wire_records("tiny", 1, 4))
+    monkeypatch.setitem(bench.BENCHMARKS, "wire", lambda args: wire.wire_records("tiny", 1, 4))
     out = tmp_path / "latest.json"
-    assert bench.main(["wire", "--quick", "--out", str(out)]) == 0
+    assert main(["wire", "--quick", "--out", str(out)]) == 0
     assert {"wire_bytes_per_token_hidden", "wire_bytes_per_token_logits"} <= {
         r["name"] for r in json.loads(out.read_text())
     }
@@ -114,17 +115,59 @@ def test_bench_main_registers_system_benchmarks(tmp_path, monkeypatch):
 def test_pooled_rollout_ratio_takes_one_rollout_time_for_both_arms():
     a = [{"time/rollout": 10.0, "time/scoring": 3.0, "time/learning": 2.0, "time/sync": 0.0}]
     b = [{"time/rollout": 14.0, "time/scoring": 1.0, "time/learning": 2.0, "time/sync": 0.0}]
-    assert bs.pooled_rollout_ratio(a, b) == pytest.approx((12 + 5) / (12 + 3))
+    assert step.pooled_rollout_ratio(a, b) == pytest.approx((12 + 5) / (12 + 3))
 
 
 def test_overlap_bench_pins_roles_and_skips_the_first_step(monkeypatch):
     import os
 
-    from opsd_ray import bench_overlap as bo
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert bo.role_cores() == {"rollout": [0, 1], "scoring": [2, 3], "learner": [2, 3]}
+    assert overlap.role_cores() == {"rollout": [0, 1], "scoring": [2, 3], "learner": [2, 3]}
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
-    assert bo.role_cores() == {"rollout": [5], "scoring": [5], "learner": [5]}  # one core: shared
-    assert bo.steady_step_time([{"time/step": 9.0}, {"time/step": 2.0}, {"time/step": 4.0}]) == 3.0
-    assert set(bo.SCHEDULES) == {"phases", "streaming", "one_step_off"} and bo.SCHEDULES["one_step_off"][1] == 1
+    assert overlap.role_cores() == {"rollout": [5], "scoring": [5], "learner": [5]}  # one core: shared
+    assert overlap.steady_step_time([{"time/step": 9.0}, {"time/step": 2.0}, {"time/step": 4.0}]) == 3.0
+    assert set(overlap.SCHEDULES) == {"phases", "streaming", "one_step_off"} and overlap.SCHEDULES["one_step_off"][1] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmark harness (tiny sizes, in process)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bench_objective_worker_and_results(tmp_path):
+    from opsd_ray import bench
+    from opsd_ray.bench.__main__ import format_table, write_results
+    from opsd_ray.bench.objectives import objective_worker
+
+    naive = objective_worker("naive", n_tokens=16, vocab=64, iters=1, seed=0)
+    fused = objective_worker("fused", n_tokens=16, vocab=64, iters=1, seed=0)
+    assert naive["loss"] == pytest.approx(fused["loss"], rel=1e-4)
+    assert naive["time_s"] > 0 and fused["peak_mib"] >= 0
+    out = tmp_path / "latest.json"
+    out.write_text(
+        json.dumps([bench.record("other", 1.0, "s"), bench.record("objective_time_ratio", 0.1, "x")])
+    )
+    write_results([bench.record("objective_time_ratio", 2.0, "x", 1.0, "n")], out)
+    merged = {r["name"]: r for r in json.loads(out.read_text())}
+    assert merged["other"]["value"] == 1.0 and merged["objective_time_ratio"]["value"] == 2.0
+    assert "objective_time_ratio" in format_table(list(merged.values()))
+    assert "objectives" in bench.BENCHMARKS
+
+
+def test_bench_main_runs_registered_benchmarks(tmp_path, capsys):
+    from opsd_ray import bench
+    from opsd_ray.bench.__main__ import main
+
+    bench.register("_unit_dummy")(
+        lambda args: [bench.record("dummy_ratio", 3.0 if args.quick else 1.0, "x", 1.0)]
+    )
+    try:
+        out = tmp_path / "results" / "latest.json"
+        assert main(["_unit_dummy", "--quick", "--out", str(out)]) == 0
+        assert json.loads(out.read_text()) == [bench.record("dummy_ratio", 3.0, "x", 1.0)]
+        assert "dummy_ratio" in capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            main(["no_such_benchmark", "--out", str(out)])
+    finally:
+        bench.BENCHMARKS.pop("_unit_dummy")

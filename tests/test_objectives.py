@@ -7,7 +7,6 @@ with the padding columns removed.
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -723,46 +722,6 @@ def test_argument_errors():
         opsd_loss(S, FrozenVariants(T, R, B), normalizer=0)
     loss, metrics = opsd_loss(S, (T, None, None), mode="standard")  # plain tuples work too
     assert "kl_target_base" not in metrics and "clip_active_frac" not in metrics
-
-
-# ----------------------------------------------------------------------------------------------
-# the benchmark harness (tiny sizes, in process)
-# ----------------------------------------------------------------------------------------------
-
-
-def test_bench_objective_worker_and_results(tmp_path):
-    from opsd_ray import bench
-
-    naive = bench.objective_worker("naive", n_tokens=16, vocab=64, iters=1, seed=0)
-    fused = bench.objective_worker("fused", n_tokens=16, vocab=64, iters=1, seed=0)
-    assert naive["loss"] == pytest.approx(fused["loss"], rel=1e-4)
-    assert naive["time_s"] > 0 and fused["peak_mib"] >= 0
-    out = tmp_path / "latest.json"
-    out.write_text(
-        json.dumps([bench.record("other", 1.0, "s"), bench.record("objective_time_ratio", 0.1, "x")])
-    )
-    bench.write_results([bench.record("objective_time_ratio", 2.0, "x", 1.0, "n")], out)
-    merged = {r["name"]: r for r in json.loads(out.read_text())}
-    assert merged["other"]["value"] == 1.0 and merged["objective_time_ratio"]["value"] == 2.0
-    assert "objective_time_ratio" in bench.format_table(list(merged.values()))
-    assert "objectives" in bench.BENCHMARKS
-
-
-def test_bench_main_runs_registered_benchmarks(tmp_path, capsys):
-    from opsd_ray import bench
-
-    bench.register("_unit_dummy")(
-        lambda args: [bench.record("dummy_ratio", 3.0 if args.quick else 1.0, "x", 1.0)]
-    )
-    try:
-        out = tmp_path / "results" / "latest.json"
-        assert bench.main(["_unit_dummy", "--quick", "--out", str(out)]) == 0
-        assert json.loads(out.read_text()) == [bench.record("dummy_ratio", 3.0, "x", 1.0)]
-        assert "dummy_ratio" in capsys.readouterr().out
-        with pytest.raises(SystemExit):
-            bench.main(["no_such_benchmark", "--out", str(out)])
-    finally:
-        bench.BENCHMARKS.pop("_unit_dummy")
 
 
 def test_default_chunk_size_bounds_the_chunk_buffer():

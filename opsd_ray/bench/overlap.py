@@ -1,4 +1,4 @@
-"""Overlap and scale-out benchmarks (registered into opsd_ray.bench).
+"""Overlap and scale-out benchmarks .
 
 - overlap:  whole steps through the driver's own loop (driver.steps) in three schedules on the same
             work: phase by phase, streaming, and one-step-off (streaming + rollout.max_staleness=1),
@@ -19,8 +19,8 @@ import os
 import statistics
 import time
 
-from opsd_ray.bench import Record, record
-from opsd_ray.bench_system import _log, bench_cfg, examples_of, register_system
+from opsd_ray.bench import Record, record, register
+from opsd_ray.bench.common import bench_cfg, examples_of, log
 
 SCHEDULES = {  # name -> (train.schedule, rollout.max_staleness)
     "phases": ("phases", 0),
@@ -61,7 +61,7 @@ def steady_step_time(records: list[dict]) -> float:
     return statistics.mean(r["time/step"] for r in records[1:])
 
 
-@register_system("overlap")
+@register("overlap")
 def bench_overlap(args: argparse.Namespace) -> list[Record]:
     """Step time of phases, streaming and one-step-off on the same work, roles pinned to their cores."""
     from opsd_ray.cluster import init_ray
@@ -80,7 +80,7 @@ def bench_overlap(args: argparse.Namespace) -> list[Record]:
         tok = load_tokenizer(cfg.model)
         examples = examples_of(cfg, 64)
         init_ray(cfg)
-        _log(f"overlap {mode}: starting roles ({model}, cores {cores})")
+        log(f"overlap {mode}: starting roles ({model}, cores {cores})")
         bound = copy.deepcopy(cfg)
         bound.rollout.max_staleness = 1  # the learners' bound; each arm's own setting drives the driver
         roles = Roles(bound, "hf", cores=cores)
@@ -100,7 +100,7 @@ def bench_overlap(args: argparse.Namespace) -> list[Record]:
                         role: statistics.mean(r[f"util/{role}"] for r in recs[1:])
                         for role in ("rollout", "scoring", "learner")
                     }
-                    _log(f"overlap {mode} {name}: {steady_step_time(recs):.2f} s/step; "
+                    log(f"overlap {mode} {name}: {steady_step_time(recs):.2f} s/step; "
                          + ", ".join(f"{k} {statistics.mean(r[f'time/{k}'] for r in recs[1:]):.2f} s"
                                      for k in ("rollout", "scoring", "learning", "sync")))
             parts = f"{recs[0]['num_tokens']} response tokens in step 1"
@@ -143,7 +143,7 @@ def group_step_time(learners, parts, tokens: int, version: int) -> float:
     return time.perf_counter() - t0
 
 
-@register_system("learners")
+@register("learners")
 def bench_learners(args: argparse.Namespace) -> list[Record]:
     """One learner step of N = 2 learners (a core each, gloo) against N = 1 (both cores), same parts."""
     import ray
@@ -180,7 +180,7 @@ def bench_learners(args: argparse.Namespace) -> list[Record]:
                 ray.get([learner.join_group.remote(address, port) for learner in learners])
             times = [group_step_time(learners, parts, tokens, version) for version in range(reps + 1)]
             results[n] = statistics.median(times[1:])  # the first is a warm-up
-            _log(f"learners N={n}: {results[n]:.2f} s per step")
+            log(f"learners N={n}: {results[n]:.2f} s per step")
         finally:
             for learner in learners:
                 ray.kill(learner)

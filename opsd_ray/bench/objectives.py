@@ -1,46 +1,17 @@
-"""Benchmarks: `python -m opsd_ray.bench NAME [NAME ...] [--quick]`.
-
-A small registry of named benchmark functions. Each takes the parsed arguments and returns records
-{"name", "value", "unit", "baseline", "note"}; `main` prints them as a table and merges them by
-name into bench/results/latest.json. Add a benchmark with `@register("name")`.
-"""
+"""objectives: the naive loss (TRL GKD style, everything materialised) against the fused chunked opsd_loss."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-Record = dict
-BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Record]]] = {}
-DEFAULT_OUT = Path("bench/results/latest.json")
-
-
-def register(name: str):
-    """Decorator: add a benchmark function `fn(args) -> list[record]` under `name`."""
-
-    def deco(fn):
-        BENCHMARKS[name] = fn
-        return fn
-
-    return deco
-
-
-def record(name: str, value: float, unit: str, baseline: float | None = None, note: str = "") -> Record:
-    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "note": note}
-
-
-# ----------------------------------------------------------------------------------------------
-# objectives: naive (TRL GKD style, everything materialised) vs fused chunked loss
-# ----------------------------------------------------------------------------------------------
+from opsd_ray.bench import Record, record, register
+from opsd_ray.bench.common import _mem_available_mib, _proc_kib, _reset_peak_rss, cpu_seconds, median_of
 
 QWEN3_VOCAB = 151_936
 
@@ -69,38 +40,6 @@ def naive_pmi_jsd(student, teacher, ref, base, *, beta=1.0, clip=10.0, lam=0.5, 
     kl_student = F.kl_div(mixture, student_lp, reduction="none", log_target=True)
     jsd = (lam_t * kl_teacher + (1 - lam_t) * kl_student).sum(-1)
     return jsd.mean()
-
-
-def _proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _proc_kib("VmHWM") <= _proc_kib("VmRSS") + 1024
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process over all threads (robust to a busy machine)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _mem_available_mib() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    return math.inf
 
 
 def objective_worker(
@@ -152,10 +91,10 @@ def objective_worker(
     try:
         for _ in range(iters):
             student.grad = None
-            t0, c0 = time.perf_counter(), _cpu_seconds()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             values.append(run(student, frozen))
             times.append(time.perf_counter() - t0)
-            cpu_times.append(_cpu_seconds() - c0)
+            cpu_times.append(cpu_seconds() - c0)
     except (RuntimeError, MemoryError) as err:
         if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
             raise
@@ -166,7 +105,7 @@ def objective_worker(
 
 def _run_worker(**kwargs) -> dict:
     """objective_worker(**kwargs) in a fresh Python process (a clean peak-RSS counter)."""
-    code = f"import json; from opsd_ray.bench import objective_worker; print(json.dumps(objective_worker(**{kwargs!r})))"
+    code = f"import json; from opsd_ray.bench.objectives import objective_worker; print(json.dumps(objective_worker(**{kwargs!r})))"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=root)
     if out.returncode != 0:
@@ -174,11 +113,7 @@ def _run_worker(**kwargs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _median(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs) if runs else math.nan
-
-
-@register("objectives")
+@register("objectives", note_load=False)
 def bench_objectives(args: argparse.Namespace) -> list[Record]:
     """Naive vs fused OPSD-PMI loss, forward + backward, bf16 inputs at Qwen3's vocabulary."""
     from opsd_ray.objectives import default_chunk_size
@@ -208,7 +143,7 @@ def bench_objectives(args: argparse.Namespace) -> list[Record]:
         if not fused:
             raise RuntimeError(f"the fused loss ran out of memory at N={n}")
         note = f"{how}; {reps} run(s) each"
-        naive_mem = _median(naive, "peak_mib")
+        naive_mem = median_of(naive, "peak_mib")
         if naive:
             diff = max(
                 abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(naive, fused, strict=False)
@@ -217,9 +152,9 @@ def bench_objectives(args: argparse.Namespace) -> list[Record]:
         else:  # the naive loss did not fit in memory: the memory ratio becomes a lower bound
             naive_mem = max(r["budget_mib"] for r in runs["naive"])
             note += f"; naive ran out of memory at {naive_mem:.0f} MiB, so the memory ratio is a lower bound"
-        wall = (_median(naive, "time_s"), _median(fused, "time_s"))
-        cpu = (_median(naive, "cpu_s"), _median(fused, "cpu_s"))
-        mem = (naive_mem, _median(fused, "peak_mib"))
+        wall = (median_of(naive, "time_s"), median_of(fused, "time_s"))
+        cpu = (median_of(naive, "cpu_s"), median_of(fused, "cpu_s"))
+        mem = (naive_mem, median_of(fused, "peak_mib"))
         records += [
             record(f"objective_fused_time_s_n{n}", wall[1], "s", wall[0], "wall time; " + note),
             record(
@@ -260,66 +195,3 @@ def bench_objectives(args: argparse.Namespace) -> list[Record]:
                 ),
             ]
     return records
-
-
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
-
-
-def format_table(records: list[Record]) -> str:
-    rows = [("name", "value", "unit", "baseline")]
-    for r in records:
-        base = "" if r["baseline"] is None else f"{r['baseline']:.4g}"
-        rows.append((r["name"], f"{r['value']:.4g}", r["unit"], base))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def write_results(records: list[Record], path: Path) -> None:
-    """Merge `records` by name into the JSON list at `path`."""
-    existing: dict[str, Record] = {}
-    if path.exists():
-        try:
-            existing = {r["name"]: r for r in json.loads(path.read_text())}
-        except (json.JSONDecodeError, KeyError, TypeError):
-            existing = {}
-    existing.update({r["name"]: r for r in records})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sorted(existing.values(), key=lambda r: r["name"]), indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import opsd_ray.bench_overlap  # noqa: F401  (registers the overlap and learner-group benchmarks)
-    import opsd_ray.bench_system  # noqa: F401  (registers the system benchmarks)
-
-    parser = argparse.ArgumentParser(prog="python -m opsd_ray.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="+", help=f"benchmarks to run: {', '.join(sorted(BENCHMARKS))} or all")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a fast check")
-    parser.add_argument(
-        "--reps", type=int, default=None, help="runs per size (default: set by each benchmark)"
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (merged by name)")
-    args = parser.parse_args(argv)
-    names = sorted(BENCHMARKS) if args.names == ["all"] else args.names
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        parser.error(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
-    records: list[Record] = []
-    for name in names:
-        records += BENCHMARKS[name](args)
-    print(format_table(records))
-    write_results(records, args.out)
-    print(f"wrote {len(records)} records to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    # `python -m` runs this file as __main__; benchmarks register in the importable opsd_ray.bench
-    from opsd_ray.bench import main as package_main
-
-    sys.exit(package_main())

