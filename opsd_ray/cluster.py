@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from opsd_ray.config import ConfigError
+from opsd_ray.common import ConfigError
 
 
 @dataclass

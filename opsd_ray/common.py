@@ -7,3 +7,25 @@ def pad_id_of(tokenizer) -> int:
     """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token (padded
     positions are masked out, so which id it is changes no result)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+ENGINES = ("auto", "vllm", "hf")  # rollout.engine and `opsd-ray eval engine=`
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the CLI prints it and exits with code 2."""
+
+
+class RunStopped(RuntimeError):
+    """A run stopped on purpose (repeated failures, bad numbers): the CLI prints why, what to check
+    and where to resume from, and exits with code 1."""
+
+
+def lora_config(model_cfg):
+    """The peft LoraConfig of a model config's `lora` section (the learner's student and the engines'
+    LoRA slots have the same shape)."""
+    from peft import LoraConfig
+
+    lo = model_cfg.lora
+    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
+                      task_type="CAUSAL_LM")

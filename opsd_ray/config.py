@@ -17,17 +17,10 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from opsd_ray.common import ENGINES, ConfigError, RunStopped  # noqa: F401  (the config's errors, re-exported)
+from opsd_ray.prompts import BOXED_INSTRUCTION
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the CLI prints it and exits with code 2."""
-
-
-class RunStopped(RuntimeError):
-    """A run stopped on purpose (repeated failures, bad numbers): the CLI prints why, what to check
-    and where to resume from, and exits with code 1."""
 
 
 def recipes_dir() -> Path:
@@ -228,7 +221,7 @@ CHOICES = {
     "model.thinking_style": ("qwen3", "r1", "none"),
     "data.format": ("auto", "jsonl", "parquet", "hf_disk", "hub"),
     "objective.mode": ("pmi", "standard"),
-    "rollout.engine": ("auto", "vllm", "hf"),
+    "rollout.engine": ENGINES,
     "scoring.wire_format": ("hidden", "logits"),
     "scoring.layout": ("auto", "padded", "shared_prefix"),
     "scoring.dtype": ("float32", "bfloat16", "float16"),

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opsd_ray.config import ConfigError
+from opsd_ray.common import ConfigError
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "data"
 CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")

@@ -143,7 +143,7 @@ def render(rows: list[Row]) -> str:
 
 def main(args: list[str]) -> int:
     if args:
-        from opsd_ray.config import ConfigError
+        from opsd_ray.common import ConfigError
 
         raise ConfigError(f"doctor takes no arguments (got {' '.join(args)})")
     rows = diagnose()

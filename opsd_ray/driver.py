@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from opsd_ray.cluster import check_fits, init_ray, placed, role_placement_group, role_requests
-from opsd_ray.config import RunStopped
+from opsd_ray.common import RunStopped
 from opsd_ray.console import engine_logs, say
 from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.eval.markers import marker_record
@@ -253,7 +253,7 @@ class Roles:
 
 
 def adapter_config(cfg) -> dict:
-    from opsd_ray.learner import lora_config
+    from opsd_ray.common import lora_config
     from opsd_ray.models import resolve_model_path
 
     conf = lora_config(cfg.model).to_dict()
@@ -334,8 +334,8 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
     import ray
 
     from opsd_ray.config import config_yaml
+    from opsd_ray.engines import pick_engine
     from opsd_ray.models import load_tokenizer
-    from opsd_ray.rollout import pick_engine
 
     run.write_text("config.yaml", config_yaml(cfg))
     tok = load_tokenizer(cfg.model)

@@ -19,13 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from opsd_ray.config import (
-    BOXED_INSTRUCTION,
     ConfigError,
     MarkersConfig,
     ModelConfig,
@@ -37,7 +35,7 @@ from opsd_ray.eval.benchmarks import Problem, check_benchmarks, grades_numbers, 
 from opsd_ray.eval.grading import grade, normalize
 from opsd_ray.eval.markers import MATCHES, count_markers, marker_rates
 from opsd_ray.eval.metrics import avg_at_k, maj_at_k, mean_pass_at_k
-from opsd_ray.prompts import chat_prompt_ids
+from opsd_ray.prompts import BOXED_INSTRUCTION, chat_prompt_ids
 
 DEFAULT_BENCHMARKS = ["aime24", "aime25", "hmmt25"]
 
@@ -365,18 +363,10 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict]:
     )
 
 
-def build_engine(name: str, model_cfg, rollout_cfg, seed: int, max_model_len: int) -> Any:
-    from opsd_ray.rollout import HFEngine, VLLMEngine
-
-    if name == "vllm":
-        return VLLMEngine(model_cfg, rollout_cfg, seed, max_model_len)
-    return HFEngine(model_cfg, seed)
-
-
 def main(args: list[str]) -> int:
     ev, model_cfg, rollout_cfg = parse_eval_args(args)
+    from opsd_ray.engines import make_engine, pick_engine
     from opsd_ray.models import load_tokenizer
-    from opsd_ray.rollout import pick_engine
 
     state = conf = None
     if ev.adapter is not None:
@@ -397,7 +387,7 @@ def main(args: list[str]) -> int:
         f"n_samples={ev.n_samples} max_new_tokens={ev.max_new_tokens}",
         flush=True,
     )
-    engine = build_engine(engine_name, model_cfg, rollout_cfg, ev.seed, longest + ev.max_new_tokens + 8)
+    engine = make_engine(engine_name, model_cfg, rollout_cfg, ev.seed, longest + ev.max_new_tokens + 8)
     summary = evaluate(
         model_cfg,
         engine,

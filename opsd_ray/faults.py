@@ -42,7 +42,7 @@ class Faults:
 
     def count(self, role: str, what: str, error: BaseException) -> None:
         """One more loss in `role`; RunStopped past the budget."""
-        from opsd_ray.config import RunStopped
+        from opsd_ray.common import RunStopped
 
         n = self.counts[role] = self.counts.get(role, 0) + 1
         detail = " ".join(str(error).split())[:200]
@@ -61,7 +61,7 @@ class Faults:
         given: a process that is still being killed may answer first); RunStopped if it will not."""
         import ray
 
-        from opsd_ray.config import RunStopped
+        from opsd_ray.common import RunStopped
 
         deadline = time.time() + self.timeout
         while time.time() < deadline:

@@ -132,7 +132,8 @@ def learner_step(device: str, dtype: torch.dtype, items, frozen: dict) -> dict[s
     checkpointing, the fused loss over the micro-batch, AdamW."""
     from peft import get_peft_model
 
-    from opsd_ray.learner import lora_config, micro_batch_loss
+    from opsd_ray.common import lora_config
+    from opsd_ray.learner import micro_batch_loss
 
     base = tiny(device, dtype)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opsd_ray.common import pad_id_of
+from opsd_ray.common import lora_config, pad_id_of
 from opsd_ray.models import to_torch_dtype
 from opsd_ray.objectives import FrozenVariants, opsd_loss
 from opsd_ray.scoring import FrozenBatch, ScoringItem, merge, response_hidden
@@ -37,19 +37,6 @@ def check_staleness(versions: list[int], learner_version: int, max_staleness: in
             f"rollouts from adapter versions {sorted(set(versions))} but the learner is at version "
             f"{learner_version} and rollout.max_staleness={max_staleness}"
         )
-
-
-def lora_config(model_cfg):
-    from peft import LoraConfig
-
-    lo = model_cfg.lora
-    return LoraConfig(
-        r=lo.r,
-        lora_alpha=lo.alpha,
-        lora_dropout=lo.dropout,
-        target_modules=list(lo.target_modules),
-        task_type="CAUSAL_LM",
-    )
 
 
 def micro_batch_loss(

@@ -44,7 +44,7 @@ def last_evaluation(records: list[dict]) -> tuple[int, dict] | None:
 def model_card(cfg, base_model: str, step: int, last_eval: tuple[int, dict] | None = None) -> str:
     """The card of the adapter after `step` steps; `last_eval` is (step, flat eval record) if any.
     `base_model` is the resolved model path (a Hub id, or a local folder the header leaves out)."""
-    from opsd_ray.rollout import vllm_max_lora_rank
+    from opsd_ray.engines import vllm_max_lora_rank
 
     o, lora = cfg.objective, cfg.model.lora
     meta = {

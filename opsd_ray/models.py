@@ -153,7 +153,7 @@ def load_tokenizer(model_cfg):
             trust_remote_code=bool(getattr(model_cfg, "trust_remote_code", False)),
         )
     except (OSError, ValueError) as e:  # no such repo or folder, offline, no tokenizer files in it
-        from opsd_ray.config import ConfigError
+        from opsd_ray.common import ConfigError
 
         key = "model.tokenizer" if getattr(model_cfg, "tokenizer", None) else "model.path"
         detail = " ".join(str(e).split())[:240]

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
 QUESTION_SEPARATOR = "\n\n"
 
 

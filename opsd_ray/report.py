@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opsd_ray.config import ConfigError
+from opsd_ray.common import ConfigError
 from opsd_ray.eval.markers import MARKERS, describe
 from opsd_ray.results_table import table_markdown
 from opsd_ray.runfolder import jsonl_records

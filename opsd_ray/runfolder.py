@@ -215,7 +215,7 @@ class DriverLock:
     def acquire(self) -> None:
         """Take the run; waits up to stale_s for a driver on another host to stop beating (a retried
         job starts while the lost driver's last heartbeat is still fresh), then refuses."""
-        from opsd_ray.config import ConfigError
+        from opsd_ray.common import ConfigError
 
         other, told = self.holder(), False
         deadline = time.time() + self.stale_s + self.beat_s
@@ -269,7 +269,7 @@ class DriverLock:
 
     def check(self) -> None:
         """RunStopped when another driver has taken the run over."""
-        from opsd_ray.config import RunStopped
+        from opsd_ray.common import RunStopped
 
         if self.taken_by is not None:
             raise RunStopped(

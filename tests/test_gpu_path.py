@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from opsd_ray.cluster import RoleRequest, role_bundle, role_requests, runtime_env
 from opsd_ray.config import ConfigError, load_train_config
-from opsd_ray.rollout import (
+from opsd_ray.engines import (
     VLLM_LORA_RANKS,
     cpu_threads_bind,
     finish_reason,
@@ -128,8 +128,8 @@ def hub_model_cfg(repo: str):
 def test_end_tokens_come_from_the_generation_config_of_a_hub_id(hub_cache, monkeypatch):
     import huggingface_hub
 
+    from opsd_ray.engines import HFEngine, eos_ids
     from opsd_ray.models import load_tokenizer
-    from opsd_ray.rollout import HFEngine, eos_ids
 
     cache, repo = hub_cache
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at call time
@@ -236,7 +236,7 @@ def prompt_and_response(tok):
 
 
 def hf_logprobs(cfg, state, conf, prompt, response):
-    from opsd_ray.rollout import HFEngine
+    from opsd_ray.engines import HFEngine
 
     reference = HFEngine(cfg.model)
     reference.load_adapter(1, state, conf)
@@ -300,8 +300,8 @@ def test_vllm_tensor_parallel_2_runs_in_a_placement_group_bundle(local_ray, tmp_
     from peft import get_peft_model, get_peft_model_state_dict
 
     from opsd_ray.cluster import placed, role_placement_group
+    from opsd_ray.common import lora_config
     from opsd_ray.driver import adapter_config
-    from opsd_ray.learner import lora_config
     from opsd_ray.models import load_model, load_tokenizer
     from opsd_ray.rollout import RolloutWorker
 

@@ -13,7 +13,7 @@ import torch
 
 from opsd_ray.cluster import runtime_env
 from opsd_ray.config import load_train_config
-from opsd_ray.rollout import vllm_available
+from opsd_ray.engines import vllm_available
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -140,7 +140,7 @@ def _learned_adapter(cfg):
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=NEEDS_VLLM)])
 def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp_path, small_data, engine):
-    from opsd_ray.rollout import HFEngine
+    from opsd_ray.engines import HFEngine
 
     cfg = tiny_cfg(tmp_path, small_data, f"rollout.engine={engine}", "rollout.num_workers=2")
     roles, conf, tok, one_step, sync = _learned_adapter(cfg)
