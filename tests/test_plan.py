@@ -10,7 +10,8 @@ from torch.utils._pytree import tree_flatten
 
 from opsd_ray.cli import main as cli_main
 from opsd_ray.config import Config, ConfigError, compose, load_train_config
-from opsd_ray.plan import LOSS_BUFFERS, TABLE, GiB, Planner, Shapes, find_shapes, main, shapes_from_config
+from opsd_ray.plan import LOSS_BUFFERS, Planner, main
+from opsd_ray.shapes import TABLE, GiB, Shapes, find_shapes, shapes_from_config
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
