@@ -29,3 +29,17 @@ def lora_config(model_cfg):
     lo = model_cfg.lora
     return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
                       task_type="CAUSAL_LM")
+
+
+# Tokens a chat template and the instructions may add to a question. The rollout engines' length cap
+# uses a generous allowance (a prompt over vLLM's max_model_len is an error); the capacity plan uses
+# a tight upper bound of what the templates add (memory estimates).
+PROMPT_ALLOWANCE = 512
+TEMPLATE_TOKENS = 128
+
+
+def rollout_max_len(cfg) -> int:
+    """The longest sequence a rollout engine must hold: the student sees the question only (no
+    reference), and evaluation during training may generate longer than the rollout."""
+    new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens if cfg.eval.every else 0)
+    return cfg.data.max_question_tokens + PROMPT_ALLOWANCE + new_tokens

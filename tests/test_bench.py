@@ -61,8 +61,8 @@ def test_scoring_records_tiny():
 def test_local_steps_tiny_both_modes():
     """The in-process loop (the Ray benchmark's baseline): same batch and seeds, lr 0 -> same trajectories."""
     from opsd_ray.data import PromptSampler
-    from opsd_ray.driver import adapter_config
     from opsd_ray.models import load_tokenizer
+    from opsd_ray.roles import LocalRoles, adapter_config
 
     cfgs = {
         m: common.bench_cfg("tiny", "learner.micro_batch_size=1", batch=1, new_tokens=4, mode=m)
@@ -72,16 +72,12 @@ def test_local_steps_tiny_both_modes():
     assert cfg.learner.lr == 0.0 and cfg.train.diagnostics_every == 0
     tok = load_tokenizer(cfg.model)
     examples = common.examples_of(cfg, 8)
-    local = step.LocalRoles(cfg, "hf")
+    local = LocalRoles(cfg, "hf")
     conf = adapter_config(cfg)
-    assert step.local_sync(local, conf) == 0
+    assert local.sync(conf)["version"] == 0
     recs = {}
     for mode, c in cfgs.items():
-        sampler = PromptSampler(examples, 1, seed=cfg.run.seed)
-        recs[mode] = step.timed_step(
-            lambda c=c, s=sampler: step.local_train_step(c, local, s, tok, 2),
-            lambda: step.local_sync(local, conf),
-        )
+        recs[mode] = step.one_step(c, local, PromptSampler(examples, 1, seed=cfg.run.seed), tok, 2, conf)
     for rec in recs.values():
         assert math.isfinite(rec["loss"]) and rec["loss"] >= 0
         parts = sum(rec[f"time/{p}"] for p in common.STEP_PHASES)

@@ -178,8 +178,8 @@ def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(uninterrup
 def test_a_learner_error_is_that_error_and_a_lost_learner_restarts_the_group(local_ray, tmp_path, small_data):
     """An error inside a learner call (a bug, an OOM) reaches the user as it is; only a lost learner
     (dead, or restarted by Ray) turns into a group restart."""
-    from opsd_ray.driver import Roles
     from opsd_ray.faults import LearnersLost
+    from opsd_ray.roles import Roles
 
     roles = Roles(load_train_config(args_of(tmp_path, small_data)), "hf")
     try:

@@ -151,7 +151,7 @@ def test_an_offline_cluster_stays_offline(monkeypatch):
 
 
 def test_the_adapter_travels_in_the_dtype_the_engine_computes_lora_in():
-    from opsd_ray.driver import adapter_dtype
+    from opsd_ray.roles import adapter_dtype
 
     gpu = load_train_config(["model=qwen3-8b", "data=math-cot-20k"])
     assert gpu.rollout.gpus_per_worker > 0 and adapter_dtype(gpu, "vllm") == "bfloat16"  # vLLM casts it anyway
@@ -249,8 +249,9 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_and_bypass_the_driver(l
                                                                              monkeypatch):
     """Items 7 (vLLM starts alone), 1 (adapter folders), 9 (no tensor reaches the driver)."""
     from opsd_ray.data import PromptSampler, load_examples
-    from opsd_ray.driver import Roles, adapter_config, start_rollout, sync_adapter, train_step
+    from opsd_ray.driver import start_rollout, train_step
     from opsd_ray.models import load_tokenizer
+    from opsd_ray.roles import Roles, adapter_config
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm")
     roles = Roles(cfg, "vllm")
@@ -267,12 +268,12 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_and_bypass_the_driver(l
         conf = adapter_config(cfg)
         roots = list(local_ray.glob("opsd_ray_lora_*"))
         assert len(roots) == 1  # this worker's adapter root
-        synced = sync_adapter(roles, conf)
+        synced = roles.sync(conf)
         for step in range(1, 6):
             rollout = start_rollout(cfg, roles, sampler, tok, step)
             record = train_step(cfg, roles, rollout, tok, step, synced["version"])
             assert record["wire_bytes_per_token"] == 3 * 64 * 4
-            synced = sync_adapter(roles, conf)
+            synced = roles.sync(conf)
             assert synced["version"] == step and synced["bytes"] > 0
             assert len(list(roots[0].iterdir())) <= 2, sorted(p.name for p in roots[0].iterdir())
         assert [p.name for p in roots[0].iterdir()] == ["v5"]
@@ -301,8 +302,8 @@ def test_vllm_tensor_parallel_2_runs_in_a_placement_group_bundle(local_ray, tmp_
 
     from opsd_ray.cluster import placed, role_placement_group
     from opsd_ray.common import lora_config
-    from opsd_ray.driver import adapter_config
     from opsd_ray.models import load_model, load_tokenizer
+    from opsd_ray.roles import adapter_config
     from opsd_ray.rollout import RolloutWorker
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm", "rollout.tensor_parallel_size=2",
@@ -351,7 +352,8 @@ def test_vllm_says_stop_when_the_turn_ends_with_a_second_end_token(local_ray, hu
 @pytest.mark.slow
 def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small_data):
     """Item 8: two CPU rollout workers share an evaluation, and its summary equals one worker's."""
-    from opsd_ray.driver import Roles, evaluate
+    from opsd_ray.driver import evaluate
+    from opsd_ray.roles import Roles
     from opsd_ray.runfolder import RunFolder
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=hf", "rollout.num_workers=2", "eval.every=1",

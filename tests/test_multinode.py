@@ -30,7 +30,8 @@ def two_nodes():
 def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the_drivers_folder(two_nodes, tmp_path,
                                                                                               capsys):
     from opsd_ray.data import ASSETS
-    from opsd_ray.driver import Roles, train
+    from opsd_ray.driver import train
+    from opsd_ray.roles import Roles
 
     data = tmp_path / "gsm8k_small.jsonl"
     with open(ASSETS / "gsm8k_train.jsonl") as f:

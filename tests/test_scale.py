@@ -147,8 +147,9 @@ def test_two_learners_make_the_same_update_as_one(local_ray, tmp_path, small_dat
 def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, small_data):
     """The same actors run one step streaming and, from the same state, one step phase by phase."""
     from opsd_ray.data import PromptSampler, load_examples
-    from opsd_ray.driver import Roles, adapter_config, start_rollout, sync_adapter, train_step
+    from opsd_ray.driver import start_rollout, train_step
     from opsd_ray.models import load_tokenizer
+    from opsd_ray.roles import Roles, adapter_config
 
     cfg = cfg_of(tmp_path, small_data, "rollout.num_workers=2", "scoring.num_workers=2", "learner.num_workers=2")
     tok = load_tokenizer(cfg.model)
@@ -156,7 +157,7 @@ def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, sm
     roles = Roles(cfg, "hf")
     try:
         conf = adapter_config(cfg)
-        sync_adapter(roles, conf)
+        roles.sync(conf)
         start = ray.get(roles.learner.checkpoint_files.remote())
         results = {}
         for schedule in ("streaming", "phases"):

@@ -122,20 +122,21 @@ def test_train_vllm_engine(local_ray, tmp_path, small_data):
 def _learned_adapter(cfg):
     """A learner actor after one real training step on rollouts of its version-0 adapter."""
     from opsd_ray.data import PromptSampler, load_examples
-    from opsd_ray.driver import Roles, adapter_config, start_rollout, sync_adapter, train_step
+    from opsd_ray.driver import start_rollout, train_step
     from opsd_ray.models import load_tokenizer
+    from opsd_ray.roles import Roles, adapter_config
 
     tok = load_tokenizer(cfg.model)
     examples, _ = load_examples(cfg.data)
     roles = Roles(cfg, cfg.rollout.engine)
     conf = adapter_config(cfg)
-    assert sync_adapter(roles, conf)["version"] == 0
+    assert roles.sync(conf)["version"] == 0
     sampler = PromptSampler(examples, cfg.train.batch_size)
 
     def one_step(step, version):
         return train_step(cfg, roles, start_rollout(cfg, roles, sampler, tok, step), tok, step, version)
 
-    return roles, conf, tok, one_step, sync_adapter
+    return roles, conf, tok, one_step
 
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=NEEDS_VLLM)])
@@ -143,7 +144,7 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
     from opsd_ray.engines import HFEngine
 
     cfg = tiny_cfg(tmp_path, small_data, f"rollout.engine={engine}", "rollout.num_workers=2")
-    roles, conf, tok, one_step, sync = _learned_adapter(cfg)
+    roles, conf, tok, one_step = _learned_adapter(cfg)
     try:
         prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
                                          tokenize=True, enable_thinking=False)
@@ -152,7 +153,7 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
         before = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
         record = one_step(1, 0)
         assert record["adapter_version"] == 1
-        assert sync(roles, conf)["version"] == 1
+        assert roles.sync(conf)["version"] == 1
         assert ray.get([w.version.remote() for w in roles.rollout]) == [1, 1]
         after = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
         info, state = ray.get(roles.learner.adapter_state.options(num_returns=2).remote())

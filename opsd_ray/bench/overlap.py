@@ -43,12 +43,12 @@ def schedule_steps(cfg, roles, examples, tok, conf, name: str) -> list[dict]:
     import ray
 
     from opsd_ray.data import PromptSampler
-    from opsd_ray.driver import steps, sync_adapter
+    from opsd_ray.driver import steps
 
     cfg = copy.deepcopy(cfg)
     cfg.train.schedule, cfg.rollout.max_staleness = SCHEDULES[name]
     ray.get([learner.load_checkpoint_files.remote(roles.start) for learner in roles.learners])  # version 0 again
-    version = sync_adapter(roles, conf)["version"]
+    version = roles.sync(conf)["version"]
     sampler = PromptSampler(examples, cfg.train.batch_size, seed=cfg.run.seed)
     t0 = time.perf_counter()
     records = [r for r, _ in steps(cfg, roles, sampler, tok, 1, version, conf)]
@@ -65,8 +65,8 @@ def steady_step_time(records: list[dict]) -> float:
 def bench_overlap(args: argparse.Namespace) -> list[Record]:
     """Step time of phases, streaming and one-step-off on the same work, roles pinned to their cores."""
     from opsd_ray.cluster import init_ray
-    from opsd_ray.driver import Roles, adapter_config
     from opsd_ray.models import load_tokenizer
+    from opsd_ray.roles import Roles, adapter_config
 
     model, batch, new_tokens, n_steps = ("tiny", 4, 16, 3) if args.quick else ("smollm2-135m", 8, 24, 3)
     reps = args.reps or 1  # pinned roles do not share cores: repetitions vary little (and take minutes)

@@ -32,61 +32,12 @@ def bf16_scoring(scoring_cfg):
     return out
 
 
-class LocalRoles:
-    """The same components as driver.Roles (RolloutWorker, ScoringWorker, Learner), in this process."""
+def one_step(cfg, roles, sampler, tok, step: int, conf: dict) -> dict:
+    """driver.train_step on a fresh rollout of `sampler`'s batch, then the sync, timed (Roles or LocalRoles)."""
+    from opsd_ray.driver import start_rollout, train_step
 
-    def __init__(self, cfg, engine: str):
-        from opsd_ray.learner import Learner
-        from opsd_ray.rollout import RolloutWorker
-        from opsd_ray.scoring import ScoringWorker
-
-        threads = os.cpu_count()  # what Roles gives CPU-only roles
-        max_len = (
-            cfg.data.max_reference_tokens + cfg.data.max_question_tokens + cfg.rollout.max_new_tokens + 512
-        )
-        self.rollout = [
-            RolloutWorker(cfg.model, cfg.rollout, engine, cfg.run.seed, threads, max_len)
-            for _ in range(cfg.rollout.num_workers)
-        ]
-        self.scoring = [
-            ScoringWorker(cfg.model, cfg.scoring, threads) for _ in range(cfg.scoring.num_workers)
-        ]
-        self.learner = Learner(cfg, threads)
-
-
-def local_sync(roles: LocalRoles, adapter_conf: dict) -> int:
-    info, state = roles.learner.adapter_state()
-    for w in roles.rollout:
-        w.load_adapter(info["version"], state, adapter_conf)
-    return info["version"]
-
-
-def local_train_step(cfg, roles: LocalRoles, sampler, tok, step: int) -> dict:
-    """driver.train_step without Ray: the same calls, in this process."""
-    from opsd_ray.driver import step_requests, step_variants
-    from opsd_ray.scoring import ScoringItem, split_evenly
-
-    roles.learner.cfg = cfg  # the mode the learner trains with
-    t0 = time.perf_counter()
-    batch = sampler.next_batch()
-    prompts, requests = step_requests(cfg, tok, batch, step)
-    parts = split_evenly(requests, len(roles.rollout))
-    trajectories = [t for w, p in zip(roles.rollout, parts, strict=True) if p for t in w.generate(p)]
-    t1 = time.perf_counter()
-    items = [ScoringItem(p, t.response_ids) for p, t in zip(prompts, trajectories, strict=True)]
-    variants, diagnostics = step_variants(cfg, step)
-    parts = split_evenly(items, len(roles.scoring))
-    frozen = [w.score(p, variants) for w, p in zip(roles.scoring, parts, strict=True) if p]
-    t2 = time.perf_counter()
-    metrics = roles.learner.train_step(items, [t.adapter_version for t in trajectories], diagnostics, *frozen)
-    t3 = time.perf_counter()
-    return {
-        **metrics,
-        "time/rollout": t1 - t0,
-        "time/scoring": t2 - t1,
-        "time/learning": t3 - t2,
-        "time/step": t3 - t0,
-    }
+    return timed_step(lambda: train_step(cfg, roles, start_rollout(cfg, roles, sampler, tok, step), tok, step, 0),
+                      lambda: roles.sync(conf))
 
 
 def timed_step(step_fn, sync_fn) -> dict:
@@ -115,18 +66,16 @@ def pooled_rollout_ratio(a: list[dict], b: list[dict]) -> float:
 def vllm_steps(cfg, conf, sampler, tok, step: int, batch: int, reps: int) -> list[dict]:
     """`reps` Ray steps with the vllm rollout engine (after a 1-prompt warm-up), for the sync share
     (a ratio within each step, so one step is enough on a busy machine)."""
-    from opsd_ray.driver import Roles, start_rollout, sync_adapter, train_step
+    from opsd_ray.roles import Roles
 
     log("step: Ray roles with the vllm engine")
     roles = Roles(cfg, "vllm")
     try:
-        sync_adapter(roles, conf)
+        roles.sync(conf)
         log("step: vllm Ray roles ready")
 
         def run(size):
-            return timed_step(
-                lambda: train_step(cfg, roles, start_rollout(cfg, roles, sampler(size), tok, step), tok, step, 0), lambda: sync_adapter(roles, conf)
-            )
+            return one_step(cfg, roles, sampler(size), tok, step, conf)
 
         run(1)  # warm-up
         runs = [run(batch) for _ in range(reps)]
@@ -143,8 +92,8 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
 
     from opsd_ray.cluster import init_ray
     from opsd_ray.data import PromptSampler
-    from opsd_ray.driver import Roles, adapter_config, start_rollout, sync_adapter, train_step
     from opsd_ray.models import load_tokenizer
+    from opsd_ray.roles import LocalRoles, Roles, adapter_config
     from opsd_ray.scoring import ScoringWorker
 
     model, batch, new_tokens = ("tiny", 2, 16) if args.quick else ("smollm2-135m", 4, 32)
@@ -165,34 +114,21 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
     try:
         log(f"step: loading {model} (in-process roles and Ray roles, hf engine)")
         local = LocalRoles(cfg, "hf")
-        local_sync(local, conf)
+        local.sync(conf)
         local_bf16 = copy.copy(local)  # the same rollout worker and learner; a bfloat16 frozen scorer
         local_bf16.scoring = [ScoringWorker(cfg.model, bf16_scoring(cfg.scoring), os.cpu_count())]
         log("step: in-process roles ready")
         roles = Roles(cfg, "hf")
-        sync_adapter(roles, conf)
+        roles.sync(conf)
         log("step: Ray roles ready")
 
         def arms(size):
             return {
-                "ray_pmi": lambda: timed_step(
-                    lambda: train_step(cfg, roles, start_rollout(cfg, roles, sampler(size), tok, step), tok, step, 0),
-                    lambda: sync_adapter(roles, conf),
-                ),
-                "local_pmi": lambda: timed_step(
-                    lambda: local_train_step(cfg, local, sampler(size), tok, step),
-                    lambda: local_sync(local, conf),
-                ),
-                "local_standard": lambda: timed_step(
-                    lambda: local_train_step(cfgs["standard"], local, sampler(size), tok, step),
-                    lambda: local_sync(local, conf),
-                ),
+                "ray_pmi": lambda: one_step(cfg, roles, sampler(size), tok, step, conf),
+                "local_pmi": lambda: one_step(cfg, local, sampler(size), tok, step, conf),
+                "local_standard": lambda: one_step(cfgs["standard"], local, sampler(size), tok, step, conf),
                 **{
-                    f"local_{m}_bf16": partial(
-                        timed_step,
-                        partial(local_train_step, cfgs[m], local_bf16, sampler(size), tok, step),
-                        partial(local_sync, local_bf16, conf),
-                    )
+                    f"local_{m}_bf16": partial(lambda m: one_step(cfgs[m], local_bf16, sampler(size), tok, step, conf), m)
                     for m in ("pmi", "standard")
                 },
             }
@@ -227,7 +163,7 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
         return paired_median([r[key] for r in a], [r[key] for r in b])
 
     sync_note = (
-        "sync = learner.adapter_state -> every rollout worker (driver.sync_adapter), counted in the step"
+        "sync = learner.adapter_state -> every rollout worker (Roles.sync), counted in the step"
     )
     records = [
         record(
@@ -284,7 +220,7 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
             ratio(ray_runs, pmi),
             "x",
             1.10,
-            f"Ray pipeline (driver.Roles/train_step/sync_adapter) / the same components in one process, "
+            f"Ray pipeline (driver.train_step on Roles) / the same components in one process, "
             f"pmi, step incl. sync; goal <= 1.10; phases Ray: {_phases(ray_runs)}; one process: "
             f"{_phases(pmi)}; {setup}",
         ),
