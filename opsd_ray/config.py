@@ -167,86 +167,86 @@ def check_choices(cfg: DictConfig) -> None:
 def validate_train(cfg: DictConfig) -> None:
     """Range and consistency checks for a training config; raises ConfigError."""
     check_choices(cfg)
-    o, t, le, ro, sc = cfg.objective, cfg.train, cfg.learner, cfg.rollout, cfg.scoring
-    _check(o.beta > 0, f"objective.beta must be > 0 (got {o.beta}); the paper uses 1.0")
-    _check(o.clip >= 0, f"objective.clip must be >= 0 (got {o.clip}); 0 disables clipping, the paper uses 10")
-    _check(0 <= o.lam <= 1, f"objective.lam must be in [0, 1] (got {o.lam}); 0.5 is the symmetric JSD")
-    _check(o.temperature > 0, f"objective.temperature must be > 0 (got {o.temperature})")
-    _check(o.chunk_size >= 1, f"objective.chunk_size must be >= 1 (got {o.chunk_size})")
-    _check(le.lr > 0, f"learner.lr must be > 0 (got {le.lr})")
-    _check(le.grad_clip >= 0, f"learner.grad_clip must be >= 0 (got {le.grad_clip}); 0 disables it")
+    objective, train, learner, rollout, scoring = cfg.objective, cfg.train, cfg.learner, cfg.rollout, cfg.scoring
+    _check(objective.beta > 0, f"objective.beta must be > 0 (got {objective.beta}); the paper uses 1.0")
+    _check(objective.clip >= 0, f"objective.clip must be >= 0 (got {objective.clip}); 0 disables clipping, the paper uses 10")
+    _check(0 <= objective.lam <= 1, f"objective.lam must be in [0, 1] (got {objective.lam}); 0.5 is the symmetric JSD")
+    _check(objective.temperature > 0, f"objective.temperature must be > 0 (got {objective.temperature})")
+    _check(objective.chunk_size >= 1, f"objective.chunk_size must be >= 1 (got {objective.chunk_size})")
+    _check(learner.lr > 0, f"learner.lr must be > 0 (got {learner.lr})")
+    _check(learner.grad_clip >= 0, f"learner.grad_clip must be >= 0 (got {learner.grad_clip}); 0 disables it")
     _check(
-        len(le.adam_betas) == 2 and all(0 <= b < 1 for b in le.adam_betas),
-        f"learner.adam_betas must be two numbers in [0, 1) (got {list(le.adam_betas)})",
+        len(learner.adam_betas) == 2 and all(0 <= b < 1 for b in learner.adam_betas),
+        f"learner.adam_betas must be two numbers in [0, 1) (got {list(learner.adam_betas)})",
     )
-    _check(t.steps >= 1, f"train.steps must be >= 1 (got {t.steps})")
-    _check(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
+    _check(train.steps >= 1, f"train.steps must be >= 1 (got {train.steps})")
+    _check(train.batch_size >= 1, f"train.batch_size must be >= 1 (got {train.batch_size})")
     for name, mb in (
-        ("learner.micro_batch_size", le.micro_batch_size),
-        ("scoring.micro_batch_size", sc.micro_batch_size),
+        ("learner.micro_batch_size", learner.micro_batch_size),
+        ("scoring.micro_batch_size", scoring.micro_batch_size),
     ):
         _check(mb >= 1, f"{name} must be >= 1 (got {mb})")
     for name, n in (
-        ("rollout.num_workers", ro.num_workers),
-        ("scoring.num_workers", sc.num_workers),
-        ("learner.num_workers", le.num_workers),
-        ("rollout.tensor_parallel_size", ro.tensor_parallel_size),
+        ("rollout.num_workers", rollout.num_workers),
+        ("scoring.num_workers", scoring.num_workers),
+        ("learner.num_workers", learner.num_workers),
+        ("rollout.tensor_parallel_size", rollout.tensor_parallel_size),
     ):
         _check(n >= 1, f"{name} must be >= 1 (got {n})")
     _check(
-        t.batch_size % le.micro_batch_size == 0,
-        f"train.batch_size ({t.batch_size}) must be divisible by learner.micro_batch_size ({le.micro_batch_size})",
+        train.batch_size % learner.micro_batch_size == 0,
+        f"train.batch_size ({train.batch_size}) must be divisible by learner.micro_batch_size ({learner.micro_batch_size})",
     )
     _check(
-        t.batch_size % ro.num_workers == 0,
-        f"train.batch_size ({t.batch_size}) must be divisible by rollout.num_workers ({ro.num_workers})",
+        train.batch_size % rollout.num_workers == 0,
+        f"train.batch_size ({train.batch_size}) must be divisible by rollout.num_workers ({rollout.num_workers})",
     )
     _check(
-        t.batch_size >= sc.num_workers,
-        f"scoring.num_workers ({sc.num_workers}) must be <= train.batch_size ({t.batch_size})",
+        train.batch_size >= scoring.num_workers,
+        f"scoring.num_workers ({scoring.num_workers}) must be <= train.batch_size ({train.batch_size})",
     )
     _check(
-        t.batch_size // le.micro_batch_size >= le.num_workers,
-        f"learner.num_workers ({le.num_workers}) learners need at least one micro-batch each: train.batch_size "
-        f"({t.batch_size}) / learner.micro_batch_size ({le.micro_batch_size}) is "
-        f"{t.batch_size // le.micro_batch_size}",
+        train.batch_size // learner.micro_batch_size >= learner.num_workers,
+        f"learner.num_workers ({learner.num_workers}) learners need at least one micro-batch each: train.batch_size "
+        f"({train.batch_size}) / learner.micro_batch_size ({learner.micro_batch_size}) is "
+        f"{train.batch_size // learner.micro_batch_size}",
     )
-    parts = t.batch_size // le.micro_batch_size
+    parts = train.batch_size // learner.micro_batch_size
     _check(
-        le.strategy != "fsdp" or le.num_workers == 1 or parts % le.num_workers == 0,
+        learner.strategy != "fsdp" or learner.num_workers == 1 or parts % learner.num_workers == 0,
         f"learner.strategy=fsdp: every learner runs every micro-batch's collectives, so the step's "
         f"{parts} micro-batches (train.batch_size / learner.micro_batch_size) must divide evenly among "
-        f"learner.num_workers={le.num_workers}",
+        f"learner.num_workers={learner.num_workers}",
     )
     _check(
-        le.num_workers == 1 or le.gpus == 0 or le.gpus >= 1,
-        f"learner.num_workers={le.num_workers} learners need a GPU each (learner.gpus=1; got {le.gpus}): "
+        learner.num_workers == 1 or learner.gpus == 0 or learner.gpus >= 1,
+        f"learner.num_workers={learner.num_workers} learners need a GPU each (learner.gpus=1; got {learner.gpus}): "
         "two ranks of one NCCL group cannot share a GPU",
     )
     for role in ("rollout", "scoring", "learner"):
         for name, v in cfg[role].resources.items():
             _check(v >= 0, f"{role}.resources.{name} must be >= 0 (got {v})")
     for name, v in (
-        ("rollout.gpus_per_worker", ro.gpus_per_worker),
-        ("scoring.gpus_per_worker", sc.gpus_per_worker),
-        ("learner.gpus", le.gpus),
-        ("rollout.cpus_per_worker", ro.cpus_per_worker),
-        ("scoring.cpus_per_worker", sc.cpus_per_worker),
-        ("learner.cpus", le.cpus),
+        ("rollout.gpus_per_worker", rollout.gpus_per_worker),
+        ("scoring.gpus_per_worker", scoring.gpus_per_worker),
+        ("learner.gpus", learner.gpus),
+        ("rollout.cpus_per_worker", rollout.cpus_per_worker),
+        ("scoring.cpus_per_worker", scoring.cpus_per_worker),
+        ("learner.cpus", learner.cpus),
     ):
         _check(v >= 0, f"{name} must be >= 0 (got {v})")
-    _check(ro.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1 (got {ro.max_new_tokens})")
+    _check(rollout.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1 (got {rollout.max_new_tokens})")
     _check(
-        ro.temperature > 0,
-        f"rollout.temperature must be > 0 (got {ro.temperature}); on-policy sampling needs it",
+        rollout.temperature > 0,
+        f"rollout.temperature must be > 0 (got {rollout.temperature}); on-policy sampling needs it",
     )
-    _check(0 < ro.top_p <= 1, f"rollout.top_p must be in (0, 1] (got {ro.top_p})")
+    _check(0 < rollout.top_p <= 1, f"rollout.top_p must be in (0, 1] (got {rollout.top_p})")
     _check(
-        ro.max_staleness in (0, 1),
+        rollout.max_staleness in (0, 1),
         f"rollout.max_staleness must be 0 (strictly on-policy, the paper's setting) or 1 (one-step-off: the "
-        f"rollout of step k+1 runs with adapter k-1 while step k trains); got {ro.max_staleness}",
+        f"rollout of step k+1 runs with adapter k-1 while step k trains); got {rollout.max_staleness}",
     )
-    _check(t.diagnostics_every >= 0, f"train.diagnostics_every must be >= 0 (got {t.diagnostics_every})")
+    _check(train.diagnostics_every >= 0, f"train.diagnostics_every must be >= 0 (got {train.diagnostics_every})")
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (got {cfg.checkpoint.every})")
     _check(cfg.fault.max_restarts >= 0, f"fault.max_restarts must be >= 0 (got {cfg.fault.max_restarts})")
     _check(cfg.fault.max_skipped_steps >= 1, f"fault.max_skipped_steps must be >= 1 (got {cfg.fault.max_skipped_steps})")
@@ -264,15 +264,15 @@ def validate_train(cfg: DictConfig) -> None:
         f"model.lora.dropout must be in [0, 1) (got {cfg.model.lora.dropout})",
     )
     _check(cfg.data.max_reference_tokens >= 1, "data.max_reference_tokens must be >= 1")
-    if sc.layout == "shared_prefix" and "flash" in str(cfg.model.attn_implementation):
+    if scoring.layout == "shared_prefix" and "flash" in str(cfg.model.attn_implementation):
         from opsd_ray.scoring import FLASH_NO_MASK
 
         raise ConfigError(f"{FLASH_NO_MASK} (model.attn_implementation={cfg.model.attn_implementation})")
     _check(
-        ro.tensor_parallel_size == 1 or ro.gpus_per_worker in (0, 1),
-        f"rollout.tensor_parallel_size={ro.tensor_parallel_size} needs a whole GPU per rank: "
-        f"rollout.gpus_per_worker=1 (got {ro.gpus_per_worker}); the worker then holds "
-        f"{ro.tensor_parallel_size} GPUs",
+        rollout.tensor_parallel_size == 1 or rollout.gpus_per_worker in (0, 1),
+        f"rollout.tensor_parallel_size={rollout.tensor_parallel_size} needs a whole GPU per rank: "
+        f"rollout.gpus_per_worker=1 (got {rollout.gpus_per_worker}); the worker then holds "
+        f"{rollout.tensor_parallel_size} GPUs",
     )
     if cfg.logging.wandb:
         import importlib.util

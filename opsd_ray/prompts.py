@@ -104,7 +104,7 @@ def append_response(prompt: list[int], response: list[int]) -> ScoringSequence:
 
 
 def scoring_sequences(prompts: PromptIds, response: list[int]) -> dict[str, ScoringSequence]:
-    """The four sequences of DESIGN.md §1: student (q), teacher (q, r), reference-only (r), base (q)."""
+    """The four sequences of the paper: student (q), teacher (q, r), reference-only (r), base (q)."""
     return {
         "student": append_response(prompts.student, response),
         "teacher": append_response(prompts.teacher, response),

@@ -127,7 +127,6 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 32  # prompts per step
     diagnostics_every: int = 10
-    log_every: int = 1
     schedule: str = "streaming"  # streaming: work flows as it finishes | phases: rollout, then scoring, then learning
 
 

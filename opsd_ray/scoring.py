@@ -1,6 +1,6 @@
 """Scoring: the frozen base model reads every trajectory under three prompts in ONE forward pass.
 
-Variants (DESIGN.md §1): teacher (question + reference), reference_only (reference), base
+Variants (docs/objective.md): teacher (question + reference), reference_only (reference), base
 (question). All sequences of a micro-batch go through one forward pass, in one of two layouts:
 - "padded": one row per sequence, right-padded to the longest.
 - "shared_prefix": one row per trajectory. The teacher sequence is written once; the other variants

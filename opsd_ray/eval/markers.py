@@ -1,4 +1,4 @@
-"""Epistemic markers (DESIGN.md §1): words of reflective reasoning, counted in generated text.
+"""Epistemic markers (the paper, Sec. 2.3 and 4.4): words of reflective reasoning, counted in generated text.
 
 Two counting rules (`markers.match`):
 - `substring` (default): the convention of Kim et al.'s analysis code, which the paper follows:
