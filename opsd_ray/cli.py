@@ -60,9 +60,41 @@ def _plan(args: list[str]) -> int:
 
 
 def _eval(args: list[str]) -> int:
-    from opsd_ray.evaluate import main as eval_main
+    """Evaluate a model preset, with an adapter or without, on benchmarks (opsd_ray.eval.run)."""
+    from datetime import datetime
 
-    return eval_main(args)
+    from opsd_ray.config import load_eval_config
+    from opsd_ray.engines import make_engine, pick_engine
+    from opsd_ray.eval.benchmarks import load_benchmark
+    from opsd_ray.eval.run import evaluate, prompt_ids, read_adapter
+    from opsd_ray.eval.summary import markdown_table
+    from opsd_ray.models import load_tokenizer
+
+    ev = load_eval_config(args)
+    model_cfg, state, conf = ev.model, None, None
+    if ev.adapter is not None:
+        state, conf = read_adapter(ev.adapter)
+        # the engine's LoRA slots must have the adapter's shape, whatever the preset says
+        model_cfg.lora.r, model_cfg.lora.alpha = int(conf["r"]), int(conf["lora_alpha"])
+        model_cfg.lora.target_modules = sorted(conf["target_modules"])
+    engine_name = pick_engine(ev.engine, model_cfg.lora.r)
+    out = Path(ev.out or f"runs/eval-{model_cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    tok = load_tokenizer(model_cfg)
+    longest = max(len(prompt_ids(tok, model_cfg, p, ev.enable_thinking))
+                  for b in ev.benchmarks for p in load_benchmark(b, ev.limit))
+    print(f"eval: model={model_cfg.name} adapter={ev.adapter} engine={engine_name} benchmarks={list(ev.benchmarks)} "
+          f"n_samples={ev.n_samples} max_new_tokens={ev.max_new_tokens}", flush=True)
+    engine = make_engine(engine_name, model_cfg, ev.rollout, ev.seed, longest + ev.max_new_tokens + 8)
+    summary = evaluate(
+        model_cfg, engine, list(ev.benchmarks), ev.n_samples, max_new_tokens=ev.max_new_tokens,
+        temperature=ev.temperature, top_p=ev.top_p, limit=ev.limit, seed=ev.seed, enable_thinking=ev.enable_thinking,
+        adapter_state=state, adapter_config=conf, tokenizer=tok, out_dir=out, log=lambda m: print(m, flush=True),
+        settings={"adapter": ev.adapter, "engine": engine_name, "model_path": str(model_cfg.path)},
+        marker_match=ev.markers.match,
+    )
+    print(markdown_table(summary), end="")
+    print(f"wrote {out / 'generations.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}", flush=True)
+    return 0
 
 
 def _report(args: list[str]) -> int:

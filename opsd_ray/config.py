@@ -22,6 +22,7 @@ from opsd_ray.schema import (  # noqa: F401  (the schema, re-exported: `from ops
     CHOICES,
     Config,
     DataConfig,
+    EvalCommand,
     EvalConfig,
     LoggingConfig,
     MarkersConfig,
@@ -337,3 +338,30 @@ def load_train_config(args: list[str]) -> DictConfig:
 def config_yaml(cfg: DictConfig) -> str:
     """The resolved config as the run folder's config.yaml holds it."""
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def load_eval_config(args: list[str]) -> DictConfig:
+    """The front door for `opsd-ray eval`: the same composer and checks as training, over EvalCommand."""
+    overrides = parse_overrides(args)
+    if "benchmarks" in overrides and not overrides["benchmarks"].lstrip().startswith("["):
+        overrides["benchmarks"] = f"[{overrides['benchmarks']}]"  # benchmarks=aime24 or aime24,aime25
+    cfg = compose(EvalCommand, {"model": overrides.pop("model", "smollm2-135m")}, overrides)
+    validate_eval(cfg)
+    return cfg
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    from opsd_ray.eval.benchmarks import check_benchmarks
+
+    check_choices(cfg)
+    check_benchmarks(list(cfg.benchmarks))
+    _check(cfg.n_samples >= 1, f"n_samples must be >= 1 (got {cfg.n_samples})")
+    _check(cfg.max_new_tokens >= 1, f"max_new_tokens must be >= 1 (got {cfg.max_new_tokens})")
+    _check(cfg.temperature > 0, f"temperature must be > 0 (got {cfg.temperature}); avg@k needs sampling")
+    _check(0 < cfg.top_p <= 1, f"top_p must be in (0, 1] (got {cfg.top_p})")
+    _check(cfg.limit is None or cfg.limit >= 1, f"limit must be >= 1 (got {cfg.limit})")
+    _check(cfg.engine in ENGINES, f"engine={cfg.engine!r} is not one of: {', '.join(ENGINES)}")
+    _check(cfg.adapter is None or (Path(cfg.adapter) / "adapter_model.safetensors").is_file(),
+           f"adapter={cfg.adapter}: expected a folder with adapter_model.safetensors and adapter_config.json "
+           "(a run's final/ or checkpoints/step_<N>/)")
+    check_model_folders(cfg.model)

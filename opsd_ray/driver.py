@@ -343,15 +343,8 @@ def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
     does not decide what is sampled (evaluate.EvalJob).
     """
 
-    from opsd_ray.evaluate import (
-        benchmark_line,
-        eval_jobs,
-        eval_log_record,
-        eval_settings,
-        finish,
-        markdown_table,
-        output_files,
-    )
+    from opsd_ray.eval.run import eval_jobs, eval_settings, finish
+    from opsd_ray.eval.summary import benchmark_line, eval_log_record, markdown_table, output_files
 
     e, workers = cfg.eval, roles.rollout
     generation = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,

@@ -62,7 +62,7 @@ def load_run(folder: str | Path) -> Run:
     records: dict[int, dict] = {}
     for rec in jsonl_records(metrics.read_text()):
         records.setdefault(int(rec.get("step", 0)), {}).update(rec)
-    from opsd_ray.evaluate import eval_log_record
+    from opsd_ray.eval.summary import eval_log_record
 
     for path in sorted((folder / "eval").glob("step_*/summary.json")):  # evaluations the metrics lack
         step = int(path.parent.name.split("_")[1])

@@ -86,7 +86,7 @@ class RolloutWorker:
 
     def evaluate(self, jobs: list, **generation) -> list[dict]:
         """This worker's share of an evaluation, graded, with the adapter it generates with now."""
-        from opsd_ray.evaluate import run_jobs
+        from opsd_ray.eval.run import run_jobs
 
         records = run_jobs(self.engine, self.engine.tokenizer, self.model_cfg, jobs, **generation)
         return [dict(r, adapter_version=self.engine.version) for r in records]

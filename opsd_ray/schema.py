@@ -200,6 +200,27 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+@dataclass
+class EvalCommand:
+    """`opsd-ray eval`: a model preset (model=, with model.* overrides), vLLM settings (rollout.*), how
+    markers are counted, and the evaluation's own keys."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    markers: MarkersConfig = field(default_factory=MarkersConfig)
+    adapter: str | None = None  # a folder with adapter_model.safetensors + adapter_config.json
+    benchmarks: list[str] = field(default_factory=lambda: ["aime24", "aime25", "hmmt25"])
+    n_samples: int = 12
+    max_new_tokens: int = 1024
+    temperature: float = 0.6
+    top_p: float = 0.95
+    limit: int | None = None  # problems per benchmark (None: all)
+    engine: str = "auto"  # auto | vllm | hf
+    out: str | None = None  # None: runs/eval-<model>-<time>
+    seed: int = 0
+    enable_thinking: bool | None = None  # None: the model preset's
+
+
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),

@@ -8,11 +8,15 @@ import pytest
 from conftest import run_cli
 from omegaconf import OmegaConf
 
-from opsd_ray.config import ConfigError
+from opsd_ray.config import (
+    ConfigError,
+    load_eval_config,
+)
 from opsd_ray.eval.benchmarks import BENCHMARKS, load_benchmark
 from opsd_ray.eval.markers import MARKERS
 from opsd_ray.eval.metrics import avg_at_k, maj_at_k, majority_correct, mean_pass_at_k, pass_at_k
-from opsd_ray.evaluate import eval_log_record, evaluate, parse_eval_args, sample_seed
+from opsd_ray.eval.run import evaluate, sample_seed
+from opsd_ray.eval.summary import eval_log_record
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -59,6 +63,12 @@ def test_benchmarks_load():
         load_benchmark("aime23")
 
 
+def parse_eval_args(args):
+    """`opsd-ray eval`'s arguments, composed and validated: (config, its model section, its rollout section)."""
+    ev = load_eval_config(args)
+    return ev, ev.model, ev.rollout
+
+
 # ----------------------------------------------------------------------------- arguments
 def test_parse_eval_args():
     ev, model, rollout = parse_eval_args(["model=tiny", "benchmarks=gsm8k", "n_samples=3", "model.enable_thinking=true",
@@ -92,7 +102,7 @@ def test_bad_arguments(args, message):
 
 
 def test_the_marker_rule_reaches_each_graded_sample():
-    from opsd_ray.evaluate import grade_sample
+    from opsd_ray.eval.run import grade_sample
 
     problem = load_benchmark("gsm8k", limit=1)[0]
     text = "That seems unlikely; rechecking. Wait, \\boxed{18}"

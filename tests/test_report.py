@@ -35,7 +35,7 @@ def make_run(folder, mode, steps=12, eval_every=4, in_metrics=True):
         if step % eval_every == 0:
             summary = fake_summary(0.2 + gain * step, 0.1 + gain * step, markers=3 - step * gain)
             if in_metrics:
-                from opsd_ray.evaluate import eval_log_record
+                from opsd_ray.eval.summary import eval_log_record
 
                 rec.update(eval_log_record(summary))
             else:
@@ -116,7 +116,7 @@ def test_bad_arguments(tmp_path):
 
 def with_accuracy(folder, curve):
     """Rewrite a run's evaluations: step -> (aime24, hmmt25) avg@12."""
-    from opsd_ray.evaluate import eval_log_record
+    from opsd_ray.eval.summary import eval_log_record
 
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     for rec in records:

@@ -1,0 +1,166 @@
+"""Evaluation: sample n solutions per benchmark problem with an engine, grade them, summarise.
+
+`evaluate()` takes any engine of opsd_ray.engines (`generate`, `load_adapter`, `tokenizer`), so the
+training driver runs the same jobs on its own rollout workers (`run_jobs`, a share each). Every
+sample has its own seed, so the split does not decide what is sampled. `opsd-ray eval` (opsd_ray.cli)
+is the command line; outputs (in `out`): generations.jsonl (every sample, graded), summary.json,
+summary.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from opsd_ray.eval.benchmarks import Problem, check_benchmarks, grades_numbers, load_benchmark
+from opsd_ray.eval.grading import grade
+from opsd_ray.eval.markers import count_markers
+from opsd_ray.eval.summary import benchmark_line, summarize, write_outputs
+from opsd_ray.prompts import BOXED_INSTRUCTION, chat_prompt_ids
+
+DEFAULT_BENCHMARKS = ["aime24", "aime25", "hmmt25"]
+
+
+def sample_seed(seed: int, benchmark: str, problem_id: int, sample: int) -> int:
+    """Seed of one sample: depends on (seed, benchmark, problem, sample index) only, not on batching."""
+    return (seed * 1_000_003 + zlib.crc32(benchmark.encode()) + problem_id * 10_007 + sample) % (2**31 - 1)
+
+
+def prompt_ids(tokenizer, model_cfg, problem: Problem, enable_thinking: bool | None) -> list[int]:
+    thinking = bool(model_cfg.enable_thinking if enable_thinking is None else enable_thinking)
+    return chat_prompt_ids(tokenizer, problem.problem, thinking=thinking, style=model_cfg.thinking_style)
+
+
+def grade_sample(
+    benchmark: str, problem: Problem, sample: int, seed: int, text: str, num_tokens: int, finish_reason: str,
+    marker_match: str = "substring",
+) -> dict:
+    """One line of generations.jsonl."""
+    g = grade(text, problem.answer, last_number=grades_numbers(benchmark))
+    return {
+        "benchmark": benchmark,
+        "problem_id": problem.id,
+        "sample": sample,
+        "seed": seed,
+        "gold": problem.answer,
+        "extracted": g.answer,
+        "correct": g.correct,
+        "grading_error": g.error,
+        "num_tokens": num_tokens,
+        "finish_reason": finish_reason,
+        "markers": count_markers(text, marker_match),
+        "response": text,
+    }
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One sample to generate. Its seed depends on (seed, benchmark, problem, sample) only, so the HF
+    engine generates the same text whatever the split of the jobs over engines (vLLM's batched GPU
+    kernels are not batch-invariant: there a sample can change with its batch-mates)."""
+
+    benchmark: str
+    problem: Problem
+    sample: int
+    seed: int
+
+
+def eval_jobs(benchmark: str, n_samples: int, limit: int | None, seed: int,
+              instruction: str = BOXED_INSTRUCTION) -> list[EvalJob]:
+    problems = load_benchmark(benchmark, limit, instruction)
+    return [EvalJob(benchmark, p, s, sample_seed(seed, benchmark, p.id, s)) for p in problems for s in range(n_samples)]
+
+
+def run_jobs(engine, tokenizer, model_cfg, jobs: list[EvalJob], *, max_new_tokens: int, temperature: float,
+             top_p: float, enable_thinking: bool | None = None, marker_match: str = "substring") -> list[dict]:
+    """Generate every job with `engine` (one batch) and grade it: the generations.jsonl records, in order."""
+    prompts = {}
+    for j in jobs:
+        key = (j.benchmark, j.problem.id)
+        if key not in prompts:
+            prompts[key] = prompt_ids(tokenizer, model_cfg, j.problem, enable_thinking)
+    outputs = engine.generate([prompts[(j.benchmark, j.problem.id)] for j in jobs], [j.seed for j in jobs],
+                              max_new_tokens, temperature, top_p)
+    return [
+        grade_sample(j.benchmark, j.problem, j.sample, j.seed, tokenizer.decode(ids, skip_special_tokens=True),
+                     len(ids), finish, marker_match)
+        for j, (ids, finish) in zip(jobs, outputs, strict=True)
+    ]
+
+
+def evaluate(
+    model_cfg,
+    engine,
+    benchmarks: list[str],
+    n_samples: int = 12,
+    *,
+    max_new_tokens: int = 1024,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    limit: int | None = None,
+    seed: int = 0,
+    enable_thinking: bool | None = None,
+    instruction: str = BOXED_INSTRUCTION,
+    adapter_state: dict | None = None,
+    adapter_config: dict | None = None,
+    adapter_version: int = 0,
+    tokenizer=None,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    settings: dict | None = None,
+    marker_match: str = "substring",
+) -> dict:
+    """Generate `n_samples` per problem with `engine`, grade them, return the summary dict.
+
+    `adapter_state` (a peft state dict; with `adapter_config` for vLLM) is loaded into the engine first.
+    With `out_dir`, writes generations.jsonl, summary.json and summary.md there; `settings` are recorded.
+    """
+    check_benchmarks(list(benchmarks))
+    tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
+    if adapter_state is not None:
+        engine.load_adapter(adapter_version, adapter_state, adapter_config or {})
+    records: list[dict] = []
+    t_start = time.perf_counter()
+    for bench in benchmarks:
+        t0 = time.perf_counter()
+        part = run_jobs(engine, tokenizer, model_cfg, eval_jobs(bench, n_samples, limit, seed, instruction),
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        enable_thinking=enable_thinking, marker_match=marker_match)
+        records += part
+        log(benchmark_line(bench, part, time.perf_counter() - t0))
+    run_settings = eval_settings(str(model_cfg.name), n_samples, max_new_tokens, temperature, top_p, limit, seed,
+                                 enable_thinking, adapter_version, markers=marker_match, **(settings or {}))
+    return finish(records, list(benchmarks), run_settings, time.perf_counter() - t_start, out_dir)
+
+
+def eval_settings(model: str, n_samples: int, max_new_tokens: int, temperature: float, top_p: float,
+                  limit: int | None, seed: int, enable_thinking: bool | None, adapter_version, **extra) -> dict:
+    """What summary.json records about how an evaluation was run."""
+    return {"n_samples": n_samples, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+            "limit": limit, "seed": seed, "enable_thinking": enable_thinking, "model": model,
+            "adapter_version": adapter_version, **extra}
+
+
+def finish(records: list[dict], benchmarks: list[str], settings: dict, seconds: float,
+           out_dir: str | Path | None) -> dict:
+    """The summary of graded records (with the settings and time), written to `out_dir` when given."""
+    summary = summarize(records, benchmarks)
+    summary["settings"] = settings
+    summary["time_s"] = seconds
+    if out_dir is not None:
+        write_outputs(Path(out_dir), records, summary)
+    return summary
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, dict]:
+    """(state dict, adapter_config.json) of a saved peft adapter folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    return load_file(folder / "adapter_model.safetensors"), json.loads(
+        (folder / "adapter_config.json").read_text()
+    )
