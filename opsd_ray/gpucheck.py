@@ -87,7 +87,8 @@ def tiny(device: str, dtype: torch.dtype, attn: str = "sdpa"):
     `device`, with `attn`), from a folder written once per process."""
     import tempfile
 
-    from opsd_ray.models import build_tiny_model, load_model
+    from opsd_ray.builtin_models import build_tiny_model
+    from opsd_ray.models import load_model
 
     if not _TINY_DIR:
         _TINY_DIR.append(tempfile.mkdtemp(prefix="opsd_ray_gpucheck_"))

@@ -139,13 +139,13 @@ def find_shapes(model_cfg) -> Shapes:
     path = str(model_cfg.path)
     candidates: list[Path] = []
     if path.startswith("builtin:"):
-        from opsd_ray.models import BUILTINS, builtin_dir
+        from opsd_ray.builtin_models import BUILTINS, builtin_dir
 
         name = path.removeprefix("builtin:")
         if name in BUILTINS:
             candidates.append(builtin_dir(name) / "config.json")
         if name == "tiny":  # the builder's own config: no need to build the model
-            from opsd_ray.models import tiny_qwen3_config
+            from opsd_ray.builtin_models import tiny_qwen3_config
 
             return shapes_from_config(
                 tiny_qwen3_config().to_dict(), "the tiny builder's config (opsd_ray.models)"

@@ -88,7 +88,8 @@ def end_token_model(hub_cache: Path) -> str:
     <|endoftext|> and whose generation config lists both (as OLMo-3's does)."""
     from transformers import GenerationConfig
 
-    from opsd_ray.models import build_tiny_model, load_tokenizer
+    from opsd_ray.builtin_models import build_tiny_model
+    from opsd_ray.models import load_tokenizer
 
     repo, commit = "opsd-test/two-end-tokens", "0123456789abcdef0123456789abcdef01234567"
     root = hub_cache / "models--opsd-test--two-end-tokens"

