@@ -17,12 +17,12 @@ import fcntl
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from opsd_ray.common import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +142,13 @@ def _build_once(name: str) -> Path:
         if final.is_dir():  # another process built it while we waited
             return final
         log.info("building %s%s into %s (once)", BUILTIN_PREFIX, name, final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-        try:
-            builder, _ = BUILTINS[name]
+        builder, _ = BUILTINS[name]
+
+        def fill(tmp: Path) -> None:
             builder(tmp)
             _make_readable(tmp)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+
+        return atomic_folder(final, fill)
 
 
 def _make_readable(folder: Path) -> None:

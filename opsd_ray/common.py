@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
 
 def pad_id_of(tokenizer) -> int:
     """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token (padded
@@ -43,3 +50,29 @@ def rollout_max_len(cfg) -> int:
     reference), and evaluation during training may generate longer than the rollout."""
     new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens if cfg.eval.every else 0)
     return cfg.data.max_question_tokens + PROMPT_ALLOWANCE + new_tokens
+
+
+def atomic_folder(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Fill a hidden temporary folder beside `final`, then rename it into place (replacing an older
+    `final`): a reader sees the old folder or the whole new one. On any failure nothing is left."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        fill(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file through a hidden temporary file beside it and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

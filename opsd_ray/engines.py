@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from opsd_ray.common import pad_id_of
+from opsd_ray.common import atomic_folder, pad_id_of
 
 
 class Engine(Protocol):
@@ -238,13 +238,11 @@ class VLLMEngine:
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
-        folder = self.adapter_root / f"v{version}"
-        tmp = self.adapter_root / f".v{version}.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors")
-        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp, folder)
+        def fill(tmp: Path) -> None:
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors")
+            (tmp / "adapter_config.json").write_text(json.dumps(adapter_config))
+
+        folder = atomic_folder(self.adapter_root / f"v{version}", fill)
         if self.lora is not None:
             self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
         self.lora = LoRARequest(f"opsd_v{version}", version + 1, str(folder))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from opsd_ray.bench import BENCHMARKS, DEFAULT_OUT, Record, objectives, overlap, rollout, scoring, step, wire  # noqa: F401  (they register)
+from opsd_ray.common import atomic_write_text
 
 
 def format_table(records: list[Record]) -> str:
@@ -31,10 +31,7 @@ def write_results(records: list[Record], path: Path) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             existing = {}
     existing.update({r["name"]: r for r in records})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sorted(existing.values(), key=lambda r: r["name"]), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(sorted(existing.values(), key=lambda r: r["name"]), indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
