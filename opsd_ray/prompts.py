@@ -103,11 +103,15 @@ def append_response(prompt: list[int], response: list[int]) -> ScoringSequence:
     return ScoringSequence(ids=list(prompt) + list(response), start=len(prompt))
 
 
+# Which prompt each sequence reads: the base model P0 reads the student's prompt (the question only).
+PROMPT_OF = {"student": "student", "teacher": "teacher", "reference_only": "reference_only", "base": "student"}
+
+
+def sequence_of(prompts: PromptIds, variant: str, response: list[int]) -> ScoringSequence:
+    """The response after the prompt that `variant` reads."""
+    return append_response(getattr(prompts, PROMPT_OF[variant]), response)
+
+
 def scoring_sequences(prompts: PromptIds, response: list[int]) -> dict[str, ScoringSequence]:
     """The four sequences of the paper: student (q), teacher (q, r), reference-only (r), base (q)."""
-    return {
-        "student": append_response(prompts.student, response),
-        "teacher": append_response(prompts.teacher, response),
-        "reference_only": append_response(prompts.reference_only, response),
-        "base": append_response(prompts.student, response),
-    }
+    return {variant: sequence_of(prompts, variant, response) for variant in PROMPT_OF}

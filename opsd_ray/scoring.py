@@ -25,15 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from opsd_ray.common import pad_id_of
-from opsd_ray.prompts import PromptIds, ScoringSequence, append_response
+from opsd_ray.prompts import PromptIds, ScoringSequence, sequence_of
 
 VARIANTS = ("teacher", "reference_only", "base")
-_PROMPT_OF = {
-    "teacher": "teacher",
-    "reference_only": "reference_only",
-    "base": "student",
-    "student": "student",
-}
 
 
 @dataclass
@@ -72,7 +66,7 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 def variant_sequences(items: list[ScoringItem], variants: tuple[str, ...]) -> list[list[ScoringSequence]]:
     """Per trajectory, the sequence (prompt + response ids) of each variant, in `variants` order."""
-    return [[append_response(getattr(it.prompts, _PROMPT_OF[v]), it.response) for v in variants] for it in items]
+    return [[sequence_of(it.prompts, v, it.response) for v in variants] for it in items]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
