@@ -85,13 +85,9 @@ def _eval(args: list[str]) -> int:
     print(f"eval: model={model_cfg.name} adapter={ev.adapter} engine={engine_name} benchmarks={list(ev.benchmarks)} "
           f"n_samples={ev.n_samples} max_new_tokens={ev.max_new_tokens}", flush=True)
     engine = make_engine(engine_name, model_cfg, ev.rollout, ev.seed, longest + ev.max_new_tokens + 8)
-    summary = evaluate(
-        model_cfg, engine, list(ev.benchmarks), ev.n_samples, max_new_tokens=ev.max_new_tokens,
-        temperature=ev.temperature, top_p=ev.top_p, limit=ev.limit, seed=ev.seed, enable_thinking=ev.enable_thinking,
-        adapter_state=state, adapter_config=conf, tokenizer=tok, out_dir=out, log=lambda m: print(m, flush=True),
-        settings={"adapter": ev.adapter, "engine": engine_name, "model_path": str(model_cfg.path)},
-        marker_match=ev.markers.match,
-    )
+    summary = evaluate(ev, engine, adapter=None if state is None else (0, state, conf), tokenizer=tok, out_dir=out,
+                       log=lambda m: print(m, flush=True),
+                       settings={"adapter": ev.adapter, "engine": engine_name, "model_path": str(model_cfg.path)})
     print(markdown_table(summary), end="")
     print(f"wrote {out / 'generations.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}", flush=True)
     return 0

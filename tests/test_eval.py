@@ -17,6 +17,7 @@ from opsd_ray.eval.markers import MARKERS
 from opsd_ray.eval.metrics import avg_at_k, maj_at_k, majority_correct, mean_pass_at_k, pass_at_k
 from opsd_ray.eval.run import evaluate, sample_seed
 from opsd_ray.eval.summary import eval_log_record
+from opsd_ray.schema import EvalCommand
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -166,8 +167,9 @@ def test_evaluate_with_a_fake_engine(tmp_path):
     problems = load_benchmark("gsm8k", limit=3)
     engine = FakeEngine({p.problem: p.answer for p in problems})
     model_cfg = OmegaConf.create({"name": "fake", "enable_thinking": False, "thinking_style": "none"})
-    summary = evaluate(model_cfg, engine, ["gsm8k"], 4, limit=3, out_dir=tmp_path, adapter_state={"w": 1},
-                       adapter_config={"r": 1}, adapter_version=7, log=lambda m: None)
+    ev = OmegaConf.merge(OmegaConf.structured(EvalCommand), {"benchmarks": ["gsm8k"], "n_samples": 4, "limit": 3})
+    ev.model = model_cfg
+    summary = evaluate(ev, engine, adapter=(7, {"w": 1}, {"r": 1}), out_dir=tmp_path, log=lambda m: None)
     assert engine.loaded == (7, {"w": 1}, {"r": 1})
     s = summary["benchmarks"]["gsm8k"]
     assert s["num_problems"] == 3 and s["num_samples"] == 4

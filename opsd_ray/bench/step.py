@@ -150,6 +150,12 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
         if started_ray:
             ray.shutdown()
 
+    return step_records(runs, vllm_runs, cfg, model, batch, new_tokens, reps)
+
+
+def step_records(runs: dict[str, list[dict]], vllm_runs: list[dict], cfg, model: str, batch: int, new_tokens: int,
+                 reps: int) -> list[Record]:
+    """The step benchmark's records from its arms' runs (in-process pmi/standard, fp32/bf16 scoring, Ray)."""
     pmi, std, ray_runs = runs["local_pmi"], runs["local_standard"], runs["ray_pmi"]
     pmi16, std16 = runs["local_pmi_bf16"], runs["local_standard_bf16"]
     common = (

@@ -92,49 +92,33 @@ def run_jobs(engine, tokenizer, model_cfg, jobs: list[EvalJob], *, max_new_token
     ]
 
 
-def evaluate(
-    model_cfg,
-    engine,
-    benchmarks: list[str],
-    n_samples: int = 12,
-    *,
-    max_new_tokens: int = 1024,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    limit: int | None = None,
-    seed: int = 0,
-    enable_thinking: bool | None = None,
-    instruction: str = BOXED_INSTRUCTION,
-    adapter_state: dict | None = None,
-    adapter_config: dict | None = None,
-    adapter_version: int = 0,
-    tokenizer=None,
-    out_dir: str | Path | None = None,
-    log: Callable[[str], None] = print,
-    settings: dict | None = None,
-    marker_match: str = "substring",
-) -> dict:
-    """Generate `n_samples` per problem with `engine`, grade them, return the summary dict.
+def evaluate(ev, engine, *, adapter: tuple[int, dict, dict] | None = None, tokenizer=None,
+             out_dir: str | Path | None = None, log: Callable[[str], None] = print, settings: dict | None = None) -> dict:
+    """Generate `ev.n_samples` per problem of each of `ev.benchmarks` with `engine`, grade them, return
+    the summary dict. `ev` has the keys of schema.EvalCommand (model, sampling, limit, seed, markers).
 
-    `adapter_state` (a peft state dict; with `adapter_config` for vLLM) is loaded into the engine first.
-    With `out_dir`, writes generations.jsonl, summary.json and summary.md there; `settings` are recorded.
+    `adapter` (version, peft state dict, adapter_config) is loaded into the engine first. With
+    `out_dir`, writes generations.jsonl, summary.json and summary.md there; `settings` are recorded.
     """
-    check_benchmarks(list(benchmarks))
+    check_benchmarks(list(ev.benchmarks))
     tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
-    if adapter_state is not None:
-        engine.load_adapter(adapter_version, adapter_state, adapter_config or {})
+    version = 0
+    if adapter is not None:
+        version, state, config = adapter
+        engine.load_adapter(version, state, config)
+    generation = dict(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
+                      enable_thinking=ev.enable_thinking, marker_match=ev.markers.match)
     records: list[dict] = []
     t_start = time.perf_counter()
-    for bench in benchmarks:
+    for bench in ev.benchmarks:
         t0 = time.perf_counter()
-        part = run_jobs(engine, tokenizer, model_cfg, eval_jobs(bench, n_samples, limit, seed, instruction),
-                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        enable_thinking=enable_thinking, marker_match=marker_match)
+        part = run_jobs(engine, tokenizer, ev.model, eval_jobs(bench, ev.n_samples, ev.limit, ev.seed), **generation)
         records += part
         log(benchmark_line(bench, part, time.perf_counter() - t0))
-    run_settings = eval_settings(str(model_cfg.name), n_samples, max_new_tokens, temperature, top_p, limit, seed,
-                                 enable_thinking, adapter_version, markers=marker_match, **(settings or {}))
-    return finish(records, list(benchmarks), run_settings, time.perf_counter() - t_start, out_dir)
+    run_settings = eval_settings(str(ev.model.name), ev.n_samples, ev.max_new_tokens, ev.temperature, ev.top_p,
+                                 ev.limit, ev.seed, ev.enable_thinking, version, markers=ev.markers.match,
+                                 **(settings or {}))
+    return finish(records, list(ev.benchmarks), run_settings, time.perf_counter() - t_start, out_dir)
 
 
 def eval_settings(model: str, n_samples: int, max_new_tokens: int, temperature: float, top_p: float,
