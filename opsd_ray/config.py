@@ -93,17 +93,19 @@ def _schema_keys(node: Any, prefix: str = "") -> list[str]:
 OPEN_KEYS = ("rollout.resources.", "scoring.resources.", "learner.resources.")
 
 
-def check_known_keys(schema: DictConfig, cfg: DictConfig | dict, source: str) -> None:
+def check_known_keys(schema: DictConfig, cfg: DictConfig | dict, source: str, command: str = "train") -> None:
     """Unknown keys fail with the nearest known key as a suggestion."""
     known = _schema_keys(schema)
     flat = cfg if isinstance(cfg, dict) else _flatten(OmegaConf.to_container(cfg))
     for key in flat:
         if key not in known and not key.startswith(OPEN_KEYS):
             hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            every = ("`opsd-ray train --show-config` prints every key" if command == "train" else
+                     "keys: " + ", ".join(k if not isinstance(schema[k], DictConfig) else f"{k}.*" for k in schema))
             raise ConfigError(
-                f"unknown config key '{key}' in {source}"
+                f"unknown {'config' if command == 'train' else command} key '{key}' in {source}"
                 + (f"; did you mean '{hint[0]}'?" if hint else "")
-                + " (`opsd-ray train --show-config` prints every key)"
+                + f" ({every})"
             )
 
 
@@ -118,7 +120,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def compose(schema_cls: type, presets: dict[str, str], overrides: dict[str, str]) -> DictConfig:
+def compose(schema_cls: type, presets: dict[str, str], overrides: dict[str, str], command: str = "train") -> DictConfig:
     """Schema defaults <- named presets (kind -> name) <- optional experiment recipe <- overrides."""
     schema = OmegaConf.structured(schema_cls)
     cfg = schema
@@ -129,10 +131,10 @@ def compose(schema_cls: type, presets: dict[str, str], overrides: dict[str, str]
     if presets and experiment.is_file():
         layers.append((f"recipes/experiment/{experiment.name}", load_recipe(experiment)))
     dotlist = [f"{k}={v}" for k, v in overrides.items()]
-    check_known_keys(schema, {k: None for k in overrides}, "the command line")
+    check_known_keys(schema, {k: None for k in overrides}, "the command line", command)
     layers.append(("the command line", OmegaConf.from_dotlist(dotlist)))
     for source, layer in layers:
-        check_known_keys(schema, layer, source)
+        check_known_keys(schema, layer, source, command)
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
@@ -345,7 +347,7 @@ def load_eval_config(args: list[str]) -> DictConfig:
     overrides = parse_overrides(args)
     if "benchmarks" in overrides and not overrides["benchmarks"].lstrip().startswith("["):
         overrides["benchmarks"] = f"[{overrides['benchmarks']}]"  # benchmarks=aime24 or aime24,aime25
-    cfg = compose(EvalCommand, {"model": overrides.pop("model", "smollm2-135m")}, overrides)
+    cfg = compose(EvalCommand, {"model": overrides.pop("model", "smollm2-135m")}, overrides, "eval")
     validate_eval(cfg)
     return cfg
 

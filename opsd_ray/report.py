@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from opsd_ray.common import ConfigError
 from opsd_ray.eval.markers import MARKERS, describe
-from opsd_ray.results_table import table_markdown
+from opsd_ray.results_table import avg_keys, table_markdown
 from opsd_ray.runfolder import jsonl_records
 
-_AVG_KEY = re.compile(r"^eval/([^/]+)/avg@(\d+)$")
 TRAIN_KEYS = ("loss", "jsd", "student_entropy", "kl_target_base")
 
 
@@ -106,13 +104,7 @@ def unique_labels(runs: list[Run]) -> None:
 
 def benchmarks_of(runs: list[Run]) -> list[tuple[str, str]]:
     """(benchmark, avg@k key) pairs found in any run, 'mean' last."""
-    found: dict[str, str] = {}
-    for run in runs:
-        for rec in run.records.values():
-            for key in rec:
-                if (m := _AVG_KEY.match(key)) and m.group(1) not in ("markers", "mean"):
-                    found.setdefault(m.group(1), key)
-    pairs = sorted(found.items())
+    pairs = list(avg_keys(runs).items())
     if len(pairs) > 1 and any(run.has("eval/mean/avg") for run in runs):
         pairs.append(("mean", "eval/mean/avg"))
     return pairs
