@@ -44,7 +44,7 @@ def make_engine(name: str, model_cfg, rollout_cfg, seed: int, max_model_len: int
     """The engine `name` ("hf" or "vllm", as pick_engine resolves "auto")."""
     if name == "vllm":
         return VLLMEngine(model_cfg, rollout_cfg, seed, max_model_len)
-    return HFEngine(model_cfg, seed)
+    return HFEngine(model_cfg)
 
 
 def vllm_available() -> bool:
@@ -117,7 +117,7 @@ def _as_set(eos) -> set[int]:
     return set(eos) if isinstance(eos, list | tuple) else {eos}
 
 
-def cut_at_eos(ids: list[int], eos: list[int], pad_id: int | None = None) -> tuple[list[int], str]:
+def cut_at_eos(ids: list[int], eos: list[int]) -> tuple[list[int], str]:
     """The response up to and including the first end-of-sequence token."""
     for i, t in enumerate(ids):
         if t in eos:
@@ -126,7 +126,9 @@ def cut_at_eos(ids: list[int], eos: list[int], pad_id: int | None = None) -> tup
 
 
 class HFEngine:
-    def __init__(self, model_cfg, seed: int = 0):
+    """transformers `generate` on the peft model, one request at a time, each with its own seed."""
+
+    def __init__(self, model_cfg):
         from peft import get_peft_model
 
         from opsd_ray.common import lora_config

@@ -46,26 +46,26 @@ def model_card(cfg, base_model: str, step: int, last_eval: tuple[int, dict] | No
     `base_model` is the resolved model path (a Hub id, or a local folder the header leaves out)."""
     from opsd_ray.engines import vllm_max_lora_rank
 
-    o, lora = cfg.objective, cfg.model.lora
+    objective, lora = cfg.objective, cfg.model.lora
     meta = {
         "library_name": "peft",
         "pipeline_tag": "text-generation",
-        "tags": ["opsd_ray", "on-policy-self-distillation", f"opsd-{o.mode}", "lora", "math-reasoning"],
+        "tags": ["opsd_ray", "on-policy-self-distillation", f"opsd-{objective.mode}", "lora", "math-reasoning"],
     }
     if _HUB_ID.match(base_model):
         meta = {"base_model": base_model, **meta}
     header = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
     target = (
-        f"the purified PMI target (β={o.beta:g}, tanh clip c={o.clip:g}, "
-        f"{'centered' if o.center else 'not centered'})" if o.mode == "pmi" else "the raw teacher distribution"
+        f"the purified PMI target (β={objective.beta:g}, tanh clip c={objective.clip:g}, "
+        f"{'centered' if objective.center else 'not centered'})" if objective.mode == "pmi" else "the raw teacher distribution"
     )
     lines = [
         f"# {cfg.run.name}: LoRA adapter for {cfg.model.name}, trained with {method_name(cfg)}",
         "",
         f"A LoRA adapter (r={lora.r}, alpha={lora.alpha}, on {', '.join(lora.target_modules)}) on top of "
         f"`{base_model}`, trained by on-policy self-distillation with opsd_ray: "
-        f"the model writes its own solutions and learns, token by token, the generalized JSD (λ={o.lam:g}, "
-        f"temperature {o.temperature:g}) to {target}, scored by the frozen base model.",
+        f"the model writes its own solutions and learns, token by token, the generalized JSD (λ={objective.lam:g}, "
+        f"temperature {objective.temperature:g}) to {target}, scored by the frozen base model.",
         "",
         "## Training",
         "",

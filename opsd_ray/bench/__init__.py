@@ -31,7 +31,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Record]]] = {}
 DEFAULT_OUT = Path("bench/results/latest.json")
 
 
-def register(name: str, note_load: bool = True):
+def register(name: str, note_load: bool = False):
     """Decorator: add a benchmark function `fn(args) -> list[record]` under `name`. With `note_load`,
     every record's note gets the machine's load during the run (a shared machine is noisy)."""
 

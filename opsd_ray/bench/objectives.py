@@ -113,7 +113,7 @@ def _run_worker(**kwargs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@register("objectives", note_load=False)
+@register("objectives")
 def bench_objectives(args: argparse.Namespace) -> list[Record]:
     """Naive vs fused OPSD-PMI loss, forward + backward, bf16 inputs at Qwen3's vocabulary."""
     from opsd_ray.objectives import default_chunk_size

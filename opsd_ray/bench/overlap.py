@@ -61,7 +61,7 @@ def steady_step_time(records: list[dict]) -> float:
     return statistics.mean(r["time/step"] for r in records[1:])
 
 
-@register("overlap")
+@register("overlap", note_load=True)
 def bench_overlap(args: argparse.Namespace) -> list[Record]:
     """Step time of phases, streaming and one-step-off on the same work, roles pinned to their cores."""
     from opsd_ray.cluster import init_ray
@@ -143,7 +143,7 @@ def group_step_time(learners, parts, tokens: int, version: int) -> float:
     return time.perf_counter() - t0
 
 
-@register("learners")
+@register("learners", note_load=True)
 def bench_learners(args: argparse.Namespace) -> list[Record]:
     """One learner step of N = 2 learners (a core each, gloo) against N = 1 (both cores), same parts."""
     import ray

@@ -12,7 +12,7 @@ from opsd_ray.bench.common import bench_cfg, examples_of, interleaved, log, pair
 
 
 # ----------------------------------------------------------------------------- rollout
-@register("rollout")
+@register("rollout", note_load=True)
 def bench_rollout(args: argparse.Namespace) -> list[Record]:
     """Generation tokens/s, vLLM vs the Hugging Face engine, same prompts, fixed lengths."""
     import torch
@@ -29,7 +29,7 @@ def bench_rollout(args: argparse.Namespace) -> list[Record]:
     cfg = bench_cfg(model, new_tokens=new_tokens)
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)  # what RolloutWorker sets before building its engine
-    hf = HFEngine(cfg.model, cfg.run.seed)
+    hf = HFEngine(cfg.model)
     vl = VLLMEngine(cfg.model, cfg.rollout, cfg.run.seed, 4096)
     conf = adapter_config(cfg)
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(hf.model).items()}

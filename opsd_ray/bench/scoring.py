@@ -92,7 +92,7 @@ def scoring_records(model: str, n_items: int, response_tokens: int, reps: int) -
     ]
 
 
-@register("scoring")
+@register("scoring", note_load=True)
 def bench_scoring(args: argparse.Namespace) -> list[Record]:
     """One padded pass of the three frozen variants vs three passes: tiny, and smollm2-135m (full runs)."""
     reps = args.reps or (1 if args.quick else 3)

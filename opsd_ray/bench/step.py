@@ -85,7 +85,7 @@ def vllm_steps(cfg, conf, sampler, tok, step: int, batch: int, reps: int) -> lis
     return runs
 
 
-@register("step")
+@register("step", note_load=True)
 def bench_step(args: argparse.Namespace) -> list[Record]:
     """Whole steps: pmi vs standard, Ray vs one process, adapter sync share (hf and vllm engines)."""
     import ray

@@ -82,7 +82,7 @@ def wire_records(model: str, n_items: int, response_tokens: int) -> list[Record]
     ]
 
 
-@register("wire")
+@register("wire", note_load=True)
 def bench_wire(args: argparse.Namespace) -> list[Record]:
     """Bytes per response token of the hidden and logits wire formats (PMI mode)."""
     return wire_records("tiny" if args.quick else "smollm2-135m", 2, 64)
