@@ -167,8 +167,8 @@ def test_evaluate_with_a_fake_engine(tmp_path):
     problems = load_benchmark("gsm8k", limit=3)
     engine = FakeEngine({p.problem: p.answer for p in problems})
     model_cfg = OmegaConf.create({"name": "fake", "enable_thinking": False, "thinking_style": "none"})
-    ev = OmegaConf.merge(OmegaConf.structured(EvalCommand), {"benchmarks": ["gsm8k"], "n_samples": 4, "limit": 3})
-    ev.model = model_cfg
+    ev = OmegaConf.merge(OmegaConf.structured(EvalCommand), {"model": model_cfg, "benchmarks": ["gsm8k"],
+                                                              "n_samples": 4, "limit": 3})
     summary = evaluate(ev, engine, adapter=(7, {"w": 1}, {"r": 1}), out_dir=tmp_path, log=lambda m: None)
     assert engine.loaded == (7, {"w": 1}, {"r": 1})
     s = summary["benchmarks"]["gsm8k"]

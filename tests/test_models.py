@@ -388,7 +388,7 @@ CONCURRENT_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from opsd_ray import models
+    from opsd_ray import builtin_models, models
 
     sync, log = Path(sys.argv[1]), Path(sys.argv[2])
 
@@ -450,7 +450,7 @@ def test_smollm2_conversion(cache, monkeypatch):
         converted["model"], converted["tok"] = real_convert()
         return converted["model"], converted["tok"]
 
-    monkeypatch.setattr(models, "convert_smollm2", spy)
+    monkeypatch.setattr(builtin_models, "convert_smollm2", spy)
     preset = cfg("builtin:smollm2-135m", thinking_style="none")
     path = Path(models.resolve_model_path(preset))
     assert "model" in converted, "smollm2 was not converted in this session"
