@@ -36,12 +36,16 @@ class EngineLog:
         self.path, self.lock = path, threading.Lock()
         self.file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed by close())
 
+    def write(self, lines: list[str]) -> None:
+        """Whole lines, from any thread (Ray's log thread, the driver's loggers)."""
+        with self.lock:
+            for line in lines:
+                self.file.write(line + "\n")
+
     def write_ray_lines(self, data: dict) -> None:
         who = data.get("actor_name") or data.get("task_name") or ""
         prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}{', ip=' + data['ip'] if data.get('ip') else ''}) "
-        with self.lock:
-            for line in data.get("lines", []):
-                self.file.write(prefix + line + "\n")
+        self.write([prefix + line for line in data.get("lines", [])])
 
     def close(self) -> None:
         with self.lock:
@@ -60,7 +64,7 @@ def engine_logs(run, verbose: bool):
     # Log records no handler takes reach logging.lastResort, which prints warnings to stderr: here
     # they go to the file, errors to both. Ray's logger gets no handler of its own meanwhile (init_ray's
     # ray.init(configure_logging=False) also clears them), so its records take that path.
-    last_resort, logging.lastResort = logging.lastResort, ToFile(log.file, verbose)
+    last_resort, logging.lastResort = logging.lastResort, ToFile(log, verbose)
     ray_logger = logging.getLogger("ray")
     ray_handlers, ray_logger.handlers = ray_logger.handlers, []
     where = run.uri("logs/engines.log")
@@ -84,14 +88,14 @@ def engine_logs(run, verbose: bool):
 class ToFile(logging.Handler):
     """Records to the engine log; errors (every record when verbose) to stderr as well."""
 
-    def __init__(self, file, verbose: bool):
+    def __init__(self, log: EngineLog, verbose: bool):
         super().__init__(logging.WARNING)
-        self.file, self.verbose = file, verbose
+        self.log, self.verbose = log, verbose
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         line = self.format(record)
-        self.file.write(line + "\n")
+        self.log.write([line])
         if self.verbose or record.levelno >= logging.ERROR:
             print(line, file=sys.stderr)
 

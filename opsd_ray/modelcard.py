@@ -11,13 +11,16 @@ import re
 
 import yaml
 
+from opsd_ray.results_table import METHODS
+
 PAPER = "Purified OPSD: On-Policy Self-Distillation Without Losing How to Think"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _EVAL_KEY = re.compile(r"^eval/([^/]+)/(avg|pass|maj)@(\d+)$")
 
 
 def method_name(cfg) -> str:
-    return "OPSD-PMI (purified PMI target)" if cfg.objective.mode == "pmi" else "OPSD-Standard (raw teacher target)"
+    what = "purified PMI target" if cfg.objective.mode == "pmi" else "raw teacher target"
+    return f"{METHODS[cfg.objective.mode]} ({what})"
 
 
 def eval_table(record: dict) -> list[str]:

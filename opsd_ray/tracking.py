@@ -31,8 +31,9 @@ class MetricsLog:
 
     def __init__(self, run: RunFolder, keep_until_step: int, cfg=None):
         self.run, self.name = run, "metrics.jsonl"
-        sent = max((r.get("step", 0) for r in run.read_jsonl(self.name)), default=-1)  # what W&B may hold
-        self.truncate_file(keep_until_step)  # a resumed run drops what was logged after its checkpoint
+        logged = run.read_jsonl(self.name)
+        sent = max((r.get("step", 0) for r in logged), default=-1)  # what W&B may hold
+        self.truncate_file(keep_until_step, logged)  # a resumed run drops what was logged after its checkpoint
         # TensorBoard writes local files: into the run folder, or a staging folder copied there
         self.tb_dir = run.local_path("tensorboard") or Path(tempfile.mkdtemp(prefix="opsd_ray_tb_"))
         self.tb = None
@@ -65,8 +66,9 @@ class MetricsLog:
     def records(self) -> list[dict]:
         return self.run.read_jsonl(self.name)
 
-    def truncate_file(self, step: int) -> None:
-        kept = [r for r in self.run.read_jsonl(self.name) if r.get("step", 0) <= step]
+    def truncate_file(self, step: int, logged: list[dict] | None = None) -> None:
+        logged = self.run.read_jsonl(self.name) if logged is None else logged
+        kept = [r for r in logged if r.get("step", 0) <= step]
         self.run.write_text(self.name, "".join(json.dumps(r) + "\n" for r in kept))
 
     def truncate(self, step: int) -> None:

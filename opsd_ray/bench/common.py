@@ -9,8 +9,6 @@ import statistics
 import time
 from collections.abc import Callable
 
-from opsd_ray.bench import Record, record  # noqa: F401
-
 STEP_PHASES = ("rollout", "scoring", "learning", "sync")
 
 
@@ -94,33 +92,7 @@ def log(msg: str) -> None:
     print(f"  [{time.perf_counter() - _T0:6.0f} s] {msg}", flush=True)
 
 
-def _proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _proc_kib("VmHWM") <= _proc_kib("VmRSS") + 1024
-
-
 def cpu_seconds() -> float:
     """User + system CPU time of this process over all threads (robust to a busy machine)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def _mem_available_mib() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    return math.inf

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -11,9 +12,36 @@ import time
 from pathlib import Path
 
 from opsd_ray.bench import Record, record, register
-from opsd_ray.bench.common import _mem_available_mib, _proc_kib, _reset_peak_rss, cpu_seconds, median_of
+from opsd_ray.bench.common import cpu_seconds, median_of
 
 QWEN3_VOCAB = 151_936
+
+
+def proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return proc_kib("VmHWM") <= proc_kib("VmRSS") + 1024
+
+
+def mem_available_mib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return math.inf
+
 
 
 def naive_pmi_jsd(student, teacher, ref, base, *, beta=1.0, clip=10.0, lam=0.5, temperature=1.0):
@@ -82,11 +110,11 @@ def objective_worker(
     student, *frozen = make(n_tokens)
     student.requires_grad_(True)
     del s, fz
-    budget_kib = int(_mem_available_mib() * 1024) - 1536 * 1024
+    budget_kib = int(mem_available_mib() * 1024) - 1536 * 1024
     if limit_memory:
-        resource.setrlimit(resource.RLIMIT_AS, ((_proc_kib("VmSize") + budget_kib) * 1024,) * 2)
-    exact_reset = _reset_peak_rss()
-    rss0, hwm0 = _proc_kib("VmRSS"), _proc_kib("VmHWM")
+        resource.setrlimit(resource.RLIMIT_AS, ((proc_kib("VmSize") + budget_kib) * 1024,) * 2)
+    exact_reset = reset_peak_rss()
+    rss0, hwm0 = proc_kib("VmRSS"), proc_kib("VmHWM")
     times, cpu_times, values = [], [], []
     try:
         for _ in range(iters):
@@ -99,7 +127,7 @@ def objective_worker(
         if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
             raise
         return {"oom": True, "budget_mib": budget_kib / 1024}
-    extra_kib = _proc_kib("VmHWM") - (rss0 if exact_reset else max(rss0, hwm0))
+    extra_kib = proc_kib("VmHWM") - (rss0 if exact_reset else max(rss0, hwm0))
     return {"time_s": min(times), "cpu_s": min(cpu_times), "peak_mib": extra_kib / 1024, "loss": values[-1]}
 
 
