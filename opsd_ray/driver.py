@@ -15,7 +15,6 @@ adapter k-1 while step k learns (one-step-off). The driver owns the run folder (
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from datetime import datetime
@@ -108,12 +107,12 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
     with engine_logs(run, cfg.logging.verbose) as logs_at:
         started_ray = init_ray(cfg)
         try:
-            final = train_loop(cfg, run, lock, engine, sampler, tok)
+            final, wandb_where = train_loop(cfg, run, lock, engine, sampler, tok)
         finally:
             if started_ray:  # stopped here, so that its last worker lines reach the log file
                 ray.shutdown()
     print(f"\ndone: {cfg.train.steps} steps", flush=True)
-    places = {"metrics": run.uri("metrics.jsonl"), "tensorboard": run.uri("tensorboard"), "wandb": wandb_where(cfg, run),
+    places = {"metrics": run.uri("metrics.jsonl"), "tensorboard": run.uri("tensorboard"), "wandb": wandb_where,
               "adapter": f"{final} (README.md: its model card)", "checkpoints": run.uri("checkpoints"),
               "report": write_report(run), "logs": logs_at, "config": run.uri("config.yaml")}
     for name, where in places.items():
@@ -122,9 +121,10 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
     return run.local_path() or str(run)
 
 
-def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: PromptSampler, tok) -> str:
+def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: PromptSampler,
+               tok) -> tuple[str, str | None]:
     """Start the roles and run the steps (restarting the learner group when one is lost); returns
-    where the final adapter was written."""
+    where the final adapter was written, and where the W&B run is (None without W&B)."""
     import ray
     from tqdm import tqdm
 
@@ -168,7 +168,7 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
             except LearnersLost as e:
                 lost = e
         bar.close()
-        return run.write_files("final", with_card(cfg, adapter_files, cfg.train.steps, log.records()))
+        return run.write_files("final", with_card(cfg, adapter_files, cfg.train.steps, log.records())), log.wandb_where
     finally:
         log.close()
         if roles is not None:
@@ -195,15 +195,6 @@ def write_report(run: RunFolder) -> str | None:
         say(f"warning: the report was not written ({type(e).__name__}: {e}); `opsd-ray report {run.uri()}` "
             "makes it")
         return None
-
-
-def wandb_where(cfg, run: RunFolder) -> str | None:
-    if not cfg.logging.wandb:
-        return None
-    run_id = run.read_text("wandb_id.txt").strip()
-    if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
-        return f"{run.uri('wandb')} (offline run {run_id}: `wandb sync` uploads it)"
-    return f"project {cfg.logging.project}, run {run_id}"
 
 
 def recover(roles: Roles, sampler: PromptSampler, log: MetricsLog, checkpoint, fresh: dict,

@@ -45,6 +45,7 @@ class MetricsLog:
         except ImportError:  # tensorboard is a dependency; stay usable without it
             print("tensorboard not installed: metrics go to metrics.jsonl only")
         self.wandb = WandbRun(run, cfg, sent) if cfg is not None and cfg.logging.wandb else None
+        self.wandb_where = self.wandb.where if self.wandb else None  # for the end of the run
 
     def log(self, record: dict) -> None:
         self.run.append_text(self.name, json.dumps(record) + "\n")
@@ -122,7 +123,8 @@ class WandbRun:
                 "WANDB_MODE=offline to keep the run in the run folder (`wandb sync` uploads it later)"
             ) from None
         where = f"offline, in {Path(self.run.dir).parent} (`wandb sync` uploads it)" if self.run.offline else self.run.url
-        say(f"W&B run {run_id}: {where}")
+        self.where = f"run {run_id}: {where}"
+        say(f"W&B {self.where}")
 
     def log(self, record: dict) -> None:
         if record["step"] > self.sent_step:
