@@ -267,6 +267,9 @@ def validate_train(cfg: DictConfig) -> None:
         f"model.lora.dropout must be in [0, 1) (got {cfg.model.lora.dropout})",
     )
     _check(cfg.data.max_reference_tokens >= 1, "data.max_reference_tokens must be >= 1")
+    _check(cfg.data.limit is None or cfg.data.limit >= 1,
+           f"data.limit must be >= 1 or null (all rows); got {cfg.data.limit}")
+    check_run_folder(cfg.run)
     if scoring.layout == "shared_prefix" and "flash" in str(cfg.model.attn_implementation):
         from opsd_ray.scoring import FLASH_NO_MASK
 
@@ -288,6 +291,24 @@ def validate_train(cfg: DictConfig) -> None:
         f"checkpoint.resume={resume!r}: expected auto, never, or an existing step_<N> folder",
     )
     check_paths(cfg)
+
+
+def check_run_folder(run) -> None:
+    """run.name is one folder name inside run.output_dir, and a local run.output_dir is (or can become) a folder."""
+    name = run.name
+    if name is not None:
+        _check(str(name).strip() != "" and str(name) not in (".", "..") and not any(c in str(name) for c in "/\\\0"),
+               f"run.name={name!r} must be a plain folder name (no '/', '\\', '..'): the run is written to "
+               "run.output_dir/run.name; choose the parent with run.output_dir")
+    out = str(run.output_dir)
+    if "://" in out:
+        return  # an object store URI: checked when the run folder opens
+    path = Path(out).expanduser()
+    for parent in (path, *path.parents):
+        if parent.exists():
+            _check(parent.is_dir(), f"run.output_dir={out}: {parent} is a file, not a folder; point run.output_dir "
+                                    "at a folder (it is created if missing)")
+            break
 
 
 def check_paths(cfg: DictConfig) -> None:

@@ -163,11 +163,14 @@ def _read_hub(repo_id: str, split: str) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- validation
-def _text_field(row: dict, key: str) -> tuple[str | None, str | None]:
-    """(value, skip reason)."""
+def _text_field(row: dict, key: str, numbers: bool = False) -> tuple[str | None, str | None]:
+    """(value, skip reason). With `numbers`, a number is taken as its text (public sets often store a
+    final answer as 42)."""
     if key not in row or row[key] is None:
         return None, f"missing_{key}"
     value = row[key]
+    if numbers and isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
     if not isinstance(value, str):
         return None, f"non_text_{key}"
     if not value.strip():
@@ -177,8 +180,8 @@ def _text_field(row: dict, key: str) -> tuple[str | None, str | None]:
 
 def _answer(row: dict, reference: str, data_cfg: Any) -> str | None:
     if data_cfg.answer_key:
-        value = row.get(data_cfg.answer_key)
-        return None if value is None or str(value).strip() == "" else str(value).strip()
+        value, _ = _text_field(row, data_cfg.answer_key, numbers=True)
+        return value
     if data_cfg.answer_pattern:
         matches = re.findall(data_cfg.answer_pattern, reference, flags=re.MULTILINE)
         return matches[-1].strip() if matches else None
@@ -205,7 +208,7 @@ def validate_rows(
             skipped["not_an_object"] += 1
             continue
         question, why = _text_field(row, data_cfg.question_key)
-        reference, why_ref = (None, None) if why else _text_field(row, data_cfg.reference_key)
+        reference, why_ref = (None, None) if why else _text_field(row, data_cfg.reference_key, numbers=True)
         if why or why_ref:
             skipped[why or why_ref] += 1
             continue

@@ -21,11 +21,12 @@ from datetime import datetime
 from pathlib import Path
 
 from opsd_ray.cluster import check_fits, init_ray, role_requests
-from opsd_ray.common import RunStopped
+from opsd_ray.common import ConfigError, RunStopped
 from opsd_ray.console import engine_logs, say
 from opsd_ray.data import PromptSampler, load_examples, token_counter
 from opsd_ray.eval.markers import marker_record
 from opsd_ray.faults import LearnersLost, is_actor_loss
+from opsd_ray.learner import UnsafeCheckpoint, load_plain
 from opsd_ray.prompts import build_prompt_ids
 from opsd_ray.roles import Roles, adapter_config, adapter_dtype
 from opsd_ray.runfolder import DriverLock, RunFolder, WriteFailed
@@ -97,6 +98,7 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
     from opsd_ray.engines import pick_engine
     from opsd_ray.models import load_tokenizer
 
+    check_checkpoint(start_checkpoint(cfg, run))  # before anything loads: a checkpoint must not run code
     run.write_text("config.yaml", config_yaml(cfg))
     tok = load_tokenizer(cfg.model)
     examples, report = load_examples(cfg.data, token_counter(tok), seed=cfg.run.seed)
@@ -279,6 +281,24 @@ def start_checkpoint(cfg, run: RunFolder) -> tuple[RunFolder, str] | None:
         latest = latest_checkpoint(run)
         return (run, latest) if latest else None
     return RunFolder(cfg.checkpoint.resume), ""
+
+
+def check_checkpoint(checkpoint: tuple[RunFolder, str] | None) -> None:
+    """Refuse a checkpoint whose torch files hold more than tensors and plain values (their pickles
+    could run code when loaded), before any actor starts."""
+    if checkpoint is None:
+        return
+    source, rel = checkpoint
+    for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "rng.pt"):
+        if not source.exists(f"{rel}/{name}" if rel else name):
+            raise ConfigError(f"checkpoint {source.uri(rel)} has no {name}: not a complete checkpoint (expected a "
+                              "checkpoints/step_<N> folder of a run)")
+    for name in ("optimizer.pt", "rng.pt"):
+        try:
+            load_plain(source.read_bytes(f"{rel}/{name}" if rel else name), name)
+        except UnsafeCheckpoint as e:
+            raise ConfigError(f"checkpoint {source.uri(rel)}: {e}. Resume from a checkpoint that opsd_ray wrote, "
+                              "or start afresh with checkpoint.resume=never") from None
 
 
 def checkpoint_step(checkpoint: tuple[RunFolder, str] | None) -> int:

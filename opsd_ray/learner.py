@@ -330,7 +330,7 @@ class Learner:
         from safetensors.torch import load as load_safetensors
 
         saved = load_safetensors(files["adapter_model.safetensors"])
-        opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=False, map_location="cpu")
+        opt = load_plain(files["optimizer.pt"], "optimizer.pt")
         names = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if set(saved) != {peft_name(n) for n in names}:
             raise ValueError(f"the checkpoint's adapter does not fit this model's LoRA (r, targets): "
@@ -345,7 +345,7 @@ class Learner:
                     }
         self.optimizer.param_groups[0]["lr"] = opt["optimizer"]["param_groups"][0]["lr"]
         self.scheduler.load_state_dict(opt["scheduler"])
-        set_rng_state(torch.load(io.BytesIO(files["rng.pt"]), weights_only=False, map_location="cpu"))
+        set_rng_state(load_plain(files["rng.pt"], "rng.pt"))
         self.version = int(json.loads(files["learner_state.json"])["adapter_version"])
         return self.version
 
@@ -401,11 +401,34 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds more than tensors and plain values: loading it could run code."""
+
+
+def load_plain(data: bytes, name: str):
+    """A torch file of tensors and plain values (dicts, lists, numbers, strings), loaded with
+    weights_only=True: a pickle that would build any other object, or run code, is refused."""
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:  # pickle.UnpicklingError for a forbidden global; anything else: not a torch file
+        detail = " ".join(str(e).split())[:200]
+        raise UnsafeCheckpoint(f"{name} is not a file of tensors and plain values, so it is not loaded (loading "
+                               f"it could run code): {type(e).__name__}: {detail}") from None
+
+
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNGs as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))

@@ -136,6 +136,17 @@ CASES = {
     "negative fault budget": train_case("fault.max_restarts=-1", fragment="fault.max_restarts"),
     "unknown marker rule": train_case("markers.match=words", fragment="markers.match='words' is not one of: substring, word"),
     "unknown logging key": train_case("logging.wandb_project=x", fragment="unknown config key 'logging.wandb_project'"),
+    "run name that is a path": train_case("run.name=a/b", fragment="run.name='a/b' must be a plain folder name"),
+    "run name that climbs out": train_case("run.name=../../somewhere", fragment="must be a plain folder name"),
+    "run name that is ..": train_case("run.name=..", fragment="must be a plain folder name"),
+    "run name with a backslash": train_case("run.name=a\\b", fragment="must be a plain folder name"),
+    "run name that is blank": train_case("run.name=' '", fragment="must be a plain folder name"),
+    "data limit 0": train_case("data.limit=0", fragment="data.limit must be >= 1 or null"),
+    "data limit negative": train_case("data.limit=-3", fragment="data.limit must be >= 1 or null"),
+    "output dir that is a file": ((lambda tmp: ["train", "model=tiny", "data=gsm8k",
+                                                f"run.output_dir={text_file(tmp / 'f.txt', 'x')}"]), "is a file, not a folder"),
+    "output dir under a file": ((lambda tmp: ["train", "model=tiny", "data=gsm8k",
+                                              f"run.output_dir={text_file(tmp / 'f.txt', 'x')}/runs"]), "is a file, not a folder"),
     # ---------------------------------------------------------------- recipe files
     "recipe that is not YAML": recipe_case("model: [unclosed\n", "not valid YAML"),
     "recipe with an unknown key": recipe_case("model:\n  name: x\n  pathh: y\n", "unknown config key 'model.pathh'"),
@@ -243,6 +254,58 @@ def test_skipped_rows_are_counted_and_the_rest_kept(tmp_path, capsys):
     assert report["skipped"]["not_an_object"] == 1 and report["skipped"]["non_text_question"] == 1
     assert report["skipped"]["question_over_token_budget"] == 1
     assert "skipped:" in capsys.readouterr().out
+
+
+class RunsCode:
+    """A pickle that runs a shell command when it is loaded with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("file", ["optimizer.pt", "rng.pt"])
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused(file, tmp_path, capsys):
+    import torch
+
+    folder, marker = tmp_path / "step_3", tmp_path / "ran"
+    folder.mkdir()
+    for name in ("optimizer.pt", "rng.pt"):
+        torch.save({"state": torch.zeros(2)}, folder / name)
+    torch.save({"optimizer": RunsCode(marker)}, folder / file)
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    (folder / "trainer_state.json").write_text('{"step": 3}')
+    rc = main(["train", "model=tiny", "data=gsm8k", f"run.output_dir={tmp_path / 'runs'}",
+               f"checkpoint.resume={folder}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{file} is not a file of tensors and plain values" in err and "Traceback" not in err
+    assert not marker.exists()  # nothing ran
+
+
+def test_a_folder_that_is_no_checkpoint_is_refused(tmp_path, capsys):
+    rc = main(["train", "model=tiny", "data=gsm8k", f"run.output_dir={tmp_path / 'runs'}", f"checkpoint.resume={tmp_path}"])
+    assert rc == 2 and "not a complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("answer", [42, 7.5, -3])
+def test_numeric_answers_are_taken_as_their_text(answer, tmp_path):
+    """Public sets often store the final answer as a number: the rows are kept, with the number as text."""
+    from omegaconf import OmegaConf
+
+    from opsd_ray.data import load_examples
+
+    rows = [{"question": f"What is {i}?", "solution": answer, "final": answer} for i in range(3)]
+    rows.append({"question": "A flag?", "solution": True, "final": True})  # a bool is no number here
+    cfg = OmegaConf.create({"path": jsonl(tmp_path / "d.jsonl", rows), "format": "auto", "split": "train",
+                            "question_key": "question", "reference_key": "solution", "answer_key": "final",
+                            "answer_pattern": None, "strip_calculator_notes": False, "max_reference_tokens": 10,
+                            "max_question_tokens": 10, "limit": None})
+    examples, report = load_examples(cfg)
+    assert sorted(e.reference for e in examples) == [str(answer)] * 3
+    assert {e.answer for e in examples} == {str(answer)}
+    assert report.skipped == {"non_text_solution": 1}
 
 
 def test_eval_skips_bad_rows_of_a_benchmark_file_and_counts_them(tmp_path, capsys):

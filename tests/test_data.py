@@ -21,7 +21,7 @@ BAD_ROWS = [
     {"question": "What is 1+1?", "solution": "1+1=2. \\boxed{2}"},
     {"question": "What is 2+2?"},  # missing reference
     {"question": "", "solution": "x"},  # empty question
-    {"question": "What is 3+3?", "solution": 6},  # non-text reference
+    {"question": "What is 3+3?", "solution": [6]},  # non-text reference (a number would be its text)
     {"question": "What is 1+1?", "solution": "again"},  # duplicate question
     {"question": "Long?", "solution": "word " * 50},  # over the token budget
     ["not", "an", "object"],
