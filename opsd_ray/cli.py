@@ -27,29 +27,31 @@ def _train(args: list[str], show_config: bool, verbose: bool = False) -> int:
 
 
 def _prepare_data(args: list[str]) -> int:
-    """Turn a source into a clean parquet file, with the same skipped-rows report as training."""
+    """Turn a source into a clean parquet file, with the same skipped-rows report as training; a sampled
+    data set (data.sample) is drawn into its cache, where training reads it."""
     from opsd_ray.config import Config, compose, validate_train
-    from opsd_ray.data import load_examples, token_counter, write_parquet
+    from opsd_ray.data import load_examples, token_counter, tokenizer_id, write_parquet
 
     overrides = parse_overrides(args)
     out = overrides.pop("out", None)
-    if not out:
-        raise ConfigError("prepare-data needs out=<file.parquet>")
     presets = {"model": overrides.pop("model", "smollm2-135m"), "data": overrides.pop("data", "gsm8k")}
     overrides.setdefault("data.limit", "null")
     cfg = compose(Config, presets, overrides)
     validate_train(cfg)
+    if not out and not cfg.data.sample:
+        raise ConfigError("prepare-data needs out=<file.parquet> (a data set with data.sample goes to its cache)")
     count_tokens = None
     if overrides.pop("count_tokens", "true") != "false":
         from opsd_ray.models import load_tokenizer
 
         count_tokens = token_counter(load_tokenizer(cfg.model))
-    examples, report = load_examples(cfg.data, count_tokens, seed=cfg.run.seed)
-    out_path = Path(out)
-    write_parquet(examples, out_path)
-    report.save(out_path.with_suffix(".report.json"))
+    examples, report = load_examples(cfg.data, count_tokens, seed=cfg.run.seed, tokenizer_id=tokenizer_id(cfg.model))
     print(report.summary())
-    print(f"wrote {len(examples)} rows to {out_path} (report: {out_path.with_suffix('.report.json')})")
+    if out:
+        out_path = Path(out)
+        write_parquet(sorted(examples, key=lambda e: e.id), out_path)
+        report.save(out_path.with_suffix(".report.json"))
+        print(f"wrote {len(examples)} rows to {out_path} (report: {out_path.with_suffix('.report.json')})")
     return 0
 
 

@@ -52,6 +52,28 @@ def rollout_max_len(cfg) -> int:
     return cfg.data.max_question_tokens + PROMPT_ALLOWANCE + new_tokens
 
 
+HUB_DOWN = ("ConnectionError", "ConnectError", "ConnectTimeout", "Timeout", "NameResolutionError", "MaxRetryError",
+            "LocalEntryNotFoundError", "OfflineModeIsEnabled")
+
+
+def hub_unreachable(error: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the Hugging Face Hub could not be reached."""
+    seen = 0
+    while error is not None and seen < 20:
+        text = str(error).lower()
+        if type(error).__name__ in HUB_DOWN or "couldn't connect" in text or "offline mode" in text or \
+                "failed to resolve" in text or "cannot reach" in text:
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def cache_dir() -> Path:
+    """Root of the opsd_ray cache: `$OPSD_RAY_CACHE` or `~/.cache/opsd_ray` (built-in models, sampled data)."""
+    env = os.environ.get("OPSD_RAY_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "opsd_ray"
+
+
 def atomic_folder(final: Path, fill: Callable[[Path], None]) -> Path:
     """Fill a hidden temporary folder beside `final`, then rename it into place (replacing an older
     `final`): a reader sees the old folder or the whole new one. On any failure nothing is left."""

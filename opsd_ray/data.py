@@ -7,7 +7,9 @@ Which columns hold the question, the reference solution and the final answer is 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -18,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opsd_ray.common import ConfigError
+from opsd_ray.common import ConfigError, cache_dir, hub_unreachable
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "data"
 CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
@@ -39,13 +41,25 @@ class DataReport:
     valid: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     without_answer: int = 0
+    sample: dict | None = None  # data.sample: how the rows were drawn
+    note: str | None = None  # data.note: how the data set was made
+    cache: str | None = None  # where a sampled data set is cached
 
     def summary(self) -> str:
-        parts = [f"data: {self.valid}/{self.rows_read} rows valid from {self.source}"]
+        if self.sample:
+            s = self.sample
+            parts = [f"data: {self.valid} rows sampled from {self.rows_read} in {self.source} (seeded hash of the text, "
+                     f"seed {s['seed']}; {s['examined']} rows examined)"]
+        else:
+            parts = [f"data: {self.valid}/{self.rows_read} rows valid from {self.source}"]
         if self.skipped:
             parts.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
         if self.without_answer:
             parts.append(f"{self.without_answer} valid rows have no final answer")
+        if self.cache:
+            parts.append(f"cached in {self.cache}")
+        if self.note:
+            parts.append(self.note)
         return "; ".join(parts)
 
     def to_json(self) -> str:
@@ -82,7 +96,8 @@ def detect_format(path: str) -> str:
     raise ConfigError(f"data.path: no such file or folder: {path}")
 
 
-def read_rows(path: str, fmt: str = "auto", split: str = "train") -> tuple[list[Any], dict[str, int]]:
+def read_rows(path: str, fmt: str = "auto", split: str = "train",
+              hub_config: str | None = None) -> tuple[list[Any], dict[str, int]]:
     """All rows of a source as Python objects, plus the lines that could not be read, by reason."""
     path = resolve_path(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
@@ -101,7 +116,7 @@ def read_rows(path: str, fmt: str = "auto", split: str = "train") -> tuple[list[
     if fmt == "hf_disk":
         return _read_hf_disk(local, split), {}
     if fmt == "hub":
-        return _read_hub(path, split), {}
+        return _read_hub(path, split, hub_config), {}
     raise ConfigError(f"data.format={fmt!r} is not one of: auto, jsonl, parquet, hf_disk, hub")
 
 
@@ -145,21 +160,25 @@ def _read_hf_disk(path: Path, split: str) -> list[Any]:
     return pa.concat_tables(tables).to_pylist()
 
 
-def _read_hub(repo_id: str, split: str) -> list[Any]:
+def _read_hub(repo_id: str, split: str, hub_config: str | None = None) -> list[Any]:
     try:
-        import datasets  # optional: pip install 'opsd_ray[hub]'
+        import datasets  # a dependency; imported here because it is slow to import
     except ImportError:
         raise ConfigError(
-            f"data.path={repo_id} looks like a Hub id, which needs `pip install datasets` and a network; "
+            f"data.path={repo_id} looks like a Hub id, which needs the `datasets` package (`make install` installs it) "
+            "and a network; "
             "offline, download it elsewhere and pass data.path=/path/to/file.parquet"
         ) from None
     try:
-        return datasets.load_dataset(repo_id, split=split).to_list()
+        return datasets.load_dataset(repo_id, hub_config, split=split).to_list()
     except Exception as e:  # network or auth problems: say what to do instead
-        raise ConfigError(
-            f"could not load {repo_id} from the Hub ({type(e).__name__}: {str(e)[:200]}); "
-            "offline, pass data.path=/path/to/a/local/copy"
-        ) from None
+        detail = " ".join(f"{type(e).__name__}: {e}".split())[:240]
+        if hub_unreachable(e):
+            raise ConfigError(f"data.path={repo_id}: the Hugging Face Hub cannot be reached ({detail}). Offline, "
+                              "download the data set where there is a network and pass data.path=/path/to/a/local/copy "
+                              "(a parquet or jsonl file, or a save_to_disk folder)") from None
+        raise ConfigError(f"could not load {repo_id} from the Hub ({detail}); offline, pass "
+                          "data.path=/path/to/a/local/copy") from None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -193,12 +212,25 @@ def token_counter(tokenizer):
     return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
+def tokenizer_id(model_cfg) -> str:
+    """The tokenizer a data set's token budgets were counted with (part of a sampled set's cache name)."""
+    return str(getattr(model_cfg, "tokenizer", None) or model_cfg.path)
+
+
+def sample_key(seed: int, question: str, reference: str) -> str:
+    """A row's place in a sampled data set: a hash of its text, so the rows drawn do not depend on the
+    order the source lists them in."""
+    return hashlib.sha256(f"{seed}\0{' '.join(question.split())}\0{reference}".encode()).hexdigest()
+
+
 def validate_rows(
     rows: list[Any], data_cfg: Any, count_tokens=None, source: str = ""
 ) -> tuple[list[Example], DataReport]:
     """Keep rows with non-empty text question/reference within the token budgets, drop duplicates.
 
-    `count_tokens(texts) -> list[int]` enables the token-budget checks (skipped when None).
+    `count_tokens(texts) -> list[int]` enables the token-budget checks (skipped when None). With
+    `data.sample = N`, the rows are taken in the order of their `sample_key` until N are valid (only
+    those are tokenized), so the same N rows come out whatever order the source has.
     """
     report = DataReport(source=source or str(data_cfg.path), rows_read=len(rows))
     skipped: Counter[str] = Counter()
@@ -215,54 +247,123 @@ def validate_rows(
         if data_cfg.strip_calculator_notes:
             reference = CALCULATOR_NOTE.sub("", reference)
         candidates.append((i, row, question, reference))
-    if count_tokens is not None and candidates:
-        ref_len = count_tokens([c[3] for c in candidates])
-        q_len = count_tokens([c[2] for c in candidates])
+    sample = getattr(data_cfg, "sample", None)
+    if sample:
+        seed = getattr(data_cfg, "sample_seed", 0)
+        candidates.sort(key=lambda c: sample_key(seed, c[2], c[3]))
     seen: set[str] = set()
     examples: list[Example] = []
-    for k, (i, row, question, reference) in enumerate(candidates):
-        if count_tokens is not None and ref_len[k] > data_cfg.max_reference_tokens:
-            skipped["reference_over_token_budget"] += 1
-            continue
-        if count_tokens is not None and q_len[k] > data_cfg.max_question_tokens:
-            skipped["question_over_token_budget"] += 1
-            continue
-        key = " ".join(question.split())
-        if key in seen:
-            skipped["duplicate_question"] += 1
-            continue
-        seen.add(key)
-        answer = _answer(row, reference, data_cfg)
-        report.without_answer += answer is None
-        examples.append(Example(id=i, question=question, reference=reference, answer=answer))
+    examined = 0
+    for start in range(0, len(candidates), SAMPLE_CHUNK if sample else max(len(candidates), 1)):
+        chunk = candidates[start : start + (SAMPLE_CHUNK if sample else len(candidates))]
+        if count_tokens is not None:
+            ref_len, q_len = count_tokens([c[3] for c in chunk]), count_tokens([c[2] for c in chunk])
+        for k, (i, row, question, reference) in enumerate(chunk):
+            if sample and len(examples) == sample:
+                break
+            examined += 1
+            why = _skip_reason(data_cfg, row, question, reference, seen,
+                               None if count_tokens is None else (q_len[k], ref_len[k]))
+            if why:
+                skipped[why] += 1
+                continue
+            answer = _answer(row, reference, data_cfg)
+            report.without_answer += answer is None
+            examples.append(Example(id=i, question=question, reference=reference, answer=answer))
+        if sample and len(examples) == sample:
+            break
+    if sample:
+        report.sample = {"size": len(examples), "asked": sample, "seed": getattr(data_cfg, "sample_seed", 0),
+                         "candidates": len(candidates), "examined": examined}
     report.skipped = dict(skipped)
     report.valid = len(examples)
     return examples, report
 
 
-def load_examples(data_cfg: Any, count_tokens=None, seed: int = 0) -> tuple[list[Example], DataReport]:
-    """Read, validate and shuffle (deterministic per seed); zero valid rows is an error."""
-    rows, unreadable = read_rows(data_cfg.path, data_cfg.format, data_cfg.split)
-    examples, report = validate_rows(rows, data_cfg, count_tokens, source=str(data_cfg.path))
-    report.rows_read += sum(unreadable.values())
-    report.skipped.update(unreadable)
-    if not examples:
-        columns = sorted({k for r in rows[:100] if isinstance(r, dict) for k in r})
-        raise ConfigError(
-            f"no valid rows in {data_cfg.path} ({report.summary()}); check data.question_key="
-            f"{data_cfg.question_key} and data.reference_key={data_cfg.reference_key}"
-            + (f" (the rows have columns: {', '.join(columns)})" if columns else "")
-        )
+SAMPLE_CHUNK = 2048  # rows tokenized at a time while drawing a sample
+
+
+def _skip_reason(data_cfg, row: dict, question: str, reference: str, seen: set[str],
+                 lengths: tuple[int, int] | None) -> str | None:
+    """Why a row with text question and reference is skipped (None: kept; its question is then `seen`)."""
+    if lengths is not None and lengths[1] > data_cfg.max_reference_tokens:
+        return "reference_over_token_budget"
+    if lengths is not None and lengths[0] > data_cfg.max_question_tokens:
+        return "question_over_token_budget"
+    key = " ".join(question.split())
+    if key in seen:
+        return "duplicate_question"
+    if getattr(data_cfg, "require_answer", False) and _answer(row, reference, data_cfg) is None:
+        return "no_final_answer"
+    seen.add(key)
+    return None
+
+
+def load_examples(data_cfg: Any, count_tokens=None, seed: int = 0, tokenizer_id: str = "") -> tuple[list[Example], DataReport]:
+    """Read, validate and shuffle (deterministic per seed); zero valid rows is an error. A sampled data
+    set (`data.sample`) is drawn once and cached as parquet (`sample_cache`); later runs read the cache."""
+    if getattr(data_cfg, "sample", None):
+        examples, report = sampled_examples(data_cfg, count_tokens, tokenizer_id)
+    else:
+        rows, unreadable = read_rows(data_cfg.path, data_cfg.format, data_cfg.split, getattr(data_cfg, "hub_config", None))
+        examples, report = validate_rows(rows, data_cfg, count_tokens, source=str(data_cfg.path))
+        report.rows_read += sum(unreadable.values())
+        report.skipped.update(unreadable)
+        if not examples:
+            no_rows(data_cfg, rows, report)
+    report.note = getattr(data_cfg, "note", None)
     random.Random(seed).shuffle(examples)
     if data_cfg.limit is not None:
         examples = examples[: data_cfg.limit]
     return examples, report
 
 
+def no_rows(data_cfg: Any, rows: list[Any], report: DataReport) -> None:
+    columns = sorted({k for r in rows[:100] if isinstance(r, dict) for k in r})
+    raise ConfigError(
+        f"no valid rows in {data_cfg.path} ({report.summary()}); check data.question_key="
+        f"{data_cfg.question_key} and data.reference_key={data_cfg.reference_key}"
+        + (f" (the rows have columns: {', '.join(columns)})" if columns else "")
+    )
+
+
+SAMPLE_KEYS = ("path", "format", "split", "hub_config", "question_key", "reference_key", "answer_key", "answer_pattern",
+               "strip_calculator_notes", "max_reference_tokens", "max_question_tokens", "require_answer", "sample",
+               "sample_seed")
+
+
+def sample_cache(data_cfg: Any, tokenizer_id: str) -> Path:
+    """Where a sampled data set is cached: named by everything that decides which rows it holds."""
+    what = {k: getattr(data_cfg, k, None) for k in SAMPLE_KEYS} | {"tokenizer": tokenizer_id}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_dir() / "data" / f"{data_cfg.name}-{digest}.parquet"
+
+
+def sampled_examples(data_cfg: Any, count_tokens, tokenizer_id: str) -> tuple[list[Example], DataReport]:
+    """The sampled data set from its cache, or drawn from the source (then cached)."""
+    cached = sample_cache(data_cfg, tokenizer_id)
+    report_file = cached.with_suffix(".report.json")
+    if cached.exists() and report_file.exists():
+        report = DataReport(**json.loads(report_file.read_text()))
+        report.cache = str(cached)
+        return [Example(**r) for r in pq.read_table(cached).to_pylist()], report
+    rows, unreadable = read_rows(data_cfg.path, data_cfg.format, data_cfg.split, getattr(data_cfg, "hub_config", None))
+    examples, report = validate_rows(rows, data_cfg, count_tokens, source=str(data_cfg.path))
+    report.rows_read += sum(unreadable.values())
+    report.skipped.update(unreadable)
+    if not examples:
+        no_rows(data_cfg, rows, report)
+    examples.sort(key=lambda e: e.id)  # the source's order: the cache reads like the source
+    write_parquet(examples, cached)
+    report.cache = str(cached)
+    report.save(report_file)
+    return examples, report
+
+
 def write_parquet(examples: list[Example], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([asdict(e) for e in examples])
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     tmp.replace(path)
 

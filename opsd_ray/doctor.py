@@ -121,6 +121,51 @@ def vllm_rows(versions: dict[str, str | None]) -> list[Row]:
     return rows
 
 
+# What a setting imports beyond the core: module -> the distribution that installs it.
+DISTRIBUTION = {"datasets": "datasets", "pyarrow": "pyarrow", "vllm": "vllm", "flash_attn": "flash-attn",
+                "wandb": "wandb"}
+
+
+def recipe_needs(cfg) -> set[str]:
+    """The modules a training config imports beyond the core: its data reader, engine, attention, logging."""
+    from opsd_ray.data import detect_format, resolve_path
+
+    fmt = cfg.data.format
+    if fmt == "auto":
+        fmt = "hub" if str(cfg.data.path).count("/") == 1 and not str(cfg.data.path).startswith(
+            ("/", ".", "~", "builtin:")) else detect_format(resolve_path(str(cfg.data.path)))
+    needs = {"datasets" if fmt == "hub" else "pyarrow"}
+    if cfg.rollout.engine == "vllm":
+        needs.add("vllm")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        needs.add("flash_attn")
+    if cfg.logging.wandb:
+        needs.add("wandb")
+    return needs
+
+
+def shipped_recipes() -> dict[str, object]:
+    """Every experiment recipe, composed as `opsd-ray train model=<m> data=<d>` composes it."""
+    from opsd_ray.config import compose, recipes_dir
+    from opsd_ray.schema import Config
+
+    out = {}
+    for path in sorted((recipes_dir() / "experiment").glob("*.yaml")):
+        model, data = path.stem.split("__")
+        out[path.stem] = compose(Config, {"model": model, "data": data}, {})
+    return out
+
+
+def recipes_row() -> Row:
+    missing = {name: sorted(m for m in recipe_needs(cfg) if importlib.util.find_spec(m) is None)
+               for name, cfg in shipped_recipes().items()}
+    missing = {k: v for k, v in missing.items() if v}
+    if not missing:
+        return Row("recipes", "ok", "every package the shipped recipes import is installed")
+    detail = "; ".join(f"{k} needs {', '.join(DISTRIBUTION.get(m, m) for m in v)}" for k, v in missing.items())
+    return Row("recipes", "warn", f"{detail} (GPU recipes: make install-gpu)")
+
+
 def diagnose() -> list[Row]:
     import opsd_ray
 
@@ -133,6 +178,7 @@ def diagnose() -> list[Row]:
     rows.append(requirement_row("opsd_ray needs", "opsd_ray", versions))
     rows += vllm_rows(versions)
     rows.append(flash_row())
+    rows.append(recipes_row())
     return rows
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from opsd_ray.cluster import check_fits, init_ray, role_requests
 from opsd_ray.common import ConfigError, RunStopped
 from opsd_ray.console import engine_logs, say
-from opsd_ray.data import PromptSampler, load_examples, token_counter
+from opsd_ray.data import PromptSampler, load_examples, token_counter, tokenizer_id
 from opsd_ray.eval.markers import marker_record
 from opsd_ray.faults import LearnersLost, is_actor_loss
 from opsd_ray.learner import UnsafeCheckpoint, load_plain
@@ -101,7 +101,7 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
     check_checkpoint(start_checkpoint(cfg, run))  # before anything loads: a checkpoint must not run code
     run.write_text("config.yaml", config_yaml(cfg))
     tok = load_tokenizer(cfg.model)
-    examples, report = load_examples(cfg.data, token_counter(tok), seed=cfg.run.seed)
+    examples, report = load_examples(cfg.data, token_counter(tok), seed=cfg.run.seed, tokenizer_id=tokenizer_id(cfg.model))
     run.write_text("data_report.json", report.to_json())
     print(report.summary(), flush=True)
     engine = pick_engine(cfg.rollout.engine, cfg.model.lora.r)

@@ -75,7 +75,8 @@ def model_card(cfg, base_model: str, step: int, last_eval: tuple[int, dict] | No
         "| setting | value |",
         "|---|---|",
         f"| method | {method_name(cfg)} |",
-        f"| data | {cfg.data.name} (`{cfg.data.path}`) |",
+        f"| data | {cfg.data.name} (`{cfg.data.path}`{', ' + cfg.data.hub_config if cfg.data.get('hub_config') else ''})"
+        f"{': ' + cfg.data.note if cfg.data.get('note') else ''} |",
         f"| steps | {step} of {cfg.train.steps} |",
         f"| prompts per step | {cfg.train.batch_size} |",
         f"| learning rate | {cfg.learner.lr:g} (warmup {cfg.learner.warmup_steps} steps) |",

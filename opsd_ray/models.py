@@ -16,6 +16,7 @@ import os
 import torch
 
 from opsd_ray.builtin_models import BUILTIN_PREFIX, BUILTINS, _build_once, builtin_dir, cache_dir  # noqa: F401
+from opsd_ray.common import ConfigError, hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ def load_tokenizer(model_cfg):
             trust_remote_code=bool(getattr(model_cfg, "trust_remote_code", False)),
         )
     except (OSError, ValueError) as e:  # no such repo or folder, offline, no tokenizer files in it
-        from opsd_ray.common import ConfigError
-
         key = "model.tokenizer" if getattr(model_cfg, "tokenizer", None) else "model.path"
         detail = " ".join(str(e).split())[:240]
+        if hub_unreachable(e):
+            raise ConfigError(f"{key}={tok_path}: the Hugging Face Hub cannot be reached ({type(e).__name__}: {detail}). "
+                              "Offline, download the model where there is a network (`hf download <id> --local-dir "
+                              f"<folder>`) and pass {key}=<folder>, or fill the HF cache and set HF_HUB_OFFLINE=1") from None
         raise ConfigError(f"{key}={tok_path}: cannot load a tokenizer from it ({type(e).__name__}: {detail})") from None
 
 

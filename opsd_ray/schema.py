@@ -50,6 +50,11 @@ class DataConfig:
     max_reference_tokens: int = 4096
     max_question_tokens: int = 2048
     limit: int | None = None  # keep the first N valid rows (after shuffling)
+    hub_config: str | None = None  # a Hub data set's configuration (its "subset"), e.g. stage1
+    require_answer: bool = False  # skip rows without a final answer (no answer_key value, no answer_pattern match)
+    sample: int | None = None  # the data set is N valid rows drawn by a seeded hash of their text (cached)
+    sample_seed: int = 0
+    note: str | None = None  # how the data set was made: the data report and the model card say it
 
 
 @dataclass

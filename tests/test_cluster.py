@@ -322,8 +322,9 @@ def test_submit_puts_the_forwarded_variables_on_the_entrypoint():
 
 
 # ----------------------------------------------------------------------------- GPU install, manifests checked deeper
-def make_dry_run(*args: str) -> list[str]:
-    res = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", *args], cwd=ROOT,
+def make_dry_run(*args: str, outdated: bool = True) -> list[str]:
+    """`make -n`'s commands; `outdated` leaves out `make install`'s own (as if it had run)."""
+    res = subprocess.run(["make", "--no-print-directory", "-n", *(["-o", ".venv/.installed"] if outdated else []), *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     return res.stdout.strip().splitlines()
@@ -339,6 +340,38 @@ def test_make_install_gpu_installs_vllm_then_flash_attn_without_build_isolation(
     assert not any("flash-attn" in x for x in make_dry_run("install-gpu", "FLASH_ATTN=0"))  # sdpa fallback
     extra = re.search(r'^gpu = \[(.*)\]$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     assert "flash-attn" not in extra and "vllm==0.32.0" in extra  # an extra cannot install flash-attn
+
+
+def test_every_recipe_reads_its_data_in_an_environment_made_by_make_install():
+    """The suite runs in the environment `make install` makes: each experiment recipe's data reader (a Hub id
+    needs `datasets`) imports here; what only GPU nodes get (vllm, flash-attn) is the next test's."""
+    import importlib.util
+
+    from opsd_ray.doctor import recipe_needs, shipped_recipes
+
+    recipes = shipped_recipes()
+    assert len(recipes) >= 10
+    for name, cfg in recipes.items():
+        for module in recipe_needs(cfg) - {"vllm", "flash_attn"}:
+            assert importlib.util.find_spec(module) is not None, (name, module)
+    assert "datasets" in recipe_needs(recipes["qwen3-8b__math-cot-20k"])
+
+
+def test_make_install_gpu_installs_every_package_the_gpu_recipes_import():
+    import tomllib
+
+    from opsd_ray.doctor import DISTRIBUTION, recipe_needs, shipped_recipes
+
+    lines = "\n".join(make_dry_run("install-gpu", "VENV=/nonexistent/venv", outdated=False))
+    assert "-e '.[test]'" in lines  # the project, with its dependencies
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = {re.split(r"[<>=\[ ]", d)[0] for d in project}
+    gpu = [cfg for name, cfg in shipped_recipes().items() if cfg.rollout.gpus_per_worker > 0]
+    assert gpu
+    for cfg in gpu:
+        for module in recipe_needs(cfg):
+            dist = DISTRIBUTION[module]
+            assert dist in deps or re.search(rf"install .*\b{dist}==", lines), (cfg.model.name, module)
 
 
 def test_cluster_files_install_with_make_install_gpu():

@@ -110,3 +110,60 @@ def test_sampler_covers_each_epoch_and_resumes_exactly(tmp_path):
     resumed = PromptSampler(examples, batch_size=4, seed=3)
     resumed.load_state_dict(state)
     assert [e.id for e in resumed.next_batch()] == expected
+
+
+def dasd_like_rows(n=300):
+    """Rows with DASD's columns: most end in a boxed answer, some do not, some repeat a question."""
+    rows = []
+    for i in range(n):
+        output = f"Reasoning about {i}... so the answer is \\boxed{{{i % 17}}}." if i % 7 else f"No final answer for {i}."
+        rows.append({"uuid": f"u{i}", "input": f"Problem {i}: compute {i} mod 17.", "output": output,
+                     "domain": "math", "meta": "{}"})
+    rows += [dict(rows[3], uuid="dup")]  # a repeated question
+    return rows
+
+
+def sampled_cfg(path, **over):
+    cfg = load_train_config(["model=tiny", "data=dasd-10k", f"data.path={path}", "data.format=jsonl",
+                             "data.hub_config=null", "data.sample=50"] + [f"data.{k}={v}" for k, v in over.items()])
+    return cfg.data
+
+
+def test_the_dasd_reconstruction_draws_the_same_rows_whatever_their_order(tmp_path, monkeypatch):
+    import random
+
+    monkeypatch.setenv("OPSD_RAY_CACHE", str(tmp_path / "cache"))
+    chosen = []
+    for order in range(3):
+        rows = dasd_like_rows()
+        random.Random(order).shuffle(rows)
+        path = tmp_path / f"order{order}.jsonl"
+        write_jsonl(path, rows)
+        examples, report = load_examples(sampled_cfg(path), count_words)
+        assert len(examples) == 50 and report.sample["size"] == 50 and report.valid == 50
+        assert all(e.answer is not None for e in examples)  # require_answer: rows without \boxed{} are not drawn
+        chosen.append(sorted(e.question for e in examples))
+    assert chosen[0] == chosen[1] == chosen[2]
+    other, _ = load_examples(sampled_cfg(tmp_path / "order0.jsonl", sample_seed=1), count_words)
+    assert sorted(e.question for e in other) != chosen[0]  # the seed decides the draw
+    assert "reconstruction" in report.note and "sampled from" in report.summary()
+
+
+def test_a_sampled_data_set_is_drawn_once_and_read_from_its_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPSD_RAY_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, dasd_like_rows())
+    first, report = load_examples(sampled_cfg(path), count_words, tokenizer_id="tok")
+    assert report.cache and report.cache.startswith(str(tmp_path / "cache" / "data" / "dasd-10k-"))
+    path.write_text("")  # the source is gone: the cache answers
+    again, report2 = load_examples(sampled_cfg(path), count_words, tokenizer_id="tok")
+    assert sorted(e.question for e in again) == sorted(e.question for e in first)
+    assert report2.sample == report.sample and report2.cache == report.cache
+    with pytest.raises(ConfigError, match="no valid rows"):  # another tokenizer: another draw, from the empty source
+        load_examples(sampled_cfg(path), count_words, tokenizer_id="another")
+
+
+def test_the_dasd_preset_is_a_hub_reconstruction_that_needs_no_path():
+    cfg = load_train_config(["model=qwen3-8b", "data=dasd-10k"])
+    assert cfg.data.path == "Alibaba-Apsara/Superior-Reasoning-SFT-gpt-oss-120b" and cfg.data.sample == 10000
+    assert cfg.data.require_answer and "reconstruction" in cfg.data.note
