@@ -112,6 +112,10 @@ def placed(actor_cls, request: RoleRequest, index: int, pg, max_restarts: int = 
 
     opts = {"num_cpus": request.cpus, "num_gpus": request.gpus, "resources": dict(request.resources),
             "max_restarts": max_restarts}
+    if request.gpus == 0:
+        # Ray (>= 2.48) leaves CUDA_VISIBLE_DEVICES as the node has it for actors without GPUs, so a CPU
+        # role would see, and load onto, GPU 0. Its env_vars merge with the job's runtime_env.
+        opts["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
     if pg is not None:
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
     return actor_cls.options(**opts)
@@ -177,6 +181,7 @@ def worker_info(role: str, started: float) -> dict:
         "node": node,
         "pid": os.getpid(),
         "device": f"gpu {gpus}" if gpus and torch.cuda.is_available() else "cpu",
+        "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "started": started,
         "ready": time.time(),
     }

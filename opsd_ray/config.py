@@ -368,9 +368,14 @@ def load_eval_config(args: list[str]) -> DictConfig:
     overrides = parse_overrides(args)
     if "benchmarks" in overrides and not overrides["benchmarks"].lstrip().startswith("["):
         overrides["benchmarks"] = f"[{overrides['benchmarks']}]"  # benchmarks=aime24 or aime24,aime25
+    # The eval command owns its GPU (training's 0.45 leaves room for other roles on a shared one)
+    overrides.setdefault("rollout.gpu_memory_utilization", str(EVAL_GPU_MEMORY))
     cfg = compose(EvalCommand, {"model": overrides.pop("model", "smollm2-135m")}, overrides, "eval")
     validate_eval(cfg)
     return cfg
+
+
+EVAL_GPU_MEMORY = 0.9  # vLLM's share of a GPU that an evaluation engine has to itself
 
 
 def validate_eval(cfg: DictConfig) -> None:

@@ -14,6 +14,7 @@ import math
 import random
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,34 @@ def micro_batch_loss(
     )
 
 
+GROUP_TIMEOUT = timedelta(hours=2)  # a rank may wait in a collective while another's micro-batches are scored
+
+
+def open_group_store(world_size: int):
+    """Rank 0's TCPStore on a port the OS picks (port 0), held from now on: (store, port)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT)
+    return store, store.port
+
+
+def join_group(backend: str, address: str, port: int, rank: int, world_size: int, store=None) -> None:
+    """Join the process group through rank 0's store (rank 0 passes the store it opened)."""
+    import torch.distributed as dist
+
+    if store is None:
+        store = dist.TCPStore(address, port, world_size, is_master=False, timeout=GROUP_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=GROUP_TIMEOUT)
+
+
+def load_student_base(cfg, device: str, fsdp: bool):
+    """The base model under the LoRA student. fsdp: the whole base stays in CPU memory until its layers
+    are sharded onto the GPU, and its attention is the one for the GPU (flash-attention there)."""
+    from opsd_ray.models import load_model
+
+    return load_model(cfg.model, device="cpu" if fsdp else device, runs_on=device)
+
+
 class Learner:
     """One member of the learner group (rank `rank` of `world_size`; rank 0 serves the adapter and
     the checkpoint files). A step is a series of `accumulate` calls, one per micro-batch of
@@ -79,7 +108,7 @@ class Learner:
         from peft import get_peft_model
 
         from opsd_ray.cluster import use_cores, worker_info
-        from opsd_ray.models import default_device, load_model, load_tokenizer
+        from opsd_ray.models import default_device, load_tokenizer
 
         started = time.time()
         use_cores(num_threads)
@@ -87,8 +116,7 @@ class Learner:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.fsdp = cfg.learner.strategy == "fsdp" and world_size > 1
         self.device = default_device()
-        # fsdp: the whole base stays in CPU memory until its layers are sharded onto the GPU
-        base = load_model(cfg.model, device="cpu" if self.fsdp else self.device)
+        base = load_student_base(cfg, self.device, self.fsdp)
         if cfg.learner.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
@@ -98,6 +126,7 @@ class Learner:
         self.pad_id = pad_id_of(tok)
         self._make_optimizer()
         self.version = 0  # adapter version = number of optimizer steps taken
+        self.store = None  # rank 0 of a group: the TCPStore it opened (group_address)
         self.sums: dict[str, float] = {}  # the step being accumulated: metric x tokens
         self.info = worker_info("learner", started)
 
@@ -118,14 +147,11 @@ class Learner:
 
     # ------------------------------------------------------------------ the group
     def group_address(self) -> tuple[str, int]:
-        """Where the group meets (rank 0): this node's address and a free port."""
-        import socket
-
+        """Where the group meets (rank 0): this node's address and the port of the group's store, which
+        rank 0 opens now and holds (no other process can take the port before the group forms)."""
         import ray
 
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
+        self.store, port = open_group_store(self.world_size)
         return ray.util.get_node_ip_address(), port
 
     def join_group(self, address: str, port: int) -> int:
@@ -137,14 +163,10 @@ class Learner:
         layer only while it computes; gradients are reduce-scattered. The embeddings, the final norm
         and the lm_head stay whole on every learner: the fused loss applies the lm_head itself.
         """
-        from datetime import timedelta
-
         import torch.distributed as dist
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # a rank may wait in a collective while another one's micro-batches are still being scored
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
-                                world_size=self.world_size, timeout=timedelta(hours=2))
+        join_group(backend, address, port, self.rank, self.world_size, self.store)
         if self.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard

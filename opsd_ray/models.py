@@ -69,16 +69,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(model_cfg, *, dtype=None, device="cpu"):
+def load_model(model_cfg, *, dtype=None, device="cpu", runs_on=None):
     """AutoModelForCausalLM with the preset dtype and attention (train/eval mode left as is).
 
     `dtype` overrides the preset (a name such as "bfloat16" or a torch.dtype). Accepts a config
-    node or a path (then float32, sdpa).
+    node or a path (then float32, sdpa). `runs_on`: the device the model will compute on when it is
+    loaded elsewhere first (FSDP learners load on the CPU, then shard onto their GPU); the attention
+    is chosen for it.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = to_torch_dtype(dtype if dtype is not None else getattr(model_cfg, "dtype", "float32"))
-    attn = _attn_implementation(getattr(model_cfg, "attn_implementation", None) or "sdpa", device)
+    attn = _attn_implementation(getattr(model_cfg, "attn_implementation", None) or "sdpa", runs_on or device)
     return AutoModelForCausalLM.from_pretrained(
         resolve_model_path(model_cfg),
         dtype=torch_dtype,

@@ -8,6 +8,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("OPSD_RAY_TEST_GPU") != "1":
+    # The suite is the CPU proof: on a GPU machine it must not put its models on GPU 0 (the GPU has its
+    # own proof, `make gpu-proof`); OPSD_RAY_TEST_GPU=1 lets the tests see the GPUs.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(scope="session", autouse=True)

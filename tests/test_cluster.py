@@ -468,3 +468,37 @@ def test_custom_resources_go_into_bundles_and_the_fit_check():
     check_fits(role_requests(cfg), {"CPU": 8.0, "big_gpu": 2.0})
     with pytest.raises(ConfigError, match="need 2 of the custom resource 'big_gpu'.*has 1"):
         check_fits(role_requests(cfg), {"CPU": 8.0, "big_gpu": 1.0})
+
+
+@pytest.mark.slow
+def test_actors_without_gpus_see_no_gpu_on_a_node_that_has_some(monkeypatch):
+    """Ray (>= 2.48) leaves CUDA_VISIBLE_DEVICES alone for an actor with num_gpus=0: a CPU role on a GPU
+    node would load onto GPU 0. Every role's actors are placed by cluster.placed, which hides the GPUs
+    from zero-GPU actors; the job's other variables still reach them (the runtime_envs merge)."""
+    import ray
+
+    from opsd_ray.cluster import placed, role_placement_group, runtime_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the driver's (and so the raylet's) environment
+    cfg = load_train_config(["model=tiny", "data=gsm8k", "learner.num_workers=2", "train.batch_size=8",
+                             "learner.micro_batch_size=2", "scoring.num_workers=2"])
+
+    class Probe:
+        def env(self):
+            return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_WAIT_POLICY")
+
+    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env=runtime_env())
+    try:
+        seen = {}
+        for request in role_requests(cfg):
+            assert request.gpus == 0
+            pg = role_placement_group(request)
+            actors = [placed(ray.remote(Probe), request, i, pg).remote() for i in range(request.count)]
+            seen[request.role] = ray.get([a.env.remote() for a in actors])
+        assert seen == {"rollout": [("", "PASSIVE")], "scoring": [("", "PASSIVE")] * 2,
+                        "learner": [("", "PASSIVE")] * 2}
+        unplaced = ray.remote(num_cpus=0)(Probe).remote()
+        assert ray.get(unplaced.env.remote())[0] == "0,1"  # the premise: Ray itself leaves them visible
+    finally:
+        ray.shutdown()

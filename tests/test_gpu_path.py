@@ -44,6 +44,40 @@ def test_tensor_parallel_engines_use_the_mp_executor_and_a_lora_rank_vllm_accept
     assert cpu["dtype"] == "float32" and cpu["enforce_eager"] and "gpu_memory_utilization" not in cpu
 
 
+def test_the_eval_command_gives_vllm_the_gpu_it_owns():
+    """`opsd-ray eval` is alone on its GPU: vLLM gets at least 0.85 of it, not training's shared 0.45."""
+    from opsd_ray.config import load_eval_config
+
+    ev = load_eval_config(["model=qwen3-8b"])
+    assert vllm_engine_args(ev.model, ev.rollout, "/m", 0, 4096, on_gpu=True)["gpu_memory_utilization"] >= 0.85
+    mine = load_eval_config(["model=qwen3-8b", "rollout.gpu_memory_utilization=0.6"])  # the user's choice stands
+    assert vllm_engine_args(mine.model, mine.rollout, "/m", 0, 4096, on_gpu=True)["gpu_memory_utilization"] == 0.6
+    train = load_train_config(["model=qwen3-8b", "data=gsm8k"])
+    assert train.rollout.gpu_memory_utilization < 0.85  # training shares its GPUs unless a recipe says otherwise
+
+
+def test_fsdp_learners_load_on_the_cpu_with_the_attention_of_their_gpu(monkeypatch):
+    """Up to the GPU call: with CUDA and flash-attn reported available, an fsdp learner loads its base on
+    the CPU (it shards onto the GPU later) and asks for flash_attention_2, the GPU's attention."""
+    import transformers
+    import transformers.utils
+
+    from opsd_ray.learner import load_student_base
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda path, **kw: seen.update(kw))
+    cfg = load_train_config(["model=qwen3-8b", "data=gsm8k", "learner.strategy=fsdp", "learner.num_workers=2",
+                             "learner.gpus=1", "train.batch_size=8", "learner.micro_batch_size=2"])
+    load_student_base(cfg, "cuda", fsdp=True)
+    assert seen["attn_implementation"] == "flash_attention_2" and seen["device_map"] == "cpu"
+    load_student_base(cfg, "cuda", fsdp=False)
+    assert seen["attn_implementation"] == "flash_attention_2" and seen["device_map"] == "cuda"
+    load_student_base(cfg, "cpu", fsdp=False)  # a CPU learner has no flash-attention
+    assert seen["attn_implementation"] == "sdpa"
+
+
 def test_max_lora_rank_is_rounded_up_to_a_rank_vllm_accepts():
     from typing import get_args
 

@@ -170,3 +170,47 @@ def test_a_nan_in_a_frozen_variant_skips_the_update_and_leaves_the_adapter(batch
     fresh = Learner(make_cfg()).train_step(items, [0] * 4, False, frozen)
     assert good["skipped"] == 0 and learner.version == 1
     assert good["loss"] == fresh["loss"] and good["grad_norm"] == fresh["grad_norm"]
+
+
+def _rank_one(port, queue):
+    import torch
+    import torch.distributed as dist
+
+    from opsd_ray.learner import join_group
+
+    join_group("gloo", "127.0.0.1", port, 1, 2)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    queue.put(float(t))
+    dist.destroy_process_group()
+
+
+def test_the_group_port_is_held_from_the_moment_it_is_announced():
+    """The learner group meets at a port rank 0's store opened itself (port 0: the OS picks a free one) and
+    holds: nobody can take it between the announcement and the group forming (binding a free port,
+    closing it and binding it again later was a race)."""
+    import multiprocessing
+    import socket
+
+    import torch.distributed as dist
+
+    from opsd_ray.learner import join_group, open_group_store
+
+    store, port = open_group_store(2)
+    taker = socket.socket()
+    with pytest.raises(OSError):  # another process trying to take it now fails
+        taker.bind(("", port))
+    taker.close()
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    other = ctx.Process(target=_rank_one, args=(port, queue))
+    other.start()
+    try:
+        join_group("gloo", "127.0.0.1", port, 0, 2, store)
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        assert float(t) == 2.0 and queue.get(timeout=60) == 2.0
+    finally:
+        other.join(timeout=60)
+        if dist.is_initialized():
+            dist.destroy_process_group()
