@@ -176,12 +176,24 @@ def layer_masks(mask: torch.Tensor, pos: torch.Tensor, config) -> torch.Tensor |
     layers (OLMo-3: 3 of 4 layers) would see the whole sequence. Their mask also drops keys
     `sliding_window` or more positions back, counted in each sequence's own positions (as
     transformers' `sliding_window_overlay` does on a plain row). Models with mixed kinds take a
-    mapping from kind to mask.
+    mapping from kind to mask. A model without sliding layers gets `mask` itself: nothing is built.
     """
     kinds = attention_kinds(config)
-    near = (pos[:, :, None] - pos[:, None, :] < (getattr(config, "sliding_window", None) or 0))[:, None]
-    per_kind = {k: mask & near if k == "sliding_attention" else mask for k in kinds}
+    if "sliding_attention" not in kinds:
+        return mask if len(kinds) == 1 else dict.fromkeys(kinds, mask)
+    sliding = sliding_window_mask(mask, pos, getattr(config, "sliding_window", None) or 0)
+    per_kind = {k: sliding if k == "sliding_attention" else mask for k in kinds}
     return next(iter(per_kind.values())) if len(per_kind) == 1 else per_kind
+
+
+def sliding_window_mask(mask: torch.Tensor, pos: torch.Tensor, window: int, rows: int = 256) -> torch.Tensor:
+    """`mask` [B, 1, W, W] without the keys `window` or more positions behind each query. Built a block of
+    query rows at a time: no [B, W, W] position difference (int64, 8 bytes a pair) is ever made."""
+    out = mask.clone()
+    pos = pos.to(torch.int32)
+    for a in range(0, pos.shape[1], rows):
+        out[:, 0, a : a + rows] &= (pos[:, a : a + rows, None] - pos[:, None, :]) < window
+    return out
 
 
 def response_hidden(

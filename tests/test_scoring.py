@@ -229,3 +229,30 @@ def test_shared_prefix_with_flash_attention_is_refused_at_config_validation():
     load_train_config(["model=qwen3-8b", "data=gsm8k", "scoring.layout=auto"])
     load_train_config(["model=qwen3-8b", "data=gsm8k", "scoring.layout=shared_prefix",
                        "model.attn_implementation=sdpa"])
+
+
+def largest_cpu_allocation(fn) -> int:
+    """The largest single CPU allocation (bytes) any op makes while `fn` runs (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+
+
+def test_masks_for_models_without_sliding_layers_cost_nothing_and_sliding_ones_no_int64_square():
+    """At the recipe's lengths the position difference was an int64 [B, W, W]: 6 GB on the GPU. Full
+    attention now takes the tree mask itself; a sliding mask is built a block of rows at a time."""
+    from opsd_ray.scoring import layer_masks
+
+    b, w = 2, 1024
+    mask = torch.ones(b, 1, w, w, dtype=torch.bool).tril()
+    pos = torch.arange(w).repeat(b, 1)
+    full = tiny_olmo3(layer_types=["full_attention"] * 4).config
+    assert layer_masks(mask, pos, full) is mask
+    assert largest_cpu_allocation(lambda: layer_masks(mask, pos, full)) == 0
+    sliding = tiny_olmo3().config
+    got = layer_masks(mask, pos, sliding)
+    assert largest_cpu_allocation(lambda: layer_masks(mask, pos, sliding)) <= b * w * w  # one bool mask
+    reference = mask & ((pos[:, :, None] - pos[:, None, :]) < sliding.sliding_window)[:, None]  # the formula
+    assert torch.equal(got["sliding_attention"], reference) and got["full_attention"] is mask
