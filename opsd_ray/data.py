@@ -44,6 +44,14 @@ class DataReport:
     sample: dict | None = None  # data.sample: how the rows were drawn
     note: str | None = None  # data.note: how the data set was made
     cache: str | None = None  # where a sampled data set is cached
+    contexts: dict | None = None  # the context windows each variant must fit, and the rows over them
+
+    def add_contexts(self, limits: dict[str, int], new_tokens: int, over: dict[str, int], dropped: int) -> None:
+        """Rows skipped because a variant's prompt plus `new_tokens` does not fit its context window."""
+        self.contexts = {"limits": limits, "max_new_tokens": new_tokens, "over": over, "rows_skipped": dropped}
+        if dropped:
+            self.skipped["context_over_window"] = dropped
+            self.valid -= dropped
 
     def summary(self) -> str:
         if self.sample:
@@ -56,6 +64,11 @@ class DataReport:
             parts.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
         if self.without_answer:
             parts.append(f"{self.without_answer} valid rows have no final answer")
+        if self.contexts:
+            c = self.contexts
+            over = ", ".join(f"{v} {n}" for v, n in c["over"].items()) or "none"
+            parts.append(f"contexts (prompt + up to {c['max_new_tokens']} new tokens) must fit "
+                         + ", ".join(f"{v} {n}" for v, n in c["limits"].items()) + f" tokens; rows over, per variant: {over}")
         if self.cache:
             parts.append(f"cached in {self.cache}")
         if self.note:

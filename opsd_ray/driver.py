@@ -23,11 +23,12 @@ from pathlib import Path
 from opsd_ray.cluster import check_fits, init_ray, role_requests
 from opsd_ray.common import ConfigError, RunStopped
 from opsd_ray.console import engine_logs, say
+from opsd_ray.contexts import drop_unfit, model_positions
 from opsd_ray.data import PromptSampler, load_examples, token_counter, tokenizer_id
 from opsd_ray.eval.markers import marker_record
 from opsd_ray.faults import LearnersLost, is_actor_loss
 from opsd_ray.learner import UnsafeCheckpoint, load_plain
-from opsd_ray.prompts import build_prompt_ids
+from opsd_ray.prompts import PROMPT_OF, build_prompt_ids
 from opsd_ray.roles import Roles, adapter_config, adapter_dtype
 from opsd_ray.runfolder import DriverLock, RunFolder, WriteFailed
 from opsd_ray.schedule import Rollout, drain
@@ -102,6 +103,11 @@ def _train(cfg, run: RunFolder, lock: DriverLock) -> Path | str:
     run.write_text("config.yaml", config_yaml(cfg))
     tok = load_tokenizer(cfg.model)
     examples, report = load_examples(cfg.data, token_counter(tok), seed=cfg.run.seed, tokenizer_id=tokenizer_id(cfg.model))
+    examples, over, limits = drop_unfit(examples, tok, cfg)  # never a cut context: rows that do not fit go
+    report.add_contexts(limits.limits, limits.new_tokens, over, report.valid - len(examples))
+    if not examples:
+        raise ConfigError(f"no row fits the models' context windows ({report.summary()}): lower "
+                          "rollout.max_new_tokens or data.max_reference_tokens / data.max_question_tokens")
     run.write_text("data_report.json", report.to_json())
     print(report.summary(), flush=True)
     engine = pick_engine(cfg.rollout.engine, cfg.model.lora.r)
@@ -425,6 +431,8 @@ def train_step(cfg, roles: Roles, rollout: Rollout, tok, step: int, version: int
     result = roles.learn(cfg, rollout, variants, diagnostics)
     trajectories = result.trajectories
     lengths = [len(t.response_ids) for t in trajectories]
+    limit = model_positions(cfg.model) or 10**9
+    contexts = [len(getattr(p, PROMPT_OF[v])) + n for p, n in zip(rollout.prompts, lengths) for v in variants]
     texts = tok.batch_decode([t.response_ids for t in trajectories], skip_special_tokens=True)
     return {
         "step": step,
@@ -433,6 +441,8 @@ def train_step(cfg, roles: Roles, rollout: Rollout, tok, step: int, version: int
         **result.metrics,
         "response_length": sum(lengths) / len(lengths),
         "truncation_rate": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
+        # contexts over the scorer's window (rows that cannot fit are skipped at start; the scorer refuses one)
+        "scoring/truncated_frac": sum(c > limit for c in contexts) / len(contexts),
         "time/rollout": result.rollout_done - t0,
         "time/scoring": result.scoring_done - result.rollout_done,
         "time/learning": result.learning_done - result.scoring_done,

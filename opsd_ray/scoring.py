@@ -241,6 +241,21 @@ def _as_attention_mask(masks, decoder):
     )
 
 
+class ContextTooLong(ValueError):
+    """A scoring context longer than the model's positions: scoring it would read a cut or extrapolated
+    context (rows that cannot fit are skipped at start: opsd_ray.contexts)."""
+
+
+def check_context(items: list[ScoringItem], variants: tuple[str, ...], positions: int | None) -> None:
+    if positions is None:
+        return
+    for seqs in variant_sequences(items, variants):
+        for v, s in zip(variants, seqs, strict=True):
+            if len(s.ids) > positions:
+                raise ContextTooLong(f"a {v} context of {len(s.ids)} tokens is longer than the scoring model's "
+                                     f"{positions} positions; it is not scored")
+
+
 @torch.no_grad()
 def score(
     model,
@@ -303,6 +318,7 @@ class ScoringWorker:
         use_cores(num_threads)
         self.model = load_model(model_cfg, dtype=scoring_cfg.dtype, device=default_device())
         self.model.eval().requires_grad_(False)
+        self.positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         tok = load_tokenizer(model_cfg)
         self.pad_id = pad_id_of(tok)
         self.cfg = scoring_cfg
@@ -321,6 +337,7 @@ class ScoringWorker:
         return {"start": t0, "end": time.time()}, frozen
 
     def score(self, items: list[ScoringItem], variants: tuple[str, ...]) -> FrozenBatch:
+        check_context(items, variants, self.positions)
         return score(
             self.model,
             items,

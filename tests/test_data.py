@@ -7,6 +7,7 @@ import pytest
 
 from opsd_ray.config import ConfigError, load_train_config
 from opsd_ray.data import PromptSampler, load_examples, read_rows, validate_rows
+from opsd_ray.prompts import build_prompt_ids
 
 
 def data_cfg(path, **kw):
@@ -167,3 +168,27 @@ def test_the_dasd_preset_is_a_hub_reconstruction_that_needs_no_path():
     cfg = load_train_config(["model=qwen3-8b", "data=dasd-10k"])
     assert cfg.data.path == "Alibaba-Apsara/Superior-Reasoning-SFT-gpt-oss-120b" and cfg.data.sample == 10000
     assert cfg.data.require_answer and "reconstruction" in cfg.data.note
+
+
+def test_rows_whose_contexts_do_not_fit_the_windows_are_skipped_and_counted_per_variant():
+    """The teacher context carries question and reference: a row can pass the budgets yet not fit the
+    scorer's window (the tiny model has 4,096 positions). Rows that fit are kept in order."""
+    from opsd_ray.contexts import ContextLimits, drop_unfit
+    from opsd_ray.data import Example
+    from opsd_ray.models import load_tokenizer
+    from opsd_ray.scoring import ContextTooLong, ScoringItem, check_context
+
+    cfg = load_train_config(["model=tiny", "data=gsm8k", "data.max_reference_tokens=8000", "rollout.max_new_tokens=64"])
+    tok = load_tokenizer(cfg.model)
+    rows = [Example(0, "What is 2+2?", "2+2=4. #### 4", "4"), Example(1, "What is 1+1?", "one plus one " * 1500, "2"),
+            Example(2, "What is " + "very " * 4100 + "big?", "#### 0", "0"), Example(3, "3+3?", "6", "6")]
+    kept, over, limits = drop_unfit(rows, tok, cfg)
+    assert [e.id for e in kept] == [0, 3]
+    assert over == {"teacher": 2, "reference_only": 1, "student": 1, "base": 1}
+    assert limits.limits["teacher"] == 4096 and limits.limits["student"] == min(4096, 2048 + 512 + 64)
+    fits, none_over, _ = drop_unfit(rows[:1], tok, load_train_config(["model=tiny", "data=gsm8k"]))
+    assert fits == rows[:1] and none_over == {}  # the budgets alone guarantee a fit: no prompt is built
+    prompts = build_prompt_ids(tok, rows[0].question, rows[0].reference, cfg.model, cfg.prompt)
+    assert ContextLimits({"teacher": len(prompts.teacher) + 10}, 11).over(prompts) == ["teacher"]
+    with pytest.raises(ContextTooLong, match="longer than the scoring model's 4096 positions"):
+        check_context([ScoringItem(prompts, [5] * 4096)], ("teacher",), 4096)

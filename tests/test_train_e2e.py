@@ -58,6 +58,7 @@ def check_run(folder, steps, mode):
     records = [r for r in read_metrics(folder) if r["step"] > 0]  # step 0: the base model's evaluation
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     for r in records:
+        assert r["scoring/truncated_frac"] == 0
         for k in (*LOSS_KEYS, "response_length", "truncation_rate", "tokens_per_s", "time/rollout",
                   "time/scoring", "time/learning", "time/sync", "wire_bytes_per_token"):
             assert math.isfinite(r[k]), (k, r[k])
@@ -91,11 +92,21 @@ def test_train_hf_engine_pmi(uninterrupted):
 
 
 def test_train_hf_engine_standard_mode_evaluates_on_schedule_and_logs_markers(local_ray, tmp_path, small_data):
+    """Also: a row whose reference is longer than the tiny model's 4,096 positions is skipped at start and
+    counted per variant (its budget lets it through); no step scores a cut context."""
     from opsd_ray.driver import train
 
-    folder = train(tiny_cfg(tmp_path, small_data, "rollout.engine=hf", "objective.mode=standard", "eval.every=2",
-                            "eval.benchmarks=[gsm8k]", "eval.limit=2", "eval.n_samples=2", "eval.max_new_tokens=8"))
+    data = tmp_path / "with_a_long_reference.jsonl"
+    long_row = {"question": "What is 1+1?", "answer": "one plus one " * 1500 + "#### 2"}
+    data.write_text(open(small_data).read() + json.dumps(long_row) + "\n")
+    folder = train(tiny_cfg(tmp_path, str(data), "rollout.engine=hf", "objective.mode=standard", "eval.every=2",
+                            "eval.benchmarks=[gsm8k]", "eval.limit=2", "eval.n_samples=2", "eval.max_new_tokens=8",
+                            "data.max_reference_tokens=8000"))
     check_run(folder, 2, "standard")
+    report = json.loads((folder / "data_report.json").read_text())
+    assert report["skipped"] == {"context_over_window": 1} and report["valid"] == 40
+    assert report["contexts"]["over"] == {"teacher": 1, "reference_only": 1}
+    assert report["contexts"]["limits"]["teacher"] == 4096
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_2"]
     records = read_metrics(folder)
     assert [r["step"] for r in records] == [0, 1, 2]
