@@ -292,6 +292,26 @@ def build_tiny_model(seed: int = TINY_SEED):
     from transformers import Qwen3ForCausalLM
 
     model = Qwen3ForCausalLM(tiny_qwen3_config()).to(torch.float32)
+    _fill_random(model, seed)
+    return model.eval()
+
+
+def build_tiny_olmo3(seed: int = TINY_SEED):
+    """Random 4-layer Olmo3ForCausalLM with OLMo-3's layout (sliding attention on 3 of 4 layers, here an
+    8-token window; full multi-head key/values), the Qwen3 vocabulary, and weights drawn as the tiny
+    Qwen3's are. vLLM serves this class through its Transformers backend."""
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    config = Olmo3Config(vocab_size=QWEN3_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096, sliding_window=8,
+                         pad_token_id=QWEN_SPECIAL_START_ID, bos_token_id=QWEN_SPECIAL_START_ID,
+                         eos_token_id=QWEN_SPECIAL_START_ID + 2, tie_word_embeddings=False, dtype="float32")
+    model = Olmo3ForCausalLM(config).to(torch.float32)
+    _fill_random(model, seed)
+    return model.eval()
+
+
+def _fill_random(model, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
@@ -302,14 +322,13 @@ def build_tiny_model(seed: int = TINY_SEED):
                 # compare distributions (alignment, KL) see real differences.
                 std = 0.25 if name == "lm_head.weight" else 0.02
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
-    return model.eval()
 
 
-def _build_tiny(out: Path) -> None:
+def _build_tiny(out: Path, build=None) -> None:
     from transformers import GenerationConfig
 
     tok = build_qwen3_tokenizer()
-    model = build_tiny_model()
+    model = (build or build_tiny_model)()
     model.generation_config = GenerationConfig(
         bos_token_id=QWEN_SPECIAL_START_ID,
         eos_token_id=[QWEN_SPECIAL_START_ID + 2, QWEN_SPECIAL_START_ID],  # <|im_end|>, <|endoftext|>
@@ -357,5 +376,6 @@ def _build_smollm2(out: Path) -> None:
 # name -> (builder, version). Bump the version when a builder's output changes.
 BUILTINS: dict[str, tuple[Callable[[Path], None], int]] = {
     "tiny": (_build_tiny, 1),
+    "tiny-olmo3": (lambda out: _build_tiny(out, build_tiny_olmo3), 1),
     "smollm2-135m": (_build_smollm2, 1),
 }
