@@ -254,6 +254,9 @@ def validate_train(cfg: DictConfig) -> None:
     _check(cfg.fault.max_restarts >= 0, f"fault.max_restarts must be >= 0 (got {cfg.fault.max_restarts})")
     _check(cfg.fault.max_skipped_steps >= 1, f"fault.max_skipped_steps must be >= 1 (got {cfg.fault.max_skipped_steps})")
     _check(cfg.eval.every >= 0, f"eval.every must be >= 0 (got {cfg.eval.every})")
+    _check(cfg.eval.schedule == "inline" or cfg.eval.every > 0,
+           "eval.schedule=end evaluates the checkpoints of eval.every's steps after training: set eval.every "
+           "(e.g. eval.every=50)")
     _check(cfg.eval.n_samples >= 1, f"eval.n_samples must be >= 1 (got {cfg.eval.n_samples})")
     _check(cfg.eval.limit is None or cfg.eval.limit >= 1, f"eval.limit must be >= 1 or null (got {cfg.eval.limit})")
     if cfg.eval.every:

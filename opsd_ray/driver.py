@@ -26,7 +26,8 @@ from opsd_ray.console import engine_logs, say
 from opsd_ray.contexts import drop_unfit, model_positions
 from opsd_ray.data import PromptSampler, load_examples, token_counter, tokenizer_id
 from opsd_ray.eval.markers import marker_record
-from opsd_ray.faults import LearnersLost, is_actor_loss
+from opsd_ray.eval.training import eval_points, evaluate, evaluate_checkpoints, inline
+from opsd_ray.faults import LearnersLost
 from opsd_ray.learner import UnsafeCheckpoint, load_plain
 from opsd_ray.prompts import PROMPT_OF, build_prompt_ids
 from opsd_ray.roles import Roles, adapter_config, adapter_dtype
@@ -50,6 +51,11 @@ def latest_checkpoint(run: RunFolder) -> str | None:
              and run.exists(f"checkpoints/{n}/trainer_state.json")]
     newest = max(steps, key=lambda n: int(n.split("_")[1]), default=None)
     return f"checkpoints/{newest}" if newest else None
+
+
+def saves(cfg, step: int) -> bool:
+    """Whether a checkpoint is saved after `step` (checkpoint.every, and the last step)."""
+    return bool(cfg.checkpoint.every) and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps)
 
 
 def step_variants(cfg, step: int) -> tuple[tuple[str, ...], bool]:
@@ -137,6 +143,7 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
     from tqdm import tqdm
 
     one_step_off = cfg.rollout.max_staleness == 1
+    points = eval_points(cfg)
     fresh = sampler.state_dict()
     checkpoint = start_checkpoint(cfg, run)  # the newest this job may restart its learners from
     check_fits(role_requests(cfg), ray.cluster_resources())  # before anything is written or loaded
@@ -155,18 +162,18 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
                 if lost is not None:  # restart the group from the newest checkpoint, redo the steps since
                     start = bar.n = recover(roles, sampler, log, checkpoint, fresh, lost)
                 version = roles.sync(adapter_conf, dtype)["version"]
-                if cfg.eval.every and start == 0 and lost is None:  # the base model's score, the curves' first point
+                if inline(cfg) and start == 0 and lost is None:  # the base model's score, the curves' first point
                     log.log({"step": 0, **evaluate(cfg, roles, run, 0)})
                 skips = SkipCounter.resumed(cfg.fault.max_skipped_steps, log.records())
                 for record, ahead in steps(cfg, roles, sampler, tok, start + 1, version, adapter_conf, dtype):
                     step = record["step"]
                     record["skipped_steps"] = skips.add(step, record["skipped"])
-                    if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                    if inline(cfg) and step in points:
                         record.update(evaluate(cfg, roles, run, step))
                     log.log(record)
                     bar.update()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+                    if saves(cfg, step) or (step in points and not inline(cfg)):  # eval.schedule=end evaluates them
                         sampler_state = ahead.sampler_state if ahead else sampler.state_dict()
                         checkpoint = run, save_checkpoint(cfg, roles, run, step, sampler_state, log.records())
                     skips.check(run)
@@ -176,7 +183,12 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
             except LearnersLost as e:
                 lost = e
         bar.close()
-        return run.write_files("final", with_card(cfg, adapter_files, cfg.train.steps, log.records())), log.wandb_where
+        final = run.write_files("final", with_card(cfg, adapter_files, cfg.train.steps, log.records()))
+        if points and not inline(cfg):  # eval.schedule=end: the GPUs are free for evaluation now
+            roles.shutdown()
+            roles = None
+            evaluate_checkpoints(cfg, run, log, engine)
+        return final, log.wandb_where
     finally:
         log.close()
         if roles is not None:
@@ -351,63 +363,6 @@ def with_card(cfg, files: dict[str, bytes], step: int, records: list[dict]) -> d
 
     card = model_card(cfg, resolve_model_path(cfg.model), step, last_evaluation(records))
     return {**files, "README.md": card.encode()}
-
-
-def evaluate(cfg, roles: Roles, run: RunFolder, step: int) -> dict:
-    """Benchmarks on all rollout workers with the adapter they have now; flat metrics for the log.
-
-    Each benchmark's samples are dealt out round-robin; every sample has its own seed, so the split
-    does not decide what is sampled (evaluate.EvalJob).
-    """
-
-    from opsd_ray.eval.run import eval_jobs, eval_settings, finish
-    from opsd_ray.eval.summary import benchmark_line, eval_log_record, markdown_table, output_files
-
-    e, workers = cfg.eval, roles.rollout
-    generation = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-                      marker_match=cfg.markers.match)
-    t_start = time.perf_counter()
-    records: list[dict] = []
-    for bench in e.benchmarks:
-        t0 = time.perf_counter()
-        jobs = eval_jobs(bench, e.n_samples, e.limit, cfg.run.seed)
-        shares = {k: jobs[k :: len(workers)] for k in range(len(workers)) if jobs[k :: len(workers)]}
-        got = evaluate_shares(roles, shares, generation)
-        part = sorted((dict(r, rollout_worker=k) for k in shares for r in got[k]),
-                      key=lambda r: (r["problem_id"], r["sample"]))
-        records += part
-        say(benchmark_line(bench, part, time.perf_counter() - t0))
-    versions = sorted({r.pop("adapter_version") for r in records})
-    settings = eval_settings(str(cfg.model.name), e.n_samples, e.max_new_tokens, e.temperature, e.top_p, e.limit,
-                             cfg.run.seed, None, versions[0] if len(versions) == 1 else versions,
-                             rollout_workers=len(workers), markers=cfg.markers.match)
-    summary = finish(records, list(e.benchmarks), settings, time.perf_counter() - t_start, None)
-    files = {name: text.encode() for name, text in output_files(records, summary).items()}
-    run.write_files(f"eval/step_{step}", files)
-    say(f"evaluation at step {step} ({run.uri(f'eval/step_{step}')}):\n{markdown_table(summary).rstrip()}")
-    return {**eval_log_record(summary), "time/eval": time.perf_counter() - t_start}
-
-
-def evaluate_shares(roles: Roles, shares: dict[int, list], generation: dict) -> dict[int, list[dict]]:
-    """Each rollout worker's share of an evaluation; a lost worker is restarted and redoes its share."""
-    import ray
-
-    def send(k):
-        return roles.incarnation("rollout", k), roles.rollout[k].evaluate.remote(shares[k], **generation)
-
-    calls = {k: send(k) for k in shares}
-    got = {}
-    while calls:
-        k, (sent_at, ref) = calls.popitem()
-        try:
-            got[k] = ray.get(ref)
-        except Exception as e:
-            if not is_actor_loss(e):
-                raise
-            roles.lost("rollout", k, e, sent_at)
-            roles.load_adapter(k, roles.version)
-            calls[k] = send(k)
-    return got
 
 
 def step_requests(cfg, tok, batch, step: int):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import time
 
+from omegaconf import OmegaConf
+
 from opsd_ray.cluster import check_fits, placed, role_placement_group, role_requests
 from opsd_ray.common import rollout_max_len
 from opsd_ray.console import say
@@ -23,7 +25,7 @@ from opsd_ray.scoring import ScoringItem, split_evenly
 class Roles:
     """The Ray actors of one run: rollout workers, scoring workers and the learner group."""
 
-    def __init__(self, cfg, engine: str, cores: dict[str, list[int]] | None = None):
+    def __init__(self, cfg, engine: str, cores: dict[str, list[int]] | None = None, evaluation: bool = False):
         self.rollout, self.scoring, self.learners, self.info, self.pgs = [], [], [], [], {}
         self.fsdp = cfg.learner.strategy == "fsdp" and cfg.learner.num_workers > 1
         self.busy = BusyLog()
@@ -34,7 +36,10 @@ class Roles:
         self.pending_loads: list = []  # (worker, its incarnation then, ref of load_adapter)
         self.cfg = cfg
         try:
-            self._start(cfg, engine, cores or {})
+            if evaluation:
+                self._start_engines(cfg, engine)
+            else:
+                self._start(cfg, engine, cores or {})
         except BaseException:  # a role that fails to start must not leave the others running
             self.shutdown()
             raise
@@ -128,6 +133,38 @@ class Roles:
         ]
         self.info = ray.get([a.ready.remote() for a in (*self.rollout, *self.scoring, *self.learners)])
         self.form_learner_group()
+
+    def _start_engines(self, cfg, engine: str) -> None:
+        """eval.schedule=end: generation engines only, one on every worker slot of the run (each rollout
+        worker's, each scoring worker's and each learner's resources), as `rollout` workers. An engine that
+        has a GPU to itself gives vLLM most of it; the slots of scoring and learners run without TP."""
+        import ray
+
+        from opsd_ray.config import EVAL_GPU_MEMORY
+        from opsd_ray.rollout import RolloutWorker
+
+        requests = role_requests(cfg)
+        check_fits(requests, ray.cluster_resources())
+        for r in requests:
+            self.pgs[r.role] = role_placement_group(r)
+            conf = OmegaConf.merge(cfg.rollout, {"tensor_parallel_size": 1} if r.role != "rollout" else {})
+            per_gpu = r.gpus / (conf.tensor_parallel_size if r.role == "rollout" else 1)
+            if per_gpu >= 1:
+                conf.gpu_memory_utilization = max(conf.gpu_memory_utilization, EVAL_GPU_MEMORY)
+            self.rollout += [
+                placed(ray.remote(RolloutWorker), r, i, self.pgs[r.role], cfg.fault.max_restarts).remote(
+                    cfg.model, conf, engine, cfg.run.seed, os.cpu_count() if r.gpus == 0 else None, rollout_max_len(cfg))
+                for i in range(r.count)
+            ]
+        self.info = ray.get([w.ready.remote() for w in self.rollout])
+
+    def serve(self, version: int, state, adapter_conf: dict) -> None:
+        """Every rollout worker loads this adapter (evaluation of a saved checkpoint)."""
+        self.adapters.add(version, (state, adapter_conf))
+        self.version = version
+        for k in range(len(self.rollout)):
+            self.load_adapter(k, version)
+        self.settle_loads()
 
     def form_learner_group(self) -> None:
         import ray

@@ -144,6 +144,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # 0: no evaluation during training
+    schedule: str = "inline"  # inline: at its steps, on the rollout workers | end: checkpoints, evaluated after training on every GPU
     benchmarks: list[str] = field(default_factory=list)
     n_samples: int = 12
     max_new_tokens: int = 1024
@@ -238,5 +239,6 @@ CHOICES = {
     "scoring.dtype": ("float32", "bfloat16", "float16"),
     "learner.strategy": ("ddp", "fsdp"),
     "train.schedule": ("streaming", "phases"),
+    "eval.schedule": ("inline", "end"),
     "markers.match": ("substring", "word"),
 }

@@ -47,10 +47,11 @@ class MetricsLog:
         self.wandb = WandbRun(run, cfg, sent) if cfg is not None and cfg.logging.wandb else None
         self.wandb_where = self.wandb.where if self.wandb else None  # for the end of the run
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, after_training: bool = False) -> None:
+        """One record; `after_training`: an evaluation of an earlier step, logged once training is done."""
         self.run.append_text(self.name, json.dumps(record) + "\n")
         if self.wandb:
-            self.wandb.log(record)
+            self.wandb.log(record, after_training)
         if self.tb:
             try:
                 for k, v in scalars(record).items():
@@ -108,6 +109,7 @@ class WandbRun:
             run.write_text("wandb_id.txt", run_id + "\n")
         folder = run.local_path() or Path(tempfile.mkdtemp(prefix="opsd_ray_wandb_"))
         self.sent_step = sent_step
+        self.eval_axis = False
         try:
             self.run = wandb.init(
                 project=lg.project, entity=lg.entity, name=lg.name or cfg.run.name, tags=list(lg.tags),
@@ -126,10 +128,18 @@ class WandbRun:
         self.where = f"run {run_id}: {where}"
         say(f"W&B {self.where}")
 
-    def log(self, record: dict) -> None:
-        if record["step"] > self.sent_step:
+    def log(self, record: dict, after_training: bool = False) -> None:
+        if record["step"] > self.sent_step and not after_training:
             self.run.log(scalars(record), step=record["step"])
             self.sent_step = record["step"]
+        elif after_training:
+            # an evaluation of an earlier step (eval.schedule=end): W&B keeps its steps increasing, so
+            # these metrics are plotted against their own axis, eval/step
+            if not self.eval_axis:
+                self.run.define_metric("eval/step")
+                self.run.define_metric("eval/*", step_metric="eval/step")
+                self.eval_axis = True
+            self.run.log({**scalars(record), "eval/step": record["step"]})
 
     def finish(self) -> None:
         self.run.finish()

@@ -387,7 +387,7 @@ def test_vllm_says_stop_when_the_turn_ends_with_a_second_end_token(local_ray, hu
 @pytest.mark.slow
 def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small_data):
     """Item 8: two CPU rollout workers share an evaluation, and its summary equals one worker's."""
-    from opsd_ray.driver import evaluate
+    from opsd_ray.eval.training import evaluate
     from opsd_ray.roles import Roles
     from opsd_ray.runfolder import RunFolder
 
@@ -410,6 +410,55 @@ def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small
         [(r["benchmark"], r["problem_id"], r["sample"], r["response"]) for r in lines["one"]]
     summary = json.loads((tmp_path / "two" / "eval" / "step_0" / "summary.json").read_text())
     assert summary["settings"]["rollout_workers"] == 2 and math.isfinite(summary["mean"]["avg"])
+
+
+def test_one_evaluation_is_one_call_per_worker_longest_expected_first(local_ray, tmp_path, small_data):
+    """Every benchmark's samples go out at once (fake engines on real Ray): one call per worker per
+    evaluation point, the same summary as one worker; once lengths are known, the longest problems go
+    first and the expected work is balanced."""
+    from types import SimpleNamespace
+
+    from opsd_ray.eval.training import evaluate
+    from opsd_ray.runfolder import RunFolder
+
+    cfg = tiny_cfg(tmp_path, small_data, "eval.every=2", "eval.benchmarks=[gsm8k,aime24,amc23]", "eval.limit=3",
+                   "eval.n_samples=4")
+    class FakeEngineWorker:
+        """A rollout worker's `evaluate` without a model: a sample answers right when its seed is odd, and its
+        length grows with the problem id. It records the calls it gets."""
+
+        def __init__(self):
+            self.calls = []
+
+        def evaluate(self, jobs, **generation):
+            from opsd_ray.eval.run import grade_sample
+
+            self.calls.append([(j.benchmark, j.problem.id) for j in jobs])
+            return [dict(grade_sample(j.benchmark, j.problem, j.sample, j.seed,
+                                      f"\\boxed{{{j.problem.answer}}}" if j.seed % 2 else "no idea", 10 + 100 * j.problem.id,
+                                      "stop"), adapter_version=3) for j in jobs]
+
+        def seen(self):
+            return self.calls
+
+    workers = [ray.remote(FakeEngineWorker).remote() for _ in range(3)]  # defined here: Ray ships it by value
+    roles = SimpleNamespace(rollout=workers, version=3, incarnation=lambda role, k: 0)
+    run = RunFolder(str(tmp_path / "run"))
+    first = evaluate(cfg, roles, run, 0)
+    second = evaluate(cfg, roles, run, 2)
+    calls = ray.get([w.seen.remote() for w in workers])
+    assert [len(c) for c in calls] == [2, 2, 2]  # one call each, at each point
+    assert sum(len(c[0]) for c in calls) == 3 * 3 * 4
+    expected = {(b, p): 10 + 100 * p for b in ("gsm8k", "aime24", "amc23") for p in range(3)}
+    loads = [sum(expected[j] for j in c[1]) for c in calls]
+    assert max(loads) - min(loads) <= max(expected.values())  # LPT: within one job of each other
+    for c in calls:
+        costs = [expected[j] for j in c[1]]
+        assert costs == sorted(costs, reverse=True)  # each engine runs its longest first
+    roles.rollout = workers[:1]
+    alone = evaluate(cfg, roles, RunFolder(str(tmp_path / "alone")), 0)
+    assert {k: v for k, v in first.items() if k != "time/eval"} == {k: v for k, v in alone.items() if k != "time/eval"}
+    assert {k: v for k, v in second.items() if k != "time/eval"} == {k: v for k, v in alone.items() if k != "time/eval"}
 
 
 @pytest.mark.slow

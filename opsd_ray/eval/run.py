@@ -75,6 +75,38 @@ def eval_jobs(benchmark: str, n_samples: int, limit: int | None, seed: int,
     return [EvalJob(benchmark, p, s, sample_seed(seed, benchmark, p.id, s)) for p in problems for s in range(n_samples)]
 
 
+def all_jobs(benchmarks, n_samples: int, limit: int | None, seed: int) -> list[EvalJob]:
+    """Every sample of every benchmark: one evaluation is one dispatch (no benchmark waits for another's tail)."""
+    return [j for bench in benchmarks for j in eval_jobs(bench, n_samples, limit, seed)]
+
+
+def expected_tokens(records: list[dict]) -> dict[tuple[str, int], float]:
+    """Each problem's mean response length in an earlier evaluation's generations (its best guess of the next)."""
+    sums: dict[tuple[str, int], list[float]] = {}
+    for r in records:
+        s = sums.setdefault((r["benchmark"], r["problem_id"]), [0.0, 0])
+        s[0] += r["num_tokens"]
+        s[1] += 1
+    return {k: total / n for k, (total, n) in sums.items()}
+
+
+def balance(jobs: list[EvalJob], workers: int, expected: dict[tuple[str, int], float] | None = None) -> list[list[EvalJob]]:
+    """Deal the jobs to `workers` engines, longest expected first, each to the engine with the least expected
+    work so far (LPT); each share runs longest first, so no engine ends with a long tail of its own. A
+    problem never seen before counts as longest (the budget, not a guess, bounds it)."""
+    expected = expected or {}
+    longest = max(expected.values(), default=1.0)
+    cost = [expected.get((j.benchmark, j.problem.id), longest * 2) for j in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: -cost[i])  # stable: ties keep the jobs' order
+    shares: list[list[EvalJob]] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for i in order:
+        k = min(range(workers), key=lambda w: (load[w], len(shares[w]), w))
+        shares[k].append(jobs[i])
+        load[k] += cost[i]
+    return shares
+
+
 def run_jobs(engine, tokenizer, model_cfg, jobs: list[EvalJob], *, max_new_tokens: int, temperature: float,
              top_p: float, enable_thinking: bool | None = None, marker_match: str = "substring") -> list[dict]:
     """Generate every job with `engine` (one batch) and grade it: the generations.jsonl records, in order."""
@@ -108,13 +140,11 @@ def evaluate(ev, engine, *, adapter: tuple[int, dict, dict] | None = None, token
         engine.load_adapter(version, state, config)
     generation = dict(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
                       enable_thinking=ev.enable_thinking, marker_match=ev.markers.match)
-    records: list[dict] = []
     t_start = time.perf_counter()
+    records = run_jobs(engine, tokenizer, ev.model, all_jobs(ev.benchmarks, ev.n_samples, ev.limit, ev.seed), **generation)
     for bench in ev.benchmarks:
-        t0 = time.perf_counter()
-        part = run_jobs(engine, tokenizer, ev.model, eval_jobs(bench, ev.n_samples, ev.limit, ev.seed), **generation)
-        records += part
-        log(benchmark_line(bench, part, time.perf_counter() - t0))
+        log(benchmark_line(bench, [r for r in records if r["benchmark"] == bench]))
+    log(f"eval: {len(records)} samples in {time.perf_counter() - t_start:.0f}s")
     run_settings = eval_settings(str(ev.model.name), ev.n_samples, ev.max_new_tokens, ev.temperature, ev.top_p,
                                  ev.limit, ev.seed, ev.enable_thinking, version, markers=ev.markers.match,
                                  **(settings or {}))

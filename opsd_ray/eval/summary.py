@@ -110,7 +110,7 @@ def write_outputs(folder: Path, records: list[dict], summary: dict) -> None:
         (folder / name).write_text(text)
 
 
-def benchmark_line(bench: str, records: list[dict], seconds: float) -> str:
+def benchmark_line(bench: str, records: list[dict]) -> str:
     part = summarize_benchmark(records)
     k = part["num_samples"]
-    return f"eval {bench}: {part['num_problems']} problems x {k} samples, avg@{k} {part[f'avg@{k}']:.3f} ({seconds:.0f}s)"
+    return f"eval {bench}: {part['num_problems']} problems x {k} samples, avg@{k} {part[f'avg@{k}']:.3f}"
