@@ -249,6 +249,8 @@ def validate_train(cfg: DictConfig) -> None:
         f"rollout.max_staleness must be 0 (strictly on-policy, the paper's setting) or 1 (one-step-off: the "
         f"rollout of step k+1 runs with adapter k-1 while step k trains); got {rollout.max_staleness}",
     )
+    _check(rollout.verify_sync_every >= 0,
+           f"rollout.verify_sync_every must be >= 0 (got {rollout.verify_sync_every}); 0 turns the sync check off")
     _check(train.diagnostics_every >= 0, f"train.diagnostics_every must be >= 0 (got {train.diagnostics_every})")
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (got {cfg.checkpoint.every})")
     _check(cfg.fault.max_restarts >= 0, f"fault.max_restarts must be >= 0 (got {cfg.fault.max_restarts})")

@@ -34,6 +34,7 @@ from opsd_ray.roles import Roles, adapter_config, adapter_dtype
 from opsd_ray.runfolder import DriverLock, RunFolder, WriteFailed
 from opsd_ray.schedule import Rollout, drain
 from opsd_ray.scoring import VARIANTS
+from opsd_ray.sync_check import SyncCheck, probe_sequence
 from opsd_ray.tracking import MetricsLog
 
 
@@ -144,6 +145,7 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
 
     one_step_off = cfg.rollout.max_staleness == 1
     points = eval_points(cfg)
+    check = SyncCheck(cfg.rollout.verify_sync_every, probe_sequence(tok, sampler.examples[0], cfg))
     fresh = sampler.state_dict()
     checkpoint = start_checkpoint(cfg, run)  # the newest this job may restart its learners from
     check_fits(role_requests(cfg), ray.cluster_resources())  # before anything is written or loaded
@@ -165,7 +167,7 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
                 if inline(cfg) and start == 0 and lost is None:  # the base model's score, the curves' first point
                     log.log({"step": 0, **evaluate(cfg, roles, run, 0)})
                 skips = SkipCounter.resumed(cfg.fault.max_skipped_steps, log.records())
-                for record, ahead in steps(cfg, roles, sampler, tok, start + 1, version, adapter_conf, dtype):
+                for record, ahead in steps(cfg, roles, sampler, tok, start + 1, version, adapter_conf, dtype, check):
                     step = record["step"]
                     record["skipped_steps"] = skips.add(step, record["skipped"])
                     if inline(cfg) and step in points:
@@ -232,11 +234,13 @@ def recover(roles: Roles, sampler: PromptSampler, log: MetricsLog, checkpoint, f
 
 
 def steps(cfg, roles: Roles, sampler: PromptSampler, tok, first: int, version: int, adapter_conf: dict,
-          dtype: str = "float32"):
+          dtype: str = "float32", check: SyncCheck | None = None):
     """Steps first..train.steps of the algorithm; yields each step's record and, one-step-off, the
-    next step's rollout, already running (its sampler state is what a checkpoint of this step keeps)."""
+    next step's rollout, already running (its sampler state is what a checkpoint of this step keeps).
+    `check`: the sync check after its steps' syncs (one-step-off: read when the next step has learnt,
+    so that the probe does not wait for the rollout running meanwhile)."""
     one_step_off = cfg.rollout.max_staleness == 1
-    ahead = None
+    ahead, probe = None, None
     for step in range(first, cfg.train.steps + 1):
         rollout = ahead or start_rollout(cfg, roles, sampler, tok, step)
         # one-step-off: the next rollout starts now, with the adapter the workers have (one behind)
@@ -244,6 +248,9 @@ def steps(cfg, roles: Roles, sampler: PromptSampler, tok, first: int, version: i
         ahead = start_rollout(cfg, roles, sampler, tok, step + 1) if more else None
         started = time.time()
         record = train_step(cfg, roles, rollout, tok, step, version)
+        if probe is not None:  # one-step-off: the previous sync's check
+            record.update(check.finish(probe))
+            probe = None
         if ahead is not None:
             drain(ahead, roles)  # what the next rollout finished during this step
         record.update(utilization(roles, started, time.time()))
@@ -251,6 +258,11 @@ def steps(cfg, roles: Roles, sampler: PromptSampler, tok, first: int, version: i
         synced = roles.sync(adapter_conf, dtype, wait=ahead is None)
         version = synced["version"]
         record.update(finish_record(record, time.perf_counter() - t0, synced["bytes"]))
+        if check is not None and check.due(step):
+            probe = check.start(roles)
+            if ahead is None:
+                record.update(check.finish(probe))
+                probe = None
         yield record, ahead
 
 

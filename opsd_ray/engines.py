@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -37,7 +38,7 @@ class Engine(Protocol):
     def generate_iter(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
                       top_p: float) -> Iterator[tuple[int, list[int], str]]: ...
 
-    def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]: ...
+    def sequence_logprobs(self, prompt: list[int], response: list[int], adapter: bool = True) -> list[float]: ...
 
 
 def make_engine(name: str, model_cfg, rollout_cfg, seed: int, max_model_len: int) -> Engine:
@@ -172,10 +173,10 @@ class HFEngine:
             yield (index, *cut_at_eos(gen[0, len(prompt) :].tolist(), self.eos))
 
     @torch.no_grad()
-    def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
-        ids = torch.tensor([prompt + response], device=self.model.device)
-        logp = torch.log_softmax(self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
-        return logp.gather(-1, torch.tensor(response, device=ids.device)[:, None])[:, 0].tolist()
+    def sequence_logprobs(self, prompt: list[int], response: list[int], adapter: bool = True) -> list[float]:
+        """log p(response | prompt) per token, with the loaded adapter or (adapter=False) the base alone."""
+        with contextlib.nullcontext() if adapter else self.model.disable_adapter():
+            return response_logprobs(self.model, prompt, response)
 
 
 def vllm_engine_args(model_cfg, rollout_cfg, path: str, seed: int, max_model_len: int, on_gpu: bool) -> dict:
@@ -294,16 +295,24 @@ class VLLMEngine:
             if unfinished:
                 engine.abort_request(list(unfinished), internal=True)
 
-    def sequence_logprobs(self, prompt, response):
+    def sequence_logprobs(self, prompt, response, adapter: bool = True):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         out = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=prompt + response)], params, lora_request=self.lora, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=prompt + response)], params, lora_request=self.lora if adapter else None,
+            use_tqdm=False,
         )[0]
         seq = prompt + response
         return [out.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt), len(seq))]
+
+
+def response_logprobs(model, prompt: list[int], response: list[int]) -> list[float]:
+    """log p(response token | everything before it) under a causal LM, in float32."""
+    ids = torch.tensor([prompt + response], device=model.device)
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
+    return logp.gather(-1, torch.tensor(response, device=ids.device)[:, None])[:, 0].tolist()
 
 
 def cpu_threads_bind(cpus: list[int], ranks: int) -> str:

@@ -213,6 +213,18 @@ class Learner:
         nbytes = sum(v.numel() * v.element_size() for v in state.values())
         return {"version": self.version, "bytes": nbytes}, state
 
+    @torch.no_grad()
+    def probe_logprobs(self, prompt: list[int], response: list[int]) -> dict:
+        """The sync check's probe under this learner's adapter and under the base alone (with fsdp a
+        collective: every rank calls it)."""
+        from opsd_ray.engines import response_logprobs
+
+        self.model.eval()
+        adapter = response_logprobs(self.model, prompt, response)
+        with self.model.disable_adapter():
+            base = response_logprobs(self.model, prompt, response)
+        return {"adapter": adapter, "base": base, "version": self.version}
+
     # ------------------------------------------------------------------ training
     def accumulate(
         self, items: list[ScoringItem], versions: list[int], diagnostics: bool, frozen: FrozenBatch

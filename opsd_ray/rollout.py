@@ -84,6 +84,11 @@ class RolloutWorker:
     def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         return self.engine.sequence_logprobs(prompt, response)
 
+    def probe_logprobs(self, prompt: list[int], response: list[int]) -> dict:
+        """The sync check's probe: log-probabilities with the adapter the engine serves and with none."""
+        return {"adapter": self.engine.sequence_logprobs(prompt, response),
+                "base": self.engine.sequence_logprobs(prompt, response, adapter=False), "version": self.engine.version}
+
     def evaluate(self, jobs: list, **generation) -> list[dict]:
         """This worker's share of an evaluation, graded, with the adapter it generates with now."""
         from opsd_ray.eval.run import run_jobs

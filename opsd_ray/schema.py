@@ -94,6 +94,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_staleness: int = 0  # 0: strictly on-policy (the paper); 1: one-step-off (rollout k+1 overlaps step k)
+    verify_sync_every: int = 25  # the sync check: engine and learner score a probe at step 1 and every N steps (0: never)
     gpu_memory_utilization: float = 0.45
     vllm_cpu_kvcache_gib: int = 1
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker

@@ -732,3 +732,21 @@ def test_default_chunk_size_bounds_the_chunk_buffer():
         assert 32 <= cpu <= gpu <= 4096
         assert cpu == 32 or cpu * vocab * 4 <= 64 * 2**20  # one float32 [chunk, V] buffer
         assert gpu == 32 or gpu * vocab * 4 <= 256 * 2**20
+
+
+def test_the_sync_check_stops_an_engine_that_serves_the_base_model():
+    """judge(): the engine's probe near the learner's passes; near the base (the adapter plainly moves the
+    probe beyond the two stacks' noise) stops the run; within the noise nothing is judged."""
+    from opsd_ray.common import RunStopped
+    from opsd_ray.sync_check import judge
+
+    base = [-1.0, -2.0, -0.5]
+    trained = [-0.8, -2.3, -0.4]  # the adapter moves the probe by up to 0.3
+    learner = {"adapter": trained, "base": base, "version": 7}
+    noisy = [x + 0.01 for x in trained]
+    ok = judge({"adapter": noisy, "base": [x + 0.01 for x in base], "version": 7}, learner)
+    assert ok["sync/max_abs_logprob_diff"] == pytest.approx(0.01) and ok["sync/max_abs_adapter_effect"] == pytest.approx(0.3)
+    with pytest.raises(RunStopped, match="not serving the trained adapter"):
+        judge({"adapter": [x + 0.01 for x in base], "base": [x + 0.01 for x in base], "version": 7}, learner)
+    loud = judge({"adapter": base, "base": [x + 0.1 for x in base], "version": 7}, learner)  # noise 0.1: no verdict
+    assert loud["sync/max_abs_base_diff"] == pytest.approx(0.1)

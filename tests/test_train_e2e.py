@@ -65,6 +65,7 @@ def check_run(folder, steps, mode):
         assert r["loss"] > 0 and r["adapter_version_used"] == r["step"] - 1
         assert ("kl_target_base" in r) == (mode == "pmi") and ("clip_active_frac" in r) == (mode == "pmi")
     assert "cos_total_ref" in records[0]  # diagnostics on the first step
+    assert records[0]["sync/max_abs_logprob_diff"] < 1e-3  # the sync check's probe, at step 1
     state = load_file(folder / "final" / "adapter_model.safetensors")
     assert any(("lora_B" in k and v.abs().max() > 0) for k, v in state.items())  # B starts at 0: it learned
     from opsd_ray.models import load_model
@@ -201,8 +202,15 @@ def _learned_adapter(cfg):
 def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp_path, small_data, engine):
     from opsd_ray.engines import HFEngine
 
-    cfg = tiny_cfg(tmp_path, small_data, f"rollout.engine={engine}", "rollout.num_workers=2")
+    """Also the sync check (rollout.verify_sync_every): before the sync the engines serve version 0, the
+    base model's equal, and the check stops the run; after it, it passes."""
+    from opsd_ray.common import RunStopped
+    from opsd_ray.data import load_examples
+    from opsd_ray.sync_check import SyncCheck, probe_sequence
+
+    cfg = tiny_cfg(tmp_path, small_data, f"rollout.engine={engine}", "rollout.num_workers=2", "learner.lr=1e-3")
     roles, conf, tok, one_step = _learned_adapter(cfg)
+    check = SyncCheck(25, probe_sequence(tok, load_examples(cfg.data)[0][0], cfg))
     try:
         prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
                                          tokenize=True, enable_thinking=False)
@@ -211,7 +219,11 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
         before = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
         record = one_step(1, 0)
         assert record["adapter_version"] == 1
+        with pytest.raises(RunStopped, match="not serving the trained adapter"):  # a load skipped
+            check.finish(check.start(roles))
         assert roles.sync(conf)["version"] == 1
+        synced = check.finish(check.start(roles))
+        assert synced["sync/max_abs_logprob_diff"] < 1e-3 < synced["sync/max_abs_adapter_effect"]
         assert ray.get([w.version.remote() for w in roles.rollout]) == [1, 1]
         after = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
         info, state = ray.get(roles.learner.adapter_state.options(num_returns=2).remote())
