@@ -255,3 +255,25 @@ def test_step_estimate_follows_the_schedule():
     assert planner("train.schedule=phases").step_seconds(t) == 20.0
     assert planner("rollout.max_staleness=1").step_seconds(t) == 10.0
     assert planner().step_seconds(t) == pytest.approx(10.0 + 10.0 / 8)  # the last of 8 parts after the rollout
+
+
+def test_the_plan_says_what_each_evaluation_schedule_costs(capsys):
+    """The paper's recipe: 5 evaluations of 1,080 samples up to 32,768 tokens. Decode-bound on 4 rollout
+    engines they take most of the run; an engine on each of the 8 GPUs after training halves that."""
+    import re
+
+    assert main(["model=qwen3-8b", "data=math-cot-20k", "gpus=8"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluation 5 points (steps 0, 50, 100, 150, 200) x 1,080 samples" in out
+    inline = re.search(r"inline .*: ([\d.]+) h each, ([\d.]+) h in all = (\d+)% of a ([\d.]+) h run  <- eval.schedule", out)
+    end = re.search(r"end .*: ([\d.]+) h each, ([\d.]+) h in all = (\d+)% of a ([\d.]+) h run", out)
+    assert inline and end, out
+    each_inline, each_end = float(inline.group(1)), float(end.group(1))
+    assert 0.5 <= each_inline <= 2.0  # the review's estimate: 1 to 1.5 h per evaluation on 4 rollout GPUs
+    assert each_end == pytest.approx(each_inline / 2, rel=0.2)  # twice the engines, a larger share of each GPU
+    assert int(inline.group(3)) > int(end.group(3)) > 50
+    planner = Planner(load_train_config(["model=qwen3-8b", "data=math-cot-20k"]), 8, 80)
+    one = planner.eval_seconds(1, 0.9)
+    assert one >= 32768 * planner.s.params() * 2 / planner.bw  # never faster than the longest sample alone
+    assert main(["model=qwen3-8b", "data=math-cot-20k", "gpus=8", "eval.every=0"]) == 0
+    assert "\nevaluation" not in capsys.readouterr().out  # no evaluation, no section
