@@ -32,13 +32,11 @@ from omegaconf import OmegaConf
 
 from opsd_ray.common import TEMPLATE_TOKENS
 from opsd_ray.config import Config, ConfigError, compose, load_preset, parse_overrides, validate_train
-from opsd_ray.shapes import DTYPE_BYTES, GiB, find_shapes
+from opsd_ray.shapes import DTYPE_BYTES, OVERHEAD_BYTES, GiB, find_shapes
+from opsd_ray.timemodel import evaluation_lines
 
-OVERHEAD_BYTES = 2 * GiB  # per GPU process: CUDA context, allocator slack, vLLM graphs
 LOSS_BUFFERS = 9  # [chunk, vocab] buffers alive in the fused loss (measured: 8 float32 + 1 bf16)
 ALLREDUCE_BYTES_PER_S = 100e9  # effective all-reduce bandwidth between a node's GPUs (NVLink-class, rough)
-EVAL_MEAN_FRACTION = 0.5  # assumed: a reasoning model's mean answer uses half the evaluation budget (AIME/HMMT)
-EVAL_PROMPT_TOKENS = 256  # a benchmark problem in its chat template (upper bound)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -246,40 +244,6 @@ class Planner:
         parts = max(1, self.batch // self.cfg.learner.micro_batch_size)
         return max(t.values()) + (t["scoring"] + t["learner"]) / parts
 
-    def eval_samples(self) -> int:
-        from opsd_ray.eval.benchmarks import load_benchmark
-
-        e = self.cfg.eval
-        return sum(len(load_benchmark(b, e.limit)) for b in e.benchmarks) * e.n_samples
-
-    def eval_seconds(self, engines: int, util: float) -> float:
-        """One evaluation on `engines` engines (one GPU each): decode-bound. Each engine decodes as many
-        sequences at once as its KV cache holds at their mean context; a decode step reads the weights and
-        those sequences' KV cache. The longest sample, decoded alone at the end, bounds it from below."""
-        s, dt, e = self.s, self.dt, self.cfg.eval
-        kv, weights = s.kv_bytes_per_token(dt), s.params() * dt
-        mean_len = EVAL_MEAN_FRACTION * e.max_new_tokens
-        context = EVAL_PROMPT_TOKENS + mean_len / 2  # a sequence's mean context while it decodes
-        per_engine = math.ceil(self.eval_samples() / engines)
-        room = max(util * self.mem - weights - self.lora * dt - OVERHEAD_BYTES, kv * context)
-        together = max(1, min(per_engine, int(room / (kv * context))))
-        decode_step = (weights + together * context * kv) / self.bw
-        tail = e.max_new_tokens * (weights + (EVAL_PROMPT_TOKENS + e.max_new_tokens / 2) * kv) / self.bw
-        return max(per_engine * mean_len / together * decode_step, tail)
-
-    def run_hours(self, step_s: float, engines: dict[str, tuple[int, float]]) -> dict[str, tuple[float, float]]:
-        """{schedule: (hours of evaluation, hours of the whole run)}: `engines` gives each schedule's engine
-        count and vLLM memory share."""
-        from opsd_ray.eval.training import eval_points
-
-        train_h = self.cfg.train.steps * step_s / 3600
-        points = len(eval_points(self.cfg))
-        out = {}
-        for name, (n, util) in engines.items():
-            eval_h = points * self.eval_seconds(n, util) / 3600
-            out[name] = (eval_h, train_h + eval_h)
-        return out
-
     def min_tp(self, workers: int, util: float) -> int | None:
         for tp in (1, 2, 4, 8):
             if self.rollout(workers, tp, util).total <= util * self.mem:
@@ -456,32 +420,6 @@ def render(p: Planner) -> str:
     lines.append("")
     lines += [f"WARNING: {w}" for w in warnings] or ["no warnings: every role fits"]
     return "\n".join(lines)
-
-
-def evaluation_lines(p: Planner, split: Split | None) -> list[str]:
-    """What each evaluation schedule costs at the config's settings (eval.schedule=inline | end)."""
-    from opsd_ray.config import EVAL_GPU_MEMORY
-    from opsd_ray.eval.training import eval_points
-
-    cfg, e = p.cfg, p.cfg.eval
-    ro = cfg.rollout
-    rollout_engines = split.rollout_workers if split else ro.num_workers
-    util = split.util if split else ro.gpu_memory_utilization
-    step = split.step if split else p.step_seconds(p.seconds(ro.num_workers, ro.tensor_parallel_size, cfg.scoring.num_workers))
-    hours = p.run_hours(step, {"inline": (rollout_engines, util), "end": (p.gpus, EVAL_GPU_MEMORY)})
-    points = eval_points(cfg)
-    lines = ["", f"evaluation {len(points)} points (steps {', '.join(map(str, points))}) x {p.eval_samples():,} samples "
-             f"({', '.join(e.benchmarks)}; {e.n_samples} each), up to {e.max_new_tokens:,} new tokens (mean assumed "
-             f"{EVAL_MEAN_FRACTION:.0%})"]
-    for name, where in (("inline", f"on the {rollout_engines} rollout engine(s), training waits"),
-                        ("end", f"after training, an engine on each of the {p.gpus} GPUs")):
-        eval_h, run_h = hours[name]
-        mark = "  <- eval.schedule" if name == e.schedule else ""
-        lines.append(f"  {name:<7}{where}: {eval_h / len(points):.1f} h each, {eval_h:.1f} h in all = {eval_h / run_h:.0%} "
-                     f"of a {run_h:.1f} h run{mark}")
-    lines.append(f"  (rough: decode reads the weights and the KV cache of the sequences an engine holds at once, "
-                 f"{p.bw / 1e12:g} TB/s; training {cfg.train.steps} steps x {step:.0f} s)")
-    return lines
 
 
 def main(args: list[str]) -> int:

@@ -12,6 +12,7 @@ from opsd_ray.common import ConfigError
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OVERHEAD_BYTES = 2 * GiB  # per GPU process: CUDA context, allocator slack, vLLM graphs (rough)
 
 
 @dataclass(frozen=True)

@@ -273,7 +273,9 @@ def test_the_plan_says_what_each_evaluation_schedule_costs(capsys):
     assert each_end == pytest.approx(each_inline / 2, rel=0.2)  # twice the engines, a larger share of each GPU
     assert int(inline.group(3)) > int(end.group(3)) > 50
     planner = Planner(load_train_config(["model=qwen3-8b", "data=math-cot-20k"]), 8, 80)
-    one = planner.eval_seconds(1, 0.9)
+    from opsd_ray.timemodel import eval_seconds
+
+    one = eval_seconds(planner, 1, 0.9)
     assert one >= 32768 * planner.s.params() * 2 / planner.bw  # never faster than the longest sample alone
     assert main(["model=qwen3-8b", "data=math-cot-20k", "gpus=8", "eval.every=0"]) == 0
     assert "\nevaluation" not in capsys.readouterr().out  # no evaluation, no section
