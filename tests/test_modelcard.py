@@ -46,3 +46,9 @@ def test_the_huggingface_hub_reads_the_header():
     card = ModelCard(model_card(cfg, "Qwen/Qwen3-8B", 10))
     assert card.data.base_model == "Qwen/Qwen3-8B" and card.data.library_name == "peft"
     assert "opsd-pmi" in card.data.tags
+
+
+def test_a_reconstructed_data_set_says_so_on_the_card():
+    cfg = load_train_config(["model=qwen3-8b", "data=dasd-10k", "run.name=q8"])
+    _, body = header_and_body(model_card(cfg, "Qwen/Qwen3-8B", 200))
+    assert "Superior-Reasoning-SFT-gpt-oss-120b`, stage1)" in body and "a reconstruction of the paper's DASD-10K" in body
