@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # opsd_ray of this checkout, installed or not
 
-from opsd_ray.cluster import FORWARDED_ENV  # noqa: E402
-from opsd_ray.config import Config, ConfigError, compose, parse_overrides  # noqa: E402
+from opsd_ray.config.recipes import Config, ConfigError, compose, parse_overrides  # noqa: E402
+from opsd_ray.run.cluster import FORWARDED_ENV  # noqa: E402
 
 # Left out of the upload: outputs, environments, caches (the upload is bounded by the gRPC message size).
 EXCLUDES = ["runs/", ".venv/", "**/__pycache__/", ".git/", ".pytest_cache/", ".ruff_cache/", ".hypothesis/",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from opsd_ray.config import ConfigError, RunStopped, known_presets, load_train_config, parse_overrides
+from opsd_ray.config.recipes import ConfigError, RunStopped, known_presets, load_train_config, parse_overrides
 
 
 def _train(args: list[str], show_config: bool, verbose: bool = False) -> int:
@@ -20,7 +20,7 @@ def _train(args: list[str], show_config: bool, verbose: bool = False) -> int:
     if show_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
-    from opsd_ray.driver import train  # heavy imports only after validation
+    from opsd_ray.run.driver import train  # heavy imports only after validation
 
     train(cfg)
     return 0
@@ -29,8 +29,8 @@ def _train(args: list[str], show_config: bool, verbose: bool = False) -> int:
 def _prepare_data(args: list[str]) -> int:
     """Turn a source into a clean parquet file, with the same skipped-rows report as training; a sampled
     data set (data.sample) is drawn into its cache, where training reads it."""
-    from opsd_ray.config import Config, compose, validate_train
-    from opsd_ray.data import load_examples, token_counter, tokenizer_id, write_parquet
+    from opsd_ray.config.recipes import Config, compose, validate_train
+    from opsd_ray.data.sources import load_examples, token_counter, tokenizer_id, write_parquet
 
     overrides = parse_overrides(args)
     out = overrides.pop("out", None)
@@ -42,7 +42,7 @@ def _prepare_data(args: list[str]) -> int:
         raise ConfigError("prepare-data needs out=<file.parquet> (a data set with data.sample goes to its cache)")
     count_tokens = None
     if overrides.pop("count_tokens", "true") != "false":
-        from opsd_ray.models import load_tokenizer
+        from opsd_ray.models.loading import load_tokenizer
 
         count_tokens = token_counter(load_tokenizer(cfg.model))
     examples, report = load_examples(cfg.data, count_tokens, seed=cfg.run.seed, tokenizer_id=tokenizer_id(cfg.model))
@@ -56,7 +56,7 @@ def _prepare_data(args: list[str]) -> int:
 
 
 def _plan(args: list[str]) -> int:
-    from opsd_ray.plan import main as plan_main
+    from opsd_ray.tools.plan import main as plan_main
 
     return plan_main(args)
 
@@ -65,12 +65,12 @@ def _eval(args: list[str]) -> int:
     """Evaluate a model preset, with an adapter or without, on benchmarks (opsd_ray.eval.run)."""
     from datetime import datetime
 
-    from opsd_ray.config import load_eval_config
-    from opsd_ray.engines import make_engine, pick_engine
+    from opsd_ray.config.recipes import load_eval_config
     from opsd_ray.eval.benchmarks import load_benchmark
     from opsd_ray.eval.run import evaluate, prompt_ids, read_adapter
     from opsd_ray.eval.summary import markdown_table
-    from opsd_ray.models import load_tokenizer
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.workers.engines import make_engine, pick_engine
 
     ev = load_eval_config(args)
     model_cfg, state, conf = ev.model, None, None
@@ -96,13 +96,13 @@ def _eval(args: list[str]) -> int:
 
 
 def _report(args: list[str]) -> int:
-    from opsd_ray.report import main as report_main
+    from opsd_ray.tools.report import main as report_main
 
     return report_main(args)
 
 
 def _doctor(args: list[str]) -> int:
-    from opsd_ray.doctor import main as doctor_main
+    from opsd_ray.tools.doctor import main as doctor_main
 
     return doctor_main(args)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -98,3 +99,21 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def jsonl_records(text: str) -> list[dict]:
+    """One record per line. A last line without its newline that does not parse is what a writer
+    killed mid-line left (files written before line appends were atomic): dropped; any other bad line
+    is an error."""
+    lines = text.split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:  # no newline after it: unfinished
+                break
+            raise
+    return records

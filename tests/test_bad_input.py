@@ -49,7 +49,7 @@ def recipe_case(text, fragment, kind="model", name="broken"):
         (tmp / "recipes" / kind).mkdir(parents=True)
         for k in ("model", "data", "experiment"):
             (tmp / "recipes" / k).mkdir(parents=True, exist_ok=True)
-        from opsd_ray.config import recipes_dir
+        from opsd_ray.config.recipes import recipes_dir
 
         for sub in ("model", "data"):  # the real presets, so only the broken file is broken
             for f in (recipes_dir() / sub).glob("*.yaml"):
@@ -67,7 +67,7 @@ def train_case(*argv, fragment):
 
 
 def model_folder(tmp, files=("config.json",), tokenizer=False):
-    from opsd_ray.models import resolve_model_path
+    from opsd_ray.models.loading import resolve_model_path
 
     folder = tmp / "model"
     folder.mkdir()
@@ -211,12 +211,12 @@ def _no_recipe_leak(monkeypatch):
 @pytest.fixture(autouse=True)
 def _never_start_ray(monkeypatch):
     """A bad input must be refused before any Ray work starts."""
-    import opsd_ray.driver
+    import opsd_ray.run.driver
 
     def refuse(*a, **k):
         raise AssertionError("reached Ray: the input was not refused up front")
 
-    monkeypatch.setattr(opsd_ray.driver, "init_ray", refuse)
+    monkeypatch.setattr(opsd_ray.run.driver, "init_ray", refuse)
 
 
 def test_the_corpus_is_big_enough():
@@ -294,7 +294,7 @@ def test_numeric_answers_are_taken_as_their_text(answer, tmp_path):
     """Public sets often store the final answer as a number: the rows are kept, with the number as text."""
     from omegaconf import OmegaConf
 
-    from opsd_ray.data import load_examples
+    from opsd_ray.data.sources import load_examples
 
     rows = [{"question": f"What is {i}?", "solution": answer, "final": answer} for i in range(3)]
     rows.append({"question": "A flag?", "solution": True, "final": True})  # a bool is no number here

@@ -60,9 +60,9 @@ def test_scoring_records_tiny():
 
 def test_local_steps_tiny_both_modes():
     """The in-process loop (the Ray benchmark's baseline): same batch and seeds, lr 0 -> same trajectories."""
-    from opsd_ray.data import PromptSampler
-    from opsd_ray.models import load_tokenizer
-    from opsd_ray.roles import LocalRoles, adapter_config
+    from opsd_ray.data.sources import PromptSampler
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.run.roles import LocalRoles, adapter_config
 
     cfgs = {
         m: common.bench_cfg("tiny", "learner.micro_batch_size=1", batch=1, new_tokens=4, mode=m)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opsd_ray.cluster import RoleRequest, check_fits, role_requests
-from opsd_ray.config import ConfigError, load_train_config
+from opsd_ray.config.recipes import ConfigError, load_train_config
+from opsd_ray.run.cluster import RoleRequest, check_fits, role_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -27,7 +27,7 @@ VENV_BIN = Path(sys.executable).parent
 
 def small_gsm8k(folder: Path, n: int = 40) -> str:
     """The first n GSM8K problems, through the real gsm8k preset."""
-    from opsd_ray.data import ASSETS
+    from opsd_ray.data.sources import ASSETS
 
     path = folder / "gsm8k_small.jsonl"
     with open(ASSETS / "gsm8k_train.jsonl") as f:
@@ -302,7 +302,7 @@ def test_slurm_script():
 
 
 def test_actors_get_passive_openmp_threads_unless_the_user_chose(monkeypatch):
-    from opsd_ray.cluster import FORWARDED_ENV, runtime_env
+    from opsd_ray.run.cluster import FORWARDED_ENV, runtime_env
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("OPSD_RAY_CACHE", "/c")
@@ -347,7 +347,7 @@ def test_every_recipe_reads_its_data_in_an_environment_made_by_make_install():
     needs `datasets`) imports here; what only GPU nodes get (vllm, flash-attn) is the next test's."""
     import importlib.util
 
-    from opsd_ray.doctor import recipe_needs, shipped_recipes
+    from opsd_ray.tools.doctor import recipe_needs, shipped_recipes
 
     recipes = shipped_recipes()
     assert len(recipes) >= 10
@@ -360,7 +360,7 @@ def test_every_recipe_reads_its_data_in_an_environment_made_by_make_install():
 def test_make_install_gpu_installs_every_package_the_gpu_recipes_import():
     import tomllib
 
-    from opsd_ray.doctor import DISTRIBUTION, recipe_needs, shipped_recipes
+    from opsd_ray.tools.doctor import DISTRIBUTION, recipe_needs, shipped_recipes
 
     lines = "\n".join(make_dry_run("install-gpu", "VENV=/nonexistent/venv", outdated=False))
     assert "-e '.[test]'" in lines  # the project, with its dependencies
@@ -459,7 +459,7 @@ def test_slurm_script_gives_every_srun_step_its_cpus(tmp_path):
 
 
 def test_custom_resources_go_into_bundles_and_the_fit_check():
-    from opsd_ray.cluster import role_bundle
+    from opsd_ray.run.cluster import role_bundle
 
     cfg = load_train_config(["model=tiny", "learner.resources.big_gpu=1", "learner.num_workers=2",
                              "train.batch_size=4", "learner.micro_batch_size=2"])
@@ -477,7 +477,7 @@ def test_actors_without_gpus_see_no_gpu_on_a_node_that_has_some(monkeypatch):
     from zero-GPU actors; the job's other variables still reach them (the runtime_envs merge)."""
     import ray
 
-    from opsd_ray.cluster import placed, role_placement_group, runtime_env
+    from opsd_ray.run.cluster import placed, role_placement_group, runtime_env
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the driver's (and so the raylet's) environment
     cfg = load_train_config(["model=tiny", "data=gsm8k", "learner.num_workers=2", "train.batch_size=8",

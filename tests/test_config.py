@@ -1,7 +1,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from opsd_ray.config import ConfigError, known_presets, load_train_config
+from opsd_ray.config.recipes import ConfigError, known_presets, load_train_config
 
 
 def test_defaults_compose_and_are_the_cpu_default():

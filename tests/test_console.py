@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from opsd_ray.console import engine_logs
-from opsd_ray.runfolder import RunFolder
+from opsd_ray.run.console import engine_logs
+from opsd_ray.run.runfolder import RunFolder
 
 ray = pytest.importorskip("ray")
 

@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from opsd_ray.config import ConfigError, load_train_config
-from opsd_ray.data import PromptSampler, load_examples, read_rows, validate_rows
-from opsd_ray.prompts import build_prompt_ids
+from opsd_ray.config.recipes import ConfigError, load_train_config
+from opsd_ray.data.prompts import build_prompt_ids
+from opsd_ray.data.sources import PromptSampler, load_examples, read_rows, validate_rows
 
 
 def data_cfg(path, **kw):
@@ -173,10 +173,10 @@ def test_the_dasd_preset_is_a_hub_reconstruction_that_needs_no_path():
 def test_rows_whose_contexts_do_not_fit_the_windows_are_skipped_and_counted_per_variant():
     """The teacher context carries question and reference: a row can pass the budgets yet not fit the
     scorer's window (the tiny model has 4,096 positions). Rows that fit are kept in order."""
-    from opsd_ray.contexts import ContextLimits, drop_unfit
-    from opsd_ray.data import Example
-    from opsd_ray.models import load_tokenizer
-    from opsd_ray.scoring import ContextTooLong, ScoringItem, check_context
+    from opsd_ray.data.contexts import ContextLimits, drop_unfit
+    from opsd_ray.data.sources import Example
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.workers.scoring import ContextTooLong, ScoringItem, check_context
 
     cfg = load_train_config(["model=tiny", "data=gsm8k", "data.max_reference_tokens=8000", "rollout.max_new_tokens=64"])
     tok = load_tokenizer(cfg.model)

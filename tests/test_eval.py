@@ -8,16 +8,16 @@ import pytest
 from conftest import run_cli
 from omegaconf import OmegaConf
 
-from opsd_ray.config import (
+from opsd_ray.config.recipes import (
     ConfigError,
     load_eval_config,
 )
+from opsd_ray.config.schema import EvalCommand
 from opsd_ray.eval.benchmarks import BENCHMARKS, load_benchmark
 from opsd_ray.eval.markers import MARKERS
 from opsd_ray.eval.metrics import avg_at_k, maj_at_k, majority_correct, mean_pass_at_k, pass_at_k
 from opsd_ray.eval.run import evaluate, sample_seed
 from opsd_ray.eval.summary import eval_log_record
-from opsd_ray.schema import EvalCommand
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -210,8 +210,8 @@ def test_cli_eval_tiny_with_an_adapter(tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from opsd_ray.config import load_preset
-    from opsd_ray.models import load_model
+    from opsd_ray.config.recipes import load_preset
+    from opsd_ray.models.loading import load_model
 
     model = get_peft_model(load_model(load_preset("model", "tiny").model),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))

@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
-from opsd_ray.cluster import runtime_env
-from opsd_ray.config import load_train_config
+from opsd_ray.config.recipes import load_train_config
+from opsd_ray.run.cluster import runtime_env
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -26,7 +26,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from opsd_ray.data import ASSETS
+    from opsd_ray.data.sources import ASSETS
 
     path = tmp_path_factory.mktemp("data") / "gsm8k_small.jsonl"
     with open(ASSETS / "gsm8k_train.jsonl") as f:
@@ -48,7 +48,7 @@ def read_metrics(folder):
 def test_a_model_that_gives_nan_targets_skips_updates_then_stops(local_ray, tmp_path, small_data, capsys):
     """A corrupted embedding row (NaN) that only the teacher prompt uses: every step's target is NaN."""
     from opsd_ray.cli import main
-    from opsd_ray.models import load_model, load_tokenizer, resolve_model_path
+    from opsd_ray.models.loading import load_model, load_tokenizer, resolve_model_path
 
     model = load_model(resolve_model_path("builtin:tiny"))
     with torch.no_grad():
@@ -134,14 +134,14 @@ GROUP_RUN = ("train.steps=3", "checkpoint.every=2", "learner.num_workers=2")
 
 @pytest.fixture(scope="module")
 def uninterrupted(local_ray, tmp_path_factory, small_data):
-    from opsd_ray.driver import train
+    from opsd_ray.run.driver import train
 
     return train(load_train_config(args_of(tmp_path_factory.mktemp("full"), small_data, "run.name=full", *GROUP_RUN)))
 
 
 def test_killed_rollout_and_scoring_workers_are_restarted_and_the_run_is_unchanged(uninterrupted, tmp_path, small_data,
                                                                                 capsys):
-    from opsd_ray.driver import train
+    from opsd_ray.run.driver import train
 
     thread, killed = kill_when(tmp_path / "hit", [(1, "RolloutWorker"), (2, "ScoringWorker")])
     hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", *GROUP_RUN)))
@@ -158,7 +158,7 @@ def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(uninterrup
     """Any member of the group (here one of 2): the survivor's collective fails too."""
     import shutil
 
-    from opsd_ray.driver import train
+    from opsd_ray.run.driver import train
 
     # A checkpoint of an earlier run under the same name, which checkpoint.resume=never leaves alone:
     # the restart must not take it.
@@ -178,8 +178,8 @@ def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(uninterrup
 def test_a_learner_error_is_that_error_and_a_lost_learner_restarts_the_group(local_ray, tmp_path, small_data):
     """An error inside a learner call (a bug, an OOM) reaches the user as it is; only a lost learner
     (dead, or restarted by Ray) turns into a group restart."""
-    from opsd_ray.faults import LearnersLost
-    from opsd_ray.roles import Roles
+    from opsd_ray.run.faults import LearnersLost
+    from opsd_ray.run.roles import Roles
 
     roles = Roles(load_train_config(args_of(tmp_path, small_data)), "hf")
     try:
@@ -241,8 +241,8 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     written. The run stops (exit 1) naming the checkpoint; nothing is half-written; once space is freed
     the same command continues and ends where an uninterrupted run ends."""
     from opsd_ray.cli import main
-    from opsd_ray.driver import latest_checkpoint
-    from opsd_ray.runfolder import RunFolder
+    from opsd_ray.run.driver import latest_checkpoint
+    from opsd_ray.run.runfolder import RunFolder
 
     full = tmp_path / "full"
     assert main(["train", *args_of(tmp_path, small_data, "run.name=full", "train.steps=3", "checkpoint.every=1")]) == 0

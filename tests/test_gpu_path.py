@@ -13,9 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from opsd_ray.cluster import RoleRequest, role_bundle, role_requests, runtime_env
-from opsd_ray.config import ConfigError, load_train_config
-from opsd_ray.engines import (
+from opsd_ray.config.recipes import ConfigError, load_train_config
+from opsd_ray.run.cluster import RoleRequest, role_bundle, role_requests, runtime_env
+from opsd_ray.workers.engines import (
     VLLM_LORA_RANKS,
     cpu_threads_bind,
     finish_reason,
@@ -46,7 +46,7 @@ def test_tensor_parallel_engines_use_the_mp_executor_and_a_lora_rank_vllm_accept
 
 def test_the_eval_command_gives_vllm_the_gpu_it_owns():
     """`opsd-ray eval` is alone on its GPU: vLLM gets at least 0.85 of it, not training's shared 0.45."""
-    from opsd_ray.config import load_eval_config
+    from opsd_ray.config.recipes import load_eval_config
 
     ev = load_eval_config(["model=qwen3-8b"])
     assert vllm_engine_args(ev.model, ev.rollout, "/m", 0, 4096, on_gpu=True)["gpu_memory_utilization"] >= 0.85
@@ -62,7 +62,7 @@ def test_fsdp_learners_load_on_the_cpu_with_the_attention_of_their_gpu(monkeypat
     import transformers
     import transformers.utils
 
-    from opsd_ray.learner import load_student_base
+    from opsd_ray.workers.learner import load_student_base
 
     seen = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -122,8 +122,8 @@ def end_token_model(hub_cache: Path) -> str:
     <|endoftext|> and whose generation config lists both (as OLMo-3's does)."""
     from transformers import GenerationConfig
 
-    from opsd_ray.builtin_models import build_tiny_model
-    from opsd_ray.models import load_tokenizer
+    from opsd_ray.models.builtin import build_tiny_model
+    from opsd_ray.models.loading import load_tokenizer
 
     repo, commit = "opsd-test/two-end-tokens", "0123456789abcdef0123456789abcdef01234567"
     root = hub_cache / "models--opsd-test--two-end-tokens"
@@ -163,8 +163,8 @@ def hub_model_cfg(repo: str):
 def test_end_tokens_come_from_the_generation_config_of_a_hub_id(hub_cache, monkeypatch):
     import huggingface_hub
 
-    from opsd_ray.engines import HFEngine, eos_ids
-    from opsd_ray.models import load_tokenizer
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.workers.engines import HFEngine, eos_ids
 
     cache, repo = hub_cache
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at call time
@@ -186,7 +186,7 @@ def test_an_offline_cluster_stays_offline(monkeypatch):
 
 
 def test_the_adapter_travels_in_the_dtype_the_engine_computes_lora_in():
-    from opsd_ray.roles import adapter_dtype
+    from opsd_ray.run.roles import adapter_dtype
 
     gpu = load_train_config(["model=qwen3-8b", "data=math-cot-20k"])
     assert gpu.rollout.gpus_per_worker > 0 and adapter_dtype(gpu, "vllm") == "bfloat16"  # vLLM casts it anyway
@@ -205,7 +205,7 @@ def test_tensor_parallel_needs_a_whole_gpu_per_rank():
 def test_the_adapter_travels_in_the_asked_dtype_and_never_asks_the_hub(monkeypatch, tmp_path):
     import peft.utils.save_and_load as peft_save
 
-    from opsd_ray.learner import Learner
+    from opsd_ray.workers.learner import Learner
 
     calls = []
     real = peft_save.check_file_exists_on_hf_hub
@@ -239,7 +239,7 @@ def local_ray(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from opsd_ray.data import ASSETS
+    from opsd_ray.data.sources import ASSETS
 
     path = tmp_path_factory.mktemp("data") / "gsm8k_small.jsonl"
     with open(ASSETS / "gsm8k_train.jsonl") as f:
@@ -271,7 +271,7 @@ def prompt_and_response(tok):
 
 
 def hf_logprobs(cfg, state, conf, prompt, response):
-    from opsd_ray.engines import HFEngine
+    from opsd_ray.workers.engines import HFEngine
 
     reference = HFEngine(cfg.model)
     reference.load_adapter(1, state, conf)
@@ -283,10 +283,10 @@ def hf_logprobs(cfg, state, conf, prompt, response):
 def test_vllm_roles_start_first_keep_one_adapter_on_disk_and_bypass_the_driver(local_ray, tmp_path, small_data,
                                                                              monkeypatch):
     """Items 7 (vLLM starts alone), 1 (adapter folders), 9 (no tensor reaches the driver)."""
-    from opsd_ray.data import PromptSampler, load_examples
-    from opsd_ray.driver import start_rollout, train_step
-    from opsd_ray.models import load_tokenizer
-    from opsd_ray.roles import Roles, adapter_config
+    from opsd_ray.data.sources import PromptSampler, load_examples
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.run.driver import start_rollout, train_step
+    from opsd_ray.run.roles import Roles, adapter_config
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm")
     roles = Roles(cfg, "vllm")
@@ -335,11 +335,11 @@ def test_vllm_tensor_parallel_2_runs_in_a_placement_group_bundle(local_ray, tmp_
     """
     from peft import get_peft_model, get_peft_model_state_dict
 
-    from opsd_ray.cluster import placed, role_placement_group
     from opsd_ray.common import lora_config
-    from opsd_ray.models import load_model, load_tokenizer
-    from opsd_ray.roles import adapter_config
-    from opsd_ray.rollout import RolloutWorker
+    from opsd_ray.models.loading import load_model, load_tokenizer
+    from opsd_ray.run.cluster import placed, role_placement_group
+    from opsd_ray.run.roles import adapter_config
+    from opsd_ray.workers.rollout import RolloutWorker
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm", "rollout.tensor_parallel_size=2",
                    "rollout.cpus_per_worker=2")
@@ -370,7 +370,7 @@ def test_vllm_tensor_parallel_2_runs_in_a_placement_group_bundle(local_ray, tmp_
 @NEEDS_VLLM
 def test_vllm_says_stop_when_the_turn_ends_with_a_second_end_token(local_ray, hub_cache):
     """Item 5 with vLLM: the model is loaded by Hub id from the Hub cache, offline."""
-    from opsd_ray.rollout import RolloutWorker
+    from opsd_ray.workers.rollout import RolloutWorker
 
     cache, repo = hub_cache
     cfg = hub_model_cfg(repo)
@@ -387,9 +387,9 @@ def test_vllm_says_stop_when_the_turn_ends_with_a_second_end_token(local_ray, hu
 @pytest.mark.slow
 def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small_data):
     """Item 8: two CPU rollout workers share an evaluation, and its summary equals one worker's."""
-    from opsd_ray.eval.training import evaluate
-    from opsd_ray.roles import Roles
-    from opsd_ray.runfolder import RunFolder
+    from opsd_ray.run.evaluation import evaluate
+    from opsd_ray.run.roles import Roles
+    from opsd_ray.run.runfolder import RunFolder
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=hf", "rollout.num_workers=2", "eval.every=1",
                    "eval.benchmarks=[gsm8k,amc23]", "eval.limit=2", "eval.n_samples=3", "eval.max_new_tokens=6")
@@ -418,8 +418,8 @@ def test_one_evaluation_is_one_call_per_worker_longest_expected_first(local_ray,
     first and the expected work is balanced."""
     from types import SimpleNamespace
 
-    from opsd_ray.eval.training import evaluate
-    from opsd_ray.runfolder import RunFolder
+    from opsd_ray.run.evaluation import evaluate
+    from opsd_ray.run.runfolder import RunFolder
 
     cfg = tiny_cfg(tmp_path, small_data, "eval.every=2", "eval.benchmarks=[gsm8k,aime24,amc23]", "eval.limit=3",
                    "eval.n_samples=4")
@@ -470,9 +470,9 @@ def test_olmo3_lora_through_vllms_transformers_backend_equals_hf_and_peft(local_
     from peft import get_peft_model, get_peft_model_state_dict
 
     from opsd_ray.common import lora_config
-    from opsd_ray.models import load_model, load_tokenizer
-    from opsd_ray.roles import adapter_config
-    from opsd_ray.rollout import RolloutWorker
+    from opsd_ray.models.loading import load_model, load_tokenizer
+    from opsd_ray.run.roles import adapter_config
+    from opsd_ray.workers.rollout import RolloutWorker
 
     cfg = tiny_cfg(tmp_path, small_data, "model=tiny-olmo3", "rollout.engine=vllm")
     student = get_peft_model(load_model(cfg.model), lora_config(cfg.model))

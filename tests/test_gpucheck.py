@@ -10,8 +10,8 @@ import torch
 from conftest import run_cli
 
 from opsd_ray import gpucheck
-from opsd_ray.doctor import Row, render, unmet
-from opsd_ray.gpucheck import Check, compare, report
+from opsd_ray.tools.doctor import Row, render, unmet
+from opsd_ray.tools.gpucheck import Check, compare, report
 
 
 # ----------------------------------------------------------------------------- gpucheck
@@ -40,7 +40,7 @@ def test_the_checks_pass_in_bf16_on_the_cpu():
 
 
 def test_a_wrong_shared_prefix_mask_fails_the_check(monkeypatch):
-    import opsd_ray.scoring as scoring
+    import opsd_ray.workers.scoring as scoring
 
     monkeypatch.setattr(scoring, "tree_mask", lambda width, where: torch.ones(width, width, dtype=torch.bool).tril())
     items = gpucheck.synthetic_items()

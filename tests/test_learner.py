@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from opsd_ray.config import load_train_config
-from opsd_ray.learner import Learner, StaleRolloutError, check_staleness
-from opsd_ray.prompts import build_prompt_ids
-from opsd_ray.scoring import VARIANTS, ScoringItem, score, split_evenly
+from opsd_ray.config.recipes import load_train_config
+from opsd_ray.data.prompts import build_prompt_ids
+from opsd_ray.workers.learner import Learner, StaleRolloutError, check_staleness
+from opsd_ray.workers.scoring import VARIANTS, ScoringItem, score, split_evenly
 
 Q = ["What is 2+3?", "Natalia sold 48 clips in April and half as many in May. How many in total?",
      "A train goes 60 km in 1.5 hours. What is its speed?", "Compute 7*8."]
@@ -22,7 +22,7 @@ def make_cfg(*extra):
 
 @pytest.fixture(scope="module")
 def batch():
-    from opsd_ray.models import load_model, load_tokenizer
+    from opsd_ray.models.loading import load_model, load_tokenizer
 
     cfg = make_cfg()
     tok = load_tokenizer(cfg.model)
@@ -99,7 +99,7 @@ def test_scoring_micro_batch_and_split_do_not_change_targets(batch):
 
 def test_scoring_matches_a_plain_forward_of_each_variant(batch):
     """The one-pass batch of 3 x N padded sequences equals separate unpadded forwards."""
-    from opsd_ray.prompts import scoring_sequences
+    from opsd_ray.data.prompts import scoring_sequences
 
     items, base = batch
     frozen = score(base, items, wire_format="logits", micro_batch_size=4)
@@ -176,7 +176,7 @@ def _rank_one(port, queue):
     import torch
     import torch.distributed as dist
 
-    from opsd_ray.learner import join_group
+    from opsd_ray.workers.learner import join_group
 
     join_group("gloo", "127.0.0.1", port, 1, 2)
     t = torch.ones(1)
@@ -194,7 +194,7 @@ def test_the_group_port_is_held_from_the_moment_it_is_announced():
 
     import torch.distributed as dist
 
-    from opsd_ray.learner import join_group, open_group_store
+    from opsd_ray.workers.learner import join_group, open_group_store
 
     store, port = open_group_store(2)
     taker = socket.socket()

@@ -2,8 +2,8 @@
 
 import yaml
 
-from opsd_ray.config import load_train_config
-from opsd_ray.modelcard import last_evaluation, model_card
+from opsd_ray.config.recipes import load_train_config
+from opsd_ray.tools.modelcard import last_evaluation, model_card
 
 
 def header_and_body(card):

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from opsd_ray.cluster import runtime_env
-from opsd_ray.config import load_train_config
+from opsd_ray.config.recipes import load_train_config
+from opsd_ray.run.cluster import runtime_env
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -29,9 +29,9 @@ def two_nodes():
 
 def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the_drivers_folder(two_nodes, tmp_path,
                                                                                               capsys):
-    from opsd_ray.data import ASSETS
-    from opsd_ray.driver import train
-    from opsd_ray.roles import Roles
+    from opsd_ray.data.sources import ASSETS
+    from opsd_ray.run.driver import train
+    from opsd_ray.run.roles import Roles
 
     data = tmp_path / "gsm8k_small.jsonl"
     with open(ASSETS / "gsm8k_train.jsonl") as f:
@@ -75,8 +75,8 @@ def test_a_lost_node_takes_its_rollout_worker_along_and_the_run_is_unchanged(two
 
     from test_faults import same_run
 
-    from opsd_ray.data import ASSETS
-    from opsd_ray.driver import train
+    from opsd_ray.data.sources import ASSETS
+    from opsd_ray.run.driver import train
 
     _, cluster = two_nodes
     nodes = [cluster.add_node(num_cpus=1, resources={"rollout_node": 1}) for _ in range(2)]  # one is spare

@@ -1,4 +1,4 @@
-"""Tests for opsd_ray.objectives against independent float64 implementations of the paper's formulas.
+"""Tests for opsd_ray.objective.formulas against independent float64 implementations of the paper's formulas.
 
 The reference functions below (ref_*) are written from Eq. 4-18 directly and never call the code
 under test. They assume finite logits; -inf padding is tested by comparing with the same inputs
@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opsd_ray.objectives import (
+from opsd_ray.objective.formulas import (
     DECOMPOSITION_KEYS,
     FrozenVariants,
     decomposition,
@@ -725,7 +725,7 @@ def test_argument_errors():
 
 
 def test_default_chunk_size_bounds_the_chunk_buffer():
-    from opsd_ray.objectives import default_chunk_size
+    from opsd_ray.objective.formulas import default_chunk_size
 
     for vocab in (37, 4096, 49_152, 151_936, 262_144):
         cpu, gpu = default_chunk_size(vocab, "cpu"), default_chunk_size(vocab, "cuda")
@@ -738,7 +738,7 @@ def test_the_sync_check_stops_an_engine_that_serves_the_base_model():
     """judge(): the engine's probe near the learner's passes; near the base (the adapter plainly moves the
     probe beyond the two stacks' noise) stops the run; within the noise nothing is judged."""
     from opsd_ray.common import RunStopped
-    from opsd_ray.sync_check import judge
+    from opsd_ray.run.sync_check import judge
 
     base = [-1.0, -2.0, -0.5]
     trained = [-0.8, -2.3, -0.4]  # the adapter moves the probe by up to 0.3

@@ -9,9 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from opsd_ray.cli import main as cli_main
-from opsd_ray.config import Config, ConfigError, compose, load_train_config
-from opsd_ray.plan import LOSS_BUFFERS, Planner, main
-from opsd_ray.shapes import TABLE, GiB, Shapes, find_shapes, shapes_from_config
+from opsd_ray.config.recipes import Config, ConfigError, compose, load_train_config
+from opsd_ray.models.shapes import TABLE, GiB, Shapes, find_shapes, shapes_from_config
+from opsd_ray.tools.plan import LOSS_BUFFERS, Planner, main
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -168,7 +168,7 @@ def test_scoring_pass_memory_matches_measurement():
 
 
 def test_fused_loss_holds_about_nine_chunk_by_vocab_buffers():
-    from opsd_ray.objectives import FrozenVariants, opsd_loss
+    from opsd_ray.objective.formulas import FrozenVariants, opsd_loss
 
     n, h, v, chunk = 256, 32, 4000, 64
     head = torch.randn(v, h, dtype=torch.bfloat16)
@@ -273,7 +273,7 @@ def test_the_plan_says_what_each_evaluation_schedule_costs(capsys):
     assert each_end == pytest.approx(each_inline / 2, rel=0.2)  # twice the engines, a larger share of each GPU
     assert int(inline.group(3)) > int(end.group(3)) > 50
     planner = Planner(load_train_config(["model=qwen3-8b", "data=math-cot-20k"]), 8, 80)
-    from opsd_ray.timemodel import eval_seconds
+    from opsd_ray.tools.timemodel import eval_seconds
 
     one = eval_seconds(planner, 1, 0.9)
     assert one >= 32768 * planner.s.params() * 2 / planner.bw  # never faster than the longest sample alone

@@ -1,8 +1,7 @@
 import pytest
 
-from opsd_ray.config import load_train_config
-from opsd_ray.models import load_tokenizer
-from opsd_ray.prompts import (
+from opsd_ray.config.recipes import load_train_config
+from opsd_ray.data.prompts import (
     QUESTION_SEPARATOR,
     build_prompt_ids,
     reference_only_text,
@@ -10,6 +9,7 @@ from opsd_ray.prompts import (
     student_text,
     teacher_text,
 )
+from opsd_ray.models.loading import load_tokenizer
 
 Q = "Natalia sold 48 clips in April and half as many in May. How many in total?"
 R = "In May she sold 48/2 = 24 clips.\nIn total 48 + 24 = 72.\n#### 72"

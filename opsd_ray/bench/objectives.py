@@ -89,7 +89,7 @@ def objective_worker(
     """
     import torch
 
-    from opsd_ray.objectives import FrozenVariants, opsd_loss
+    from opsd_ray.objective.formulas import FrozenVariants, opsd_loss
 
     def run(student, frozen):
         if variant == "naive":
@@ -144,7 +144,7 @@ def _run_worker(**kwargs) -> dict:
 @register("objectives")
 def bench_objectives(args: argparse.Namespace) -> list[Record]:
     """Naive vs fused OPSD-PMI loss, forward + backward, bf16 inputs at Qwen3's vocabulary."""
-    from opsd_ray.objectives import default_chunk_size
+    from opsd_ray.objective.formulas import default_chunk_size
 
     vocab = QWEN3_VOCAB
     # (tokens, interleaved runs per variant); one run at 2,048 keeps the whole thing near 4 min

@@ -42,8 +42,8 @@ def schedule_steps(cfg, roles, examples, tok, conf, name: str) -> list[dict]:
     """Steps 1..train.steps of driver.steps under one schedule, from a fresh sampler."""
     import ray
 
-    from opsd_ray.data import PromptSampler
-    from opsd_ray.driver import steps
+    from opsd_ray.data.sources import PromptSampler
+    from opsd_ray.run.driver import steps
 
     cfg = copy.deepcopy(cfg)
     cfg.train.schedule, cfg.rollout.max_staleness = SCHEDULES[name]
@@ -64,9 +64,9 @@ def steady_step_time(records: list[dict]) -> float:
 @register("overlap", note_load=True)
 def bench_overlap(args: argparse.Namespace) -> list[Record]:
     """Step time of phases, streaming and one-step-off on the same work, roles pinned to their cores."""
-    from opsd_ray.cluster import init_ray
-    from opsd_ray.models import load_tokenizer
-    from opsd_ray.roles import Roles, adapter_config
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.run.cluster import init_ray
+    from opsd_ray.run.roles import Roles, adapter_config
 
     model, batch, new_tokens, n_steps = ("tiny", 4, 16, 3) if args.quick else ("smollm2-135m", 8, 24, 3)
     reps = args.reps or 1  # pinned roles do not share cores: repetitions vary little (and take minutes)
@@ -133,7 +133,7 @@ def group_step_time(learners, parts, tokens: int, version: int) -> float:
     """Seconds for one step of a learner group: its parts split in order, then the collective step."""
     import ray
 
-    from opsd_ray.scoring import split_evenly
+    from opsd_ray.workers.scoring import split_evenly
 
     t0 = time.perf_counter()
     for learner, share in zip(learners, split_evenly(parts, len(learners)), strict=True):
@@ -148,11 +148,11 @@ def bench_learners(args: argparse.Namespace) -> list[Record]:
     """One learner step of N = 2 learners (a core each, gloo) against N = 1 (both cores), same parts."""
     import ray
 
-    from opsd_ray.cluster import init_ray
-    from opsd_ray.learner import Learner
-    from opsd_ray.models import load_model, load_tokenizer
-    from opsd_ray.prompts import build_prompt_ids
-    from opsd_ray.scoring import VARIANTS, ScoringItem, score
+    from opsd_ray.data.prompts import build_prompt_ids
+    from opsd_ray.models.loading import load_model, load_tokenizer
+    from opsd_ray.run.cluster import init_ray
+    from opsd_ray.workers.learner import Learner
+    from opsd_ray.workers.scoring import VARIANTS, ScoringItem, score
 
     model, n_parts, response = ("tiny", 4, 32) if args.quick else ("smollm2-135m", 8, 64)
     reps = args.reps or (2 if args.quick else 3)

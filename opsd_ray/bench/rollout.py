@@ -20,9 +20,9 @@ def bench_rollout(args: argparse.Namespace) -> list[Record]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from opsd_ray.driver import adapter_config
-    from opsd_ray.engines import HFEngine, VLLMEngine
-    from opsd_ray.prompts import build_prompt_ids
+    from opsd_ray.data.prompts import build_prompt_ids
+    from opsd_ray.run.driver import adapter_config
+    from opsd_ray.workers.engines import HFEngine, VLLMEngine
 
     model, n, new_tokens = ("tiny", 2, 16) if args.quick else ("smollm2-135m", 4, 32)
     reps = args.reps or (1 if args.quick else 2)

@@ -34,7 +34,7 @@ def bf16_scoring(scoring_cfg):
 
 def one_step(cfg, roles, sampler, tok, step: int, conf: dict) -> dict:
     """driver.train_step on a fresh rollout of `sampler`'s batch, then the sync, timed (Roles or LocalRoles)."""
-    from opsd_ray.driver import start_rollout, train_step
+    from opsd_ray.run.driver import start_rollout, train_step
 
     return timed_step(lambda: train_step(cfg, roles, start_rollout(cfg, roles, sampler, tok, step), tok, step, 0),
                       lambda: roles.sync(conf))
@@ -66,7 +66,7 @@ def pooled_rollout_ratio(a: list[dict], b: list[dict]) -> float:
 def vllm_steps(cfg, conf, sampler, tok, step: int, batch: int, reps: int) -> list[dict]:
     """`reps` Ray steps with the vllm rollout engine (after a 1-prompt warm-up), for the sync share
     (a ratio within each step, so one step is enough on a busy machine)."""
-    from opsd_ray.roles import Roles
+    from opsd_ray.run.roles import Roles
 
     log("step: Ray roles with the vllm engine")
     roles = Roles(cfg, "vllm")
@@ -90,11 +90,11 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
     """Whole steps: pmi vs standard, Ray vs one process, adapter sync share (hf and vllm engines)."""
     import ray
 
-    from opsd_ray.cluster import init_ray
-    from opsd_ray.data import PromptSampler
-    from opsd_ray.models import load_tokenizer
-    from opsd_ray.roles import LocalRoles, Roles, adapter_config
-    from opsd_ray.scoring import ScoringWorker
+    from opsd_ray.data.sources import PromptSampler
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.run.cluster import init_ray
+    from opsd_ray.run.roles import LocalRoles, Roles, adapter_config
+    from opsd_ray.workers.scoring import ScoringWorker
 
     model, batch, new_tokens = ("tiny", 2, 16) if args.quick else ("smollm2-135m", 4, 32)
     reps = args.reps or (1 if args.quick else 3)  # 5 arms; 2 reps proved too noisy on a shared machine

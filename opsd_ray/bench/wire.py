@@ -13,8 +13,8 @@ from opsd_ray.common import pad_id_of
 def wire_records(model: str, n_items: int, response_tokens: int) -> list[Record]:
     import torch
 
-    from opsd_ray.objectives import FrozenVariants, opsd_loss
-    from opsd_ray.scoring import VARIANTS, response_hidden, score
+    from opsd_ray.objective.formulas import FrozenVariants, opsd_loss
+    from opsd_ray.workers.scoring import VARIANTS, response_hidden, score
 
     cfg = bench_cfg(model)
     net, tok = frozen_model(cfg)

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from opsd_ray.common import ConfigError
-from opsd_ray.prompts import BOXED_INSTRUCTION, with_instruction
+from opsd_ray.data.prompts import BOXED_INSTRUCTION, with_instruction
 
 BENCHMARK_DIR = Path(__file__).resolve().parent.parent / "assets" / "data" / "benchmarks"
 

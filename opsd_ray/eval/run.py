@@ -1,6 +1,6 @@
 """Evaluation: sample n solutions per benchmark problem with an engine, grade them, summarise.
 
-`evaluate()` takes any engine of opsd_ray.engines (`generate`, `load_adapter`, `tokenizer`), so the
+`evaluate()` takes any engine of opsd_ray.workers.engines (`generate`, `load_adapter`, `tokenizer`), so the
 training driver runs the same jobs on its own rollout workers (`run_jobs`, a share each). Every
 sample has its own seed, so the split does not decide what is sampled. `opsd-ray eval` (opsd_ray.cli)
 is the command line; outputs (in `out`): generations.jsonl (every sample, graded), summary.json,
@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from opsd_ray.data.prompts import BOXED_INSTRUCTION, chat_prompt_ids
 from opsd_ray.eval.benchmarks import Problem, check_benchmarks, grades_numbers, load_benchmark
 from opsd_ray.eval.grading import grade
 from opsd_ray.eval.markers import count_markers
 from opsd_ray.eval.summary import benchmark_line, summarize, write_outputs
-from opsd_ray.prompts import BOXED_INSTRUCTION, chat_prompt_ids
 
 DEFAULT_BENCHMARKS = ["aime24", "aime25", "hmmt25"]
 

@@ -1,0 +1,1 @@
+"""Configuration: the typed schema, recipes, composing and validation."""

@@ -1,0 +1,1 @@
+"""Training data: sources and row checks, the three prompts, the context windows."""

@@ -1,0 +1,1 @@
+"""Models: loading presets and tokenizers, the offline built-in models, model shapes."""

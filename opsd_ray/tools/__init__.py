@@ -1,0 +1,1 @@
+"""Tools around runs: the capacity plan and time model, reports, the doctor, the GPU check, model cards."""
