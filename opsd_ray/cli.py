@@ -62,34 +62,40 @@ def _plan(args: list[str]) -> int:
 
 
 def _eval(args: list[str]) -> int:
-    """Evaluate a model preset, with an adapter or without, on benchmarks (opsd_ray.eval.run)."""
+    """Evaluate a model preset, with an adapter or without, on benchmarks (the loop of opsd_ray.run.evaluation,
+    on one engine in this process)."""
     from datetime import datetime
 
     from opsd_ray.config.recipes import load_eval_config
     from opsd_ray.eval.benchmarks import load_benchmark
-    from opsd_ray.eval.run import evaluate, prompt_ids, read_adapter
+    from opsd_ray.eval.run import prompt_ids, read_adapter
     from opsd_ray.eval.summary import markdown_table
     from opsd_ray.models.loading import load_tokenizer
-    from opsd_ray.workers.engines import make_engine, pick_engine
+    from opsd_ray.run.calls import LocalCalls
+    from opsd_ray.run.evaluation import evaluate_to
+    from opsd_ray.run.faults import Faults
+    from opsd_ray.run.groups import RolloutGroup
+    from opsd_ray.workers.engines import pick_engine
+    from opsd_ray.workers.rollout import RolloutWorker
 
     ev = load_eval_config(args)
-    model_cfg, state, conf = ev.model, None, None
+    model_cfg, served = ev.model, None
     if ev.adapter is not None:
         state, conf = read_adapter(ev.adapter)
         # the engine's LoRA slots must have the adapter's shape, whatever the preset says
         model_cfg.lora.r, model_cfg.lora.alpha = int(conf["r"]), int(conf["lora_alpha"])
         model_cfg.lora.target_modules = sorted(conf["target_modules"])
-    engine_name = pick_engine(ev.engine, model_cfg.lora.r)
+        served = (0, state, conf)
+    engine = pick_engine(ev.engine, model_cfg.lora.r)
     out = Path(ev.out or f"runs/eval-{model_cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     tok = load_tokenizer(model_cfg)
     longest = max(len(prompt_ids(tok, model_cfg, p, ev.enable_thinking))
                   for b in ev.benchmarks for p in load_benchmark(b, ev.limit))
-    print(f"eval: model={model_cfg.name} adapter={ev.adapter} engine={engine_name} benchmarks={list(ev.benchmarks)} "
+    print(f"eval: model={model_cfg.name} adapter={ev.adapter} engine={engine} benchmarks={list(ev.benchmarks)} "
           f"n_samples={ev.n_samples} max_new_tokens={ev.max_new_tokens}", flush=True)
-    engine = make_engine(engine_name, model_cfg, ev.rollout, ev.seed, longest + ev.max_new_tokens + 8)
-    summary = evaluate(ev, engine, adapter=None if state is None else (0, state, conf), tokenizer=tok, out_dir=out,
-                       log=lambda m: print(m, flush=True),
-                       settings={"adapter": ev.adapter, "engine": engine_name, "model_path": str(model_cfg.path)})
+    worker = RolloutWorker(model_cfg, ev.rollout, engine, ev.seed, None, longest + ev.max_new_tokens + 8)
+    engines = RolloutGroup([worker], LocalCalls(), Faults(0))
+    summary = evaluate_to(engines, ev, out, served, adapter=ev.adapter, engine=engine, model_path=str(model_cfg.path))
     print(markdown_table(summary), end="")
     print(f"wrote {out / 'generations.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}", flush=True)
     return 0

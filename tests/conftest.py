@@ -77,3 +77,80 @@ def wandb_config(folder: Path) -> dict:
         if r.WhichOneof("record_type") == "run":
             return {i.key: json.loads(i.value_json) for i in r.run.config.update}
     return {}
+
+
+# ----------------------------------------------------------------------------- shared fixtures
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """The first 24 GSM8K training problems as a jsonl file, read through the real gsm8k preset."""
+    from opsd_ray.data.sources import ASSETS
+
+    path = tmp_path_factory.mktemp("data") / "gsm8k_small.jsonl"
+    with open(ASSETS / "gsm8k_train.jsonl") as f:
+        path.write_text("".join(next(f) for _ in range(24)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def actor_tmp(tmp_path_factory):
+    """The TMPDIR of the shared Ray session's actors (where vLLM engines keep their adapter folders)."""
+    return tmp_path_factory.mktemp("actor_tmp")
+
+
+@pytest.fixture(scope="module")
+def local_ray(actor_tmp):
+    """One local Ray session shared by the end-to-end tests (started on first use, stopped at the end of
+    the session). Tests that kill processes or need another cluster shape stop it and start their own
+    (`own_ray`); the next test that asks for it starts it again."""
+    import ray
+
+    from opsd_ray.run.cluster import runtime_env
+
+    if not ray.is_initialized():
+        env = runtime_env()
+        env["env_vars"]["TMPDIR"] = str(actor_tmp)
+        ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False, runtime_env=env)
+    return actor_tmp
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ray_at_the_end():
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
+
+
+def own_ray(**init):
+    """Stop the shared session and start a Ray of one's own (stopped by the caller)."""
+    import ray
+
+    ray.shutdown()
+    ray.init(**init)
+
+
+def learn(learner, items, versions, diagnostics, frozen, update: bool = True) -> dict:
+    """One step through the learner's own API: `accumulate` per micro-batch (each with its rows of the
+    whole-step `frozen` batch), then `step` (or, update=False, only the gradient and metrics: `reduce`)."""
+    from opsd_ray.workers.scoring import FrozenBatch
+
+    size, offset = learner.cfg.learner.micro_batch_size, 0
+    for i in range(0, len(items), size):
+        chunk = items[i : i + size]
+        n = sum(len(it.response) for it in chunk)
+        rows = {v: t[offset : offset + n] for v, t in frozen.tensors.items()}
+        learner.accumulate(chunk, versions[i : i + size], diagnostics, FrozenBatch(frozen.wire_format, rows, n))
+        offset += n
+    if not update:
+        return learner.reduce(offset)
+    metrics = learner.step(offset)
+    metrics.pop("start"), metrics.pop("end")
+    return metrics
+
+
+def sequences(prompts, response) -> dict:
+    """The four sequences of the paper, by variant: student (q), teacher (q, r), ref (r), base (q)."""
+    from opsd_ray.data.prompts import PROMPT_OF, sequence_of
+
+    return {v: sequence_of(prompts, v, response) for v in PROMPT_OF}

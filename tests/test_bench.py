@@ -59,10 +59,14 @@ def test_scoring_records_tiny():
 
 
 def test_local_steps_tiny_both_modes():
-    """The in-process loop (the Ray benchmark's baseline): same batch and seeds, lr 0 -> same trajectories."""
+    """The in-process groups (the Ray benchmark's baseline): same batch and seeds, lr 0 -> same trajectories."""
+    from dataclasses import replace
+
     from opsd_ray.data.sources import PromptSampler
     from opsd_ray.models.loading import load_tokenizer
-    from opsd_ray.run.roles import LocalRoles, adapter_config
+    from opsd_ray.run.groups import Groups, LearnerGroup
+    from opsd_ray.workers.engines import adapter_config
+    from opsd_ray.workers.learner import Learner
 
     cfgs = {
         m: common.bench_cfg("tiny", "learner.micro_batch_size=1", batch=1, new_tokens=4, mode=m)
@@ -72,12 +76,15 @@ def test_local_steps_tiny_both_modes():
     assert cfg.learner.lr == 0.0 and cfg.train.diagnostics_every == 0
     tok = load_tokenizer(cfg.model)
     examples = common.examples_of(cfg, 8)
-    local = LocalRoles(cfg, "hf")
+    local = {"pmi": Groups.in_process(cfg, "hf")}
+    g = local["pmi"]
+    local["standard"] = replace(g, learner=LearnerGroup([Learner(cfgs["standard"])], g.rollout.calls, g.rollout.faults,
+                                                        False, [0.0]))
     conf = adapter_config(cfg)
-    assert local.sync(conf)["version"] == 0
+    assert all(groups.sync(conf)["version"] == 0 for groups in local.values())
     recs = {}
     for mode, c in cfgs.items():
-        recs[mode] = step.one_step(c, local, PromptSampler(examples, 1, seed=cfg.run.seed), tok, 2, conf)
+        recs[mode] = step.one_step(c, local[mode], PromptSampler(examples, 1, seed=cfg.run.seed), tok, 2, conf)
     for rec in recs.values():
         assert math.isfinite(rec["loss"]) and rec["loss"] >= 0
         parts = sum(rec[f"time/{p}"] for p in common.STEP_PHASES)

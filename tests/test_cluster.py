@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import own_ray
 
 from opsd_ray.config.recipes import ConfigError, load_train_config
 from opsd_ray.run.cluster import RoleRequest, check_fits, role_requests
@@ -57,9 +58,9 @@ def test_check_fits_refuses_with_what_was_asked_what_exists_what_to_change():
     assert "need 32 CPUs and 8 GPUs" in msg  # asked
     assert "rollout: 2 x (4 CPU, 1 GPU)" in msg and "learner: 1 x (4 CPU, 1 GPU)" in msg
     assert "has 64 CPUs and 4 GPUs" in msg  # exists
-    assert "scoring.num_workers" in msg and "learner.gpus" in msg and "opsd-ray plan" in msg  # what to change
+    assert "scoring.num_workers" in msg and "learner.gpus_per_worker" in msg and "opsd-ray plan" in msg  # what to change
     with pytest.raises(ConfigError, match="need 1.5 CPUs and 1 GPUs"):  # GPU-less machine
-        check_fits(role_requests(load_train_config(["model=tiny", "learner.gpus=1"])), {"CPU": 2.0})
+        check_fits(role_requests(load_train_config(["model=tiny", "learner.gpus_per_worker=1"])), {"CPU": 2.0})
 
 
 # ----------------------------------------------------------------------------- submit script
@@ -221,14 +222,14 @@ def test_make_submit_runs_a_job_through_the_job_api(ray_head, tmp_path):
 
 @pytest.mark.slow
 def test_train_refuses_a_gpu_request_on_a_gpu_less_cluster_before_loading_models(ray_head, tmp_path):
-    """`opsd-ray train learner.gpus=1` against the local head (no GPUs): exit 2, the message, no actor."""
+    """`opsd-ray train learner.gpus_per_worker=1` against the local head (no GPUs): exit 2, the message, no actor."""
     args = ["model=tiny", "data=gsm8k", f"data.path={small_gsm8k(tmp_path)}", f"run.output_dir={tmp_path}",
-            "run.name=nogpu", "rollout.engine=hf", "learner.gpus=1", f"ray.address={ray_head['gcs']}"]
+            "run.name=nogpu", "rollout.engine=hf", "learner.gpus_per_worker=1", f"ray.address={ray_head['gcs']}"]
     res = subprocess.run([sys.executable, "-m", "opsd_ray", "train", *args], cwd=ROOT, env=ray_head["env"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "opsd-ray train: error: the roles need 1.5 CPUs and 1 GPUs" in res.stderr
-    assert "the Ray cluster has 4 CPUs and 0 GPUs" in res.stderr and "learner.gpus" in res.stderr
+    assert "the Ray cluster has 4 CPUs and 0 GPUs" in res.stderr and "learner.gpus_per_worker" in res.stderr
     assert "Traceback" not in res.stderr
     assert "engine=" not in res.stdout  # the run line comes after the actors: none was created
     assert not (tmp_path / "nogpu" / "metrics.jsonl").exists()
@@ -487,7 +488,7 @@ def test_actors_without_gpus_see_no_gpu_on_a_node_that_has_some(monkeypatch):
         def env(self):
             return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_WAIT_POLICY")
 
-    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False,
+    own_ray(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False,
              runtime_env=runtime_env())
     try:
         seen = {}

@@ -78,3 +78,32 @@ def test_the_readme_is_a_tour_and_docs_hold_the_depth():
     assert len(docs) >= 3
     readme = (ROOT / "README.md").read_text()
     assert all(f"docs/{d}" in readme for d in docs), "the README links every page of docs/"
+
+
+# Modules that import the package's own modules inside functions, and why.
+LATE_IMPORTS = {
+    "opsd_ray.cli": "each command imports what it runs: `opsd-ray --help` and a refused config stay fast",
+}
+
+
+def test_the_package_imports_its_own_modules_at_the_top_of_files():
+    """A file's top shows what it uses (heavy optional packages such as vllm may load late; they are
+    not the package's own)."""
+    late = {}
+    for path in PACKAGE.rglob("*.py"):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                for node in ast.walk(fn):
+                    own = (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("opsd_ray")) or (
+                        isinstance(node, ast.Import) and any(a.name.startswith("opsd_ray") for a in node.names))
+                    if own:
+                        late.setdefault(module_name(path), set()).add(node.lineno)
+    assert set(late) <= set(LATE_IMPORTS), {m: sorted(v) for m, v in late.items() if m not in LATE_IMPORTS}
+
+
+def test_only_the_groups_reach_into_workers():
+    """The driver, the schedule and the evaluation call group methods; they never call an actor's own
+    methods (`.remote(`) or hold a role's list of actors."""
+    for name in ("driver", "schedule", "evaluation", "checkpoints", "sync_check", "records"):
+        text = (PACKAGE / "run" / f"{name}.py").read_text()
+        assert ".remote(" not in text and ".workers[" not in text and "ray.get(" not in text, name

@@ -83,11 +83,11 @@ def test_learner_group_settings_are_validated():
                            "learner.strategy=fsdp"])
     load_train_config(["model=tiny", "train.batch_size=8", "learner.micro_batch_size=2", "learner.num_workers=3"])  # ddp
     with pytest.raises(ConfigError, match="need a GPU each"):
-        load_train_config(["model=tiny", "learner.num_workers=2", "learner.gpus=0.5", "train.batch_size=4",
+        load_train_config(["model=tiny", "learner.num_workers=2", "learner.gpus_per_worker=0.5", "train.batch_size=4",
                            "learner.micro_batch_size=2"])
     with pytest.raises(ConfigError, match="at least one micro-batch each"):
         load_train_config(["model=tiny", "train.batch_size=4", "learner.micro_batch_size=4", "learner.num_workers=2"])
-    with pytest.raises(ConfigError, match="max_staleness must be 0"):
+    with pytest.raises(ConfigError, match="max_staleness \\(now rollout.one_step_off\\) must be 0"):
         load_train_config(["model=tiny", "rollout.max_staleness=2"])
     with pytest.raises(ConfigError, match="learner.strategy"):
         load_train_config(["model=tiny", "learner.strategy=zero3"])
@@ -97,3 +97,11 @@ def test_learner_group_settings_are_validated():
     assert cfg.learner.resources == {"big_gpu": 1.0}
     with pytest.raises(ConfigError, match="learner.resources.big_gpu must be >= 0"):
         load_train_config(["model=tiny", "learner.resources.big_gpu=-1"])
+
+
+def test_old_keys_still_load_with_a_note_of_their_new_names(capsys):
+    cfg = load_train_config(["model=tiny", "rollout.max_staleness=1", "learner.gpus=0", "learner.cpus=0.25"])
+    assert cfg.rollout.one_step_off is True and cfg.learner.gpus_per_worker == 0 and cfg.learner.cpus_per_worker == 0.25
+    err = capsys.readouterr().err
+    assert "note: rollout.max_staleness is now rollout.one_step_off (the command line)" in err
+    assert "note: learner.gpus is now learner.gpus_per_worker" in err and "learner.cpus is now" in err

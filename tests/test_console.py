@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+from conftest import own_ray
 
 from opsd_ray.run.console import engine_logs
 from opsd_ray.run.runfolder import RunFolder
@@ -43,7 +44,7 @@ def test_a_real_actors_output_reaches_the_file_not_the_console(tmp_path, capfd):
     """Real local Ray with log_to_driver, as the driver starts it: an actor's print goes to the file."""
     run = RunFolder(tmp_path / "r")
     with engine_logs(run, verbose=False):
-        ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=True)
+        own_ray(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=True)
         try:
             @ray.remote
             class Chatty:

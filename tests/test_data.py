@@ -184,7 +184,7 @@ def test_rows_whose_contexts_do_not_fit_the_windows_are_skipped_and_counted_per_
             Example(2, "What is " + "very " * 4100 + "big?", "#### 0", "0"), Example(3, "3+3?", "6", "6")]
     kept, over, limits = drop_unfit(rows, tok, cfg)
     assert [e.id for e in kept] == [0, 3]
-    assert over == {"teacher": 2, "reference_only": 1, "student": 1, "base": 1}
+    assert over == {"teacher": 2, "ref": 1, "student": 1, "base": 1}
     assert limits.limits["teacher"] == 4096 and limits.limits["student"] == min(4096, 2048 + 512 + 64)
     fits, none_over, _ = drop_unfit(rows[:1], tok, load_train_config(["model=tiny", "data=gsm8k"]))
     assert fits == rows[:1] and none_over == {}  # the budgets alone guarantee a fit: no prompt is built

@@ -16,8 +16,13 @@ from opsd_ray.config.schema import EvalCommand
 from opsd_ray.eval.benchmarks import BENCHMARKS, load_benchmark
 from opsd_ray.eval.markers import MARKERS
 from opsd_ray.eval.metrics import avg_at_k, maj_at_k, majority_correct, mean_pass_at_k, pass_at_k
-from opsd_ray.eval.run import evaluate, sample_seed
+from opsd_ray.eval.run import sample_seed
 from opsd_ray.eval.summary import eval_log_record
+from opsd_ray.run.calls import LocalCalls
+from opsd_ray.run.evaluation import evaluate_to
+from opsd_ray.run.faults import Faults
+from opsd_ray.run.groups import RolloutGroup
+from opsd_ray.workers.rollout import RolloutWorker
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -146,9 +151,11 @@ class FakeEngine:
         self.golds = golds  # problem text -> gold
         self.calls: dict[str, int] = {}
         self.loaded = None
+        self.version = -1
 
     def load_adapter(self, version, state, config):
         self.loaded = (version, state, config)
+        self.version = version
 
     def generate(self, prompts, seeds, max_new_tokens, temperature, top_p):
         out = []
@@ -169,8 +176,10 @@ def test_evaluate_with_a_fake_engine(tmp_path):
     model_cfg = OmegaConf.create({"name": "fake", "enable_thinking": False, "thinking_style": "none"})
     ev = OmegaConf.merge(OmegaConf.structured(EvalCommand), {"model": model_cfg, "benchmarks": ["gsm8k"],
                                                               "n_samples": 4, "limit": 3})
-    summary = evaluate(ev, engine, adapter=(7, {"w": 1}, {"r": 1}), out_dir=tmp_path, log=lambda m: None)
-    assert engine.loaded == (7, {"w": 1}, {"r": 1})
+    # the loop opsd-ray eval runs: a group of one in-process worker around the engine
+    engines = RolloutGroup([RolloutWorker(model_cfg, ev.rollout, engine)], LocalCalls(), Faults(0))
+    summary = evaluate_to(engines, ev, tmp_path, (7, {"w": 1}, {"r": 1}))
+    assert engine.loaded == (7, {"w": 1}, {"r": 1}) and summary["settings"]["adapter_version"] == 7
     s = summary["benchmarks"]["gsm8k"]
     assert s["num_problems"] == 3 and s["num_samples"] == 4
     assert s["avg@4"] == pytest.approx(0.25) and s["pass@4"] == 1.0 and s["maj@4"] == 0.0  # "-1" wins the vote

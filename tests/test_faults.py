@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from conftest import own_ray
 
 from opsd_ray.config.recipes import load_train_config
 from opsd_ray.run.cluster import runtime_env
@@ -18,20 +19,11 @@ BOX_START = 151648  # <|box_start|>: a special token the student never sees
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=6, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env=runtime_env())
+    """A Ray session of these tests' own: they kill worker processes."""
+    own_ray(num_cpus=6, include_dashboard=False, configure_logging=False, log_to_driver=False,
+            runtime_env=runtime_env())
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    from opsd_ray.data.sources import ASSETS
-
-    path = tmp_path_factory.mktemp("data") / "gsm8k_small.jsonl"
-    with open(ASSETS / "gsm8k_train.jsonl") as f:
-        path.write_text("".join(next(f) for _ in range(24)))
-    return str(path)
 
 
 def args_of(tmp_path, small_data, *extra):
@@ -179,21 +171,22 @@ def test_a_learner_error_is_that_error_and_a_lost_learner_restarts_the_group(loc
     """An error inside a learner call (a bug, an OOM) reaches the user as it is; only a lost learner
     (dead, or restarted by Ray) turns into a group restart."""
     from opsd_ray.run.faults import LearnersLost
-    from opsd_ray.run.roles import Roles
+    from opsd_ray.run.groups import Groups
 
-    roles = Roles(load_train_config(args_of(tmp_path, small_data)), "hf")
+    groups = Groups.start(load_train_config(args_of(tmp_path, small_data)), "hf")
+    learner = groups.learner
     try:
         with pytest.raises(ray.exceptions.RayTaskError, match="KeyError"):
-            roles.from_learners([roles.learner.load_checkpoint_files.remote({})])
-        assert not roles.a_learner_was_lost(grace_s=0)
-        ray.kill(roles.learner, no_restart=False)
+            learner.load_checkpoint({})
+        assert not learner.a_member_was_lost(grace_s=0)
+        ray.kill(learner.workers[0], no_restart=False)
         with pytest.raises(LearnersLost):  # a call the dying learner had taken
-            roles.from_learners([roles.learner.load_checkpoint_files.remote({})])
-        assert roles.a_learner_was_lost()
-        roles.restart_learners(RuntimeError("test"))
-        assert not roles.a_learner_was_lost(grace_s=0)
+            learner.load_checkpoint({})
+        assert learner.a_member_was_lost()
+        learner.restart(RuntimeError("test"))
+        assert not learner.a_member_was_lost(grace_s=0)
     finally:
-        roles.shutdown()
+        groups.shutdown()
 
 
 def test_a_role_that_keeps_losing_workers_stops_the_run(local_ray, tmp_path, small_data, capsys):
@@ -241,7 +234,7 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     written. The run stops (exit 1) naming the checkpoint; nothing is half-written; once space is freed
     the same command continues and ends where an uninterrupted run ends."""
     from opsd_ray.cli import main
-    from opsd_ray.run.driver import latest_checkpoint
+    from opsd_ray.run.checkpoints import latest_checkpoint
     from opsd_ray.run.runfolder import RunFolder
 
     full = tmp_path / "full"

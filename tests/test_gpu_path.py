@@ -69,7 +69,7 @@ def test_fsdp_learners_load_on_the_cpu_with_the_attention_of_their_gpu(monkeypat
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda path, **kw: seen.update(kw))
     cfg = load_train_config(["model=qwen3-8b", "data=gsm8k", "learner.strategy=fsdp", "learner.num_workers=2",
-                             "learner.gpus=1", "train.batch_size=8", "learner.micro_batch_size=2"])
+                             "learner.gpus_per_worker=1", "train.batch_size=8", "learner.micro_batch_size=2"])
     load_student_base(cfg, "cuda", fsdp=True)
     assert seen["attn_implementation"] == "flash_attention_2" and seen["device_map"] == "cpu"
     load_student_base(cfg, "cuda", fsdp=False)
@@ -186,7 +186,7 @@ def test_an_offline_cluster_stays_offline(monkeypatch):
 
 
 def test_the_adapter_travels_in_the_dtype_the_engine_computes_lora_in():
-    from opsd_ray.run.roles import adapter_dtype
+    from opsd_ray.workers.engines import adapter_dtype
 
     gpu = load_train_config(["model=qwen3-8b", "data=math-cot-20k"])
     assert gpu.rollout.gpus_per_worker > 0 and adapter_dtype(gpu, "vllm") == "bfloat16"  # vLLM casts it anyway
@@ -228,25 +228,6 @@ def test_the_adapter_travels_in_the_asked_dtype_and_never_asks_the_hub(monkeypat
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    env = runtime_env()
-    env["env_vars"]["TMPDIR"] = str(tmp_path_factory.mktemp("actor_tmp"))  # where engines keep adapters
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False, runtime_env=env)
-    yield Path(env["env_vars"]["TMPDIR"])
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    from opsd_ray.data.sources import ASSETS
-
-    path = tmp_path_factory.mktemp("data") / "gsm8k_small.jsonl"
-    with open(ASSETS / "gsm8k_train.jsonl") as f:
-        path.write_text("".join(next(f) for _ in range(16)))
-    return str(path)
-
-
 def tiny_cfg(tmp_path, small_data, *extra):
     return load_train_config(["model=tiny", "data=gsm8k", f"data.path={small_data}", f"run.output_dir={tmp_path}",
                               "run.name=r", "train.batch_size=2", "learner.micro_batch_size=2",
@@ -285,13 +266,15 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_and_bypass_the_driver(l
     """Items 7 (vLLM starts alone), 1 (adapter folders), 9 (no tensor reaches the driver)."""
     from opsd_ray.data.sources import PromptSampler, load_examples
     from opsd_ray.models.loading import load_tokenizer
-    from opsd_ray.run.driver import start_rollout, train_step
-    from opsd_ray.run.roles import Roles, adapter_config
+    from opsd_ray.run.driver import step_once
+    from opsd_ray.run.groups import Groups
+    from opsd_ray.workers.engines import adapter_config
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm")
-    roles = Roles(cfg, "vllm")
+    earlier = set(local_ray.glob("opsd_ray_lora_*"))  # left by workers of other tests that were killed
+    groups = Groups.start(cfg, "vllm")
     try:
-        rollout, others = roles.info[0], roles.info[1:]
+        rollout, others = groups.info[0], groups.info[1:]
         assert rollout["role"] == "rollout" and {i["role"] for i in others} == {"scoring", "learner"}
         assert all(rollout["ready"] <= i["started"] for i in others)  # no weights loading while vLLM profiles
 
@@ -301,14 +284,13 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_and_bypass_the_driver(l
         tok = load_tokenizer(cfg.model)
         sampler = PromptSampler(load_examples(cfg.data)[0], cfg.train.batch_size)
         conf = adapter_config(cfg)
-        roots = list(local_ray.glob("opsd_ray_lora_*"))
+        roots = [r for r in local_ray.glob("opsd_ray_lora_*") if r not in earlier]
         assert len(roots) == 1  # this worker's adapter root
-        synced = roles.sync(conf)
+        synced = groups.sync(conf)
         for step in range(1, 6):
-            rollout = start_rollout(cfg, roles, sampler, tok, step)
-            record = train_step(cfg, roles, rollout, tok, step, synced["version"])
+            record = step_once(cfg, groups, sampler, tok, step, synced["version"])
             assert record["wire_bytes_per_token"] == 3 * 64 * 4
-            synced = roles.sync(conf)
+            synced = groups.sync(conf)
             assert synced["version"] == step and synced["bytes"] > 0
             assert len(list(roots[0].iterdir())) <= 2, sorted(p.name for p in roots[0].iterdir())
         assert [p.name for p in roots[0].iterdir()] == ["v5"]
@@ -316,12 +298,12 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_and_bypass_the_driver(l
         monkeypatch.undo()
 
         prompt, response = prompt_and_response(tok)
-        [got] = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
-        info, state = ray.get(roles.learner.adapter_state.options(num_returns=2).remote())
+        [got] = ray.get([w.probe_logprobs.remote(prompt, response) for w in groups.rollout.workers])
+        info, state = groups.learner.whole("adapter_state", returns=2)
         assert info["version"] == 5
-        assert got == pytest.approx(hf_logprobs(cfg, state, conf, prompt, response), abs=2e-3)  # the newest
+        assert got["adapter"] == pytest.approx(hf_logprobs(cfg, ray.get(state), conf, prompt, response), abs=2e-3)
     finally:
-        roles.shutdown()
+        groups.shutdown()
     assert not roots[0].exists()  # shutdown removes the adapter root
 
 
@@ -338,7 +320,7 @@ def test_vllm_tensor_parallel_2_runs_in_a_placement_group_bundle(local_ray, tmp_
     from opsd_ray.common import lora_config
     from opsd_ray.models.loading import load_model, load_tokenizer
     from opsd_ray.run.cluster import placed, role_placement_group
-    from opsd_ray.run.roles import adapter_config
+    from opsd_ray.workers.engines import adapter_config
     from opsd_ray.workers.rollout import RolloutWorker
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm", "rollout.tensor_parallel_size=2",
@@ -358,7 +340,7 @@ def test_vllm_tensor_parallel_2_runs_in_a_placement_group_bundle(local_ray, tmp_
         [traj] = ray.get(worker.generate.remote([(0, [151644, 872, 198, 17, 10, 18], 3)]))
         assert 1 <= len(traj.response_ids) <= 8 and traj.adapter_version == 1
         prompt, response = prompt_and_response(load_tokenizer(cfg.model))
-        got = ray.get(worker.sequence_logprobs.remote(prompt, response))
+        got = ray.get(worker.probe_logprobs.remote(prompt, response))["adapter"]
         assert got == pytest.approx(hf_logprobs(cfg, state, conf, prompt, response), abs=2e-3)
     finally:
         ray.get(worker.close.remote())
@@ -387,21 +369,19 @@ def test_vllm_says_stop_when_the_turn_ends_with_a_second_end_token(local_ray, hu
 @pytest.mark.slow
 def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small_data):
     """Item 8: two CPU rollout workers share an evaluation, and its summary equals one worker's."""
-    from opsd_ray.run.evaluation import evaluate
-    from opsd_ray.run.roles import Roles
+    from opsd_ray.run.evaluation import evaluate_step
+    from opsd_ray.run.groups import Groups, RolloutGroup
     from opsd_ray.run.runfolder import RunFolder
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=hf", "rollout.num_workers=2", "eval.every=1",
                    "eval.benchmarks=[gsm8k,amc23]", "eval.limit=2", "eval.n_samples=3", "eval.max_new_tokens=6")
-    roles = Roles(cfg, "hf")
-    workers = roles.rollout
+    groups = Groups.start(cfg, "hf")
     try:
-        two = evaluate(cfg, roles, RunFolder(str(tmp_path / "two")), 0)
-        roles.rollout = workers[:1]
-        one = evaluate(cfg, roles, RunFolder(str(tmp_path / "one")), 0)
+        two = evaluate_step(cfg, groups.rollout, RunFolder(str(tmp_path / "two")), 0)
+        alone = RolloutGroup(groups.rollout.workers[:1], groups.rollout.calls, groups.rollout.faults)
+        one = evaluate_step(cfg, alone, RunFolder(str(tmp_path / "one")), 0)
     finally:
-        roles.rollout = workers
-        roles.shutdown()
+        groups.shutdown()
     assert {k: v for k, v in two.items() if k != "time/eval"} == {k: v for k, v in one.items() if k != "time/eval"}
     lines = {n: [json.loads(x) for x in (tmp_path / n / "eval" / "step_0" / "generations.jsonl").read_text().splitlines()]
              for n in ("one", "two")}
@@ -416,9 +396,10 @@ def test_one_evaluation_is_one_call_per_worker_longest_expected_first(local_ray,
     """Every benchmark's samples go out at once (fake engines on real Ray): one call per worker per
     evaluation point, the same summary as one worker; once lengths are known, the longest problems go
     first and the expected work is balanced."""
-    from types import SimpleNamespace
-
-    from opsd_ray.run.evaluation import evaluate
+    from opsd_ray.run.calls import RayCalls
+    from opsd_ray.run.evaluation import evaluate_step
+    from opsd_ray.run.faults import Faults
+    from opsd_ray.run.groups import RolloutGroup
     from opsd_ray.run.runfolder import RunFolder
 
     cfg = tiny_cfg(tmp_path, small_data, "eval.every=2", "eval.benchmarks=[gsm8k,aime24,amc23]", "eval.limit=3",
@@ -442,10 +423,10 @@ def test_one_evaluation_is_one_call_per_worker_longest_expected_first(local_ray,
             return self.calls
 
     workers = [ray.remote(FakeEngineWorker).remote() for _ in range(3)]  # defined here: Ray ships it by value
-    roles = SimpleNamespace(rollout=workers, version=3, incarnation=lambda role, k: 0)
+    engines = RolloutGroup(workers, RayCalls(), Faults(0))
     run = RunFolder(str(tmp_path / "run"))
-    first = evaluate(cfg, roles, run, 0)
-    second = evaluate(cfg, roles, run, 2)
+    first = evaluate_step(cfg, engines, run, 0)
+    second = evaluate_step(cfg, engines, run, 2)
     calls = ray.get([w.seen.remote() for w in workers])
     assert [len(c) for c in calls] == [2, 2, 2]  # one call each, at each point
     assert sum(len(c[0]) for c in calls) == 3 * 3 * 4
@@ -455,8 +436,7 @@ def test_one_evaluation_is_one_call_per_worker_longest_expected_first(local_ray,
     for c in calls:
         costs = [expected[j] for j in c[1]]
         assert costs == sorted(costs, reverse=True)  # each engine runs its longest first
-    roles.rollout = workers[:1]
-    alone = evaluate(cfg, roles, RunFolder(str(tmp_path / "alone")), 0)
+    alone = evaluate_step(cfg, RolloutGroup(workers[:1], RayCalls(), Faults(0)), RunFolder(str(tmp_path / "alone")), 0)
     assert {k: v for k, v in first.items() if k != "time/eval"} == {k: v for k, v in alone.items() if k != "time/eval"}
     assert {k: v for k, v in second.items() if k != "time/eval"} == {k: v for k, v in alone.items() if k != "time/eval"}
 
@@ -471,7 +451,7 @@ def test_olmo3_lora_through_vllms_transformers_backend_equals_hf_and_peft(local_
 
     from opsd_ray.common import lora_config
     from opsd_ray.models.loading import load_model, load_tokenizer
-    from opsd_ray.run.roles import adapter_config
+    from opsd_ray.workers.engines import adapter_config
     from opsd_ray.workers.rollout import RolloutWorker
 
     cfg = tiny_cfg(tmp_path, small_data, "model=tiny-olmo3", "rollout.engine=vllm")
@@ -487,9 +467,9 @@ def test_olmo3_lora_through_vllms_transformers_backend_equals_hf_and_peft(local_
     prompt, response = prompt_and_response(tok)
     assert len(prompt) + len(response) > 2 * 8
     worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg.model, cfg.rollout, "vllm", 0, None, 512)
-    base = ray.get(worker.sequence_logprobs.remote(prompt, response))
+    base = ray.get(worker.probe_logprobs.remote(prompt, response))["adapter"]
     ray.get(worker.load_adapter.remote(1, state, conf))
-    got = ray.get(worker.sequence_logprobs.remote(prompt, response))
+    got = ray.get(worker.probe_logprobs.remote(prompt, response))["adapter"]
     ray.kill(worker)
     expected = hf_logprobs(cfg, state, conf, prompt, response)
     assert got == pytest.approx(expected, abs=2e-3)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import learn, sequences
 
 from opsd_ray.config.recipes import load_train_config
 from opsd_ray.data.prompts import build_prompt_ids
@@ -35,7 +36,7 @@ def batch():
 
 def one_step(cfg, items, frozen, diagnostics=True):
     learner = Learner(cfg)
-    metrics = learner.train_step(items, [0] * len(items), diagnostics, frozen)
+    metrics = learn(learner, items, [0] * len(items), diagnostics, frozen)
     _, state = learner.adapter_state()
     return metrics, state
 
@@ -51,7 +52,7 @@ def assert_same_update(a, b, tol=1e-5):
 
 def gradients(cfg, items, frozen):
     learner = Learner(cfg)
-    metrics = learner.backward(items, frozen, diagnostics=True)
+    metrics = learn(learner, items, [0] * len(items), True, frozen, update=False)
     return metrics, {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.requires_grad}
 
 
@@ -99,14 +100,12 @@ def test_scoring_micro_batch_and_split_do_not_change_targets(batch):
 
 def test_scoring_matches_a_plain_forward_of_each_variant(batch):
     """The one-pass batch of 3 x N padded sequences equals separate unpadded forwards."""
-    from opsd_ray.data.prompts import scoring_sequences
-
     items, base = batch
     frozen = score(base, items, wire_format="logits", micro_batch_size=4)
     item = items[1]
     offset = len(items[0].response)
     for v in VARIANTS:
-        seq = scoring_sequences(item.prompts, item.response)[v]
+        seq = sequences(item.prompts, item.response)[v]
         with torch.no_grad():
             logits = base(input_ids=torch.tensor([seq.ids])).logits[0, seq.predict_slice]
         torch.testing.assert_close(frozen.tensors[v][offset : offset + len(item.response)], logits, rtol=1e-4, atol=1e-4)
@@ -127,12 +126,12 @@ def test_standard_mode_needs_only_the_teacher(batch):
 
 
 def test_stale_rollouts_are_refused():
-    check_staleness([3, 3], 3, 0)
-    check_staleness([2, 3], 3, 1)
-    with pytest.raises(StaleRolloutError, match="max_staleness=0"):
-        check_staleness([2, 3], 3, 0)
+    check_staleness([3, 3], 3, False)
+    check_staleness([2, 3], 3, True)
+    with pytest.raises(StaleRolloutError, match="one_step_off=false"):
+        check_staleness([2, 3], 3, False)
     with pytest.raises(StaleRolloutError):
-        check_staleness([4], 3, 5)  # from the future: a bug upstream
+        check_staleness([4], 3, True)  # from the future: a bug upstream
 
 
 def test_checkpoint_round_trip(batch, tmp_path):
@@ -140,13 +139,13 @@ def test_checkpoint_round_trip(batch, tmp_path):
     frozen = score(base, items)
     cfg = make_cfg()
     a = Learner(cfg)
-    a.train_step(items, [0] * 4, False, frozen)
+    learn(a, items, [0] * 4, False, frozen)
     files = a.checkpoint_files()
     assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng.pt"} <= set(files)
     b = Learner(cfg)
     assert b.load_checkpoint_files(files) == 1 and b.version == 1
-    ma = a.train_step(items, [1] * 4, False, frozen)
-    mb = b.train_step(items, [1] * 4, False, frozen)
+    ma = learn(a, items, [1] * 4, False, frozen)
+    mb = learn(b, items, [1] * 4, False, frozen)
     assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
     for (k, va), vb in zip(a.adapter_state()[1].items(), b.adapter_state()[1].values()):
         torch.testing.assert_close(va, vb, msg=k)
@@ -161,13 +160,13 @@ def test_a_nan_in_a_frozen_variant_skips_the_update_and_leaves_the_adapter(batch
     poisoned.tensors["teacher"][3, 5] = float("nan")  # one value of one frozen row
     learner = Learner(make_cfg())
     _, before = learner.adapter_state()
-    metrics = learner.train_step(items, [0] * 4, False, poisoned)
+    metrics = learn(learner, items, [0] * 4, False, poisoned)
     assert metrics["skipped"] == 1 and not math.isfinite(metrics["loss"]) and learner.version == 0
     _, after = learner.adapter_state()
     assert all(torch.equal(before[k], after[k]) for k in before)  # unchanged
     assert all(p.grad is None for p in learner.params) and not learner.optimizer.state  # nothing carried over
-    good = learner.train_step(items, [0] * 4, False, frozen)  # the next good step is a normal first step
-    fresh = Learner(make_cfg()).train_step(items, [0] * 4, False, frozen)
+    good = learn(learner, items, [0] * 4, False, frozen)  # the next good step is a normal first step
+    fresh = learn(Learner(make_cfg()), items, [0] * 4, False, frozen)
     assert good["skipped"] == 0 and learner.version == 1
     assert good["loss"] == fresh["loss"] and good["grad_norm"] == fresh["grad_norm"]
 

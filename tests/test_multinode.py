@@ -18,6 +18,7 @@ def two_nodes():
 
     # A lost node is noticed within a few seconds (Ray's defaults take ~30 s)
     fast = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    ray.shutdown()  # the shared session: this test needs a cluster of two nodes
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 3, "include_dashboard": False, "_system_config": fast})
     second = cluster.add_node(num_cpus=2, resources={"learner_node": 1})
@@ -31,7 +32,7 @@ def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the
                                                                                               capsys):
     from opsd_ray.data.sources import ASSETS
     from opsd_ray.run.driver import train
-    from opsd_ray.run.roles import Roles
+    from opsd_ray.run.groups import Groups
 
     data = tmp_path / "gsm8k_small.jsonl"
     with open(ASSETS / "gsm8k_train.jsonl") as f:
@@ -44,12 +45,12 @@ def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the
                                   "rollout.max_new_tokens=8", f"train.steps={steps}", "checkpoint.every=1",
                                   "learner.resources.learner_node=1"])
 
-    roles = Roles(cfg(2), "hf")
+    groups = Groups.start(cfg(2), "hf")
     try:
-        (learner,) = [i for i in roles.info if i["role"] == "learner"]
+        (learner,) = [i for i in groups.info if i["role"] == "learner"]
         assert learner["node"] == two_nodes[0] != ray.get_runtime_context().get_node_id()  # not the driver's node
     finally:
-        roles.shutdown()
+        groups.shutdown()
 
     folder = train(cfg(2))
     assert folder == tmp_path / "runs" / "r"

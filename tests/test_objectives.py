@@ -750,3 +750,39 @@ def test_the_sync_check_stops_an_engine_that_serves_the_base_model():
         judge({"adapter": [x + 0.01 for x in base], "base": [x + 0.01 for x in base], "version": 7}, learner)
     loud = judge({"adapter": base, "base": [x + 0.1 for x in base], "version": 7}, learner)  # noise 0.1: no verdict
     assert loud["sync/max_abs_base_diff"] == pytest.approx(0.1)
+
+
+def test_a_new_objective_is_one_registry_entry_and_trains_a_step(tmp_path, small_data):
+    """An objective registered here (nowhere else in the package) is a valid objective.mode, scores only
+    the variants it names, and trains a tiny step on the in-process groups; its loss is its own."""
+    from opsd_ray.config.recipes import load_train_config
+    from opsd_ray.data.sources import PromptSampler, load_examples
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.objective.registry import OBJECTIVES, Objective, register
+    from opsd_ray.run.driver import step_once
+    from opsd_ray.run.groups import Groups
+    from opsd_ray.workers.engines import adapter_config
+
+    def halfway(log_T, log_ref, log_P0, o, padded, stats):
+        """The geometric mean of teacher and base, renormalised."""
+        return torch.log_softmax(0.5 * log_T + 0.5 * log_P0, dim=-1)
+
+    register(Objective("halfway", "OPSD-Halfway", ("teacher", "base"), halfway, lambda o: "halfway to the base"))
+    try:
+        losses = {}
+        for mode in ("halfway", "standard"):
+            cfg = load_train_config(["model=tiny", "data=gsm8k", f"data.path={small_data}", f"run.output_dir={tmp_path}",
+                                     f"objective.mode={mode}", "train.batch_size=2", "learner.micro_batch_size=2",
+                                     "rollout.max_new_tokens=6", "rollout.engine=hf", "train.diagnostics_every=0"])
+            assert OBJECTIVES[mode].step_variants(False) == (("teacher", "base") if mode == "halfway" else ("teacher",))
+            groups = Groups.in_process(cfg, "hf", threads=1)
+            groups.sync(adapter_config(cfg))
+            tok = load_tokenizer(cfg.model)
+            record = step_once(cfg, groups, PromptSampler(load_examples(cfg.data)[0], 2), tok, 1, 0)
+            assert math.isfinite(record["loss"]) and record["adapter_version"] == 1
+            losses[mode] = record
+        assert "kl_target_base" in losses["halfway"] and "kl_target_base" not in losses["standard"]
+        assert losses["halfway"]["loss"] != losses["standard"]["loss"]  # the same trajectories, another target
+        assert losses["halfway"]["response_length"] == losses["standard"]["response_length"]
+    finally:
+        OBJECTIVES.pop("halfway")

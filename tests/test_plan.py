@@ -191,7 +191,7 @@ def test_paper_recipe_fits_and_its_split_is_the_suggestion():
     cfg = p.cfg
     assert (split.rollout_workers, split.tp, split.scoring_workers, split.learners) == \
         (cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size, cfg.scoring.num_workers, cfg.learner.num_workers)
-    assert cfg.learner.num_workers == 2 and cfg.learner.gpus == 1
+    assert cfg.learner.num_workers == 2 and cfg.learner.gpus_per_worker == 1
     learner = {i.label.split(" (")[0]: i.nbytes for i in p.learner().items}
     assert learner["weights"] == 8_190_735_360 * 2 and learner["LoRA params + grads + AdamW"] == 174_587_904 * 16
     assert learner["fused loss"] == 9 * 1024 * 151936 * 4
@@ -253,7 +253,7 @@ def test_learner_groups_in_the_plan():
 def test_step_estimate_follows_the_schedule():
     t = {"rollout": 10.0, "scoring": 6.0, "learner": 4.0}
     assert planner("train.schedule=phases").step_seconds(t) == 20.0
-    assert planner("rollout.max_staleness=1").step_seconds(t) == 10.0
+    assert planner("rollout.one_step_off=true").step_seconds(t) == 10.0
     assert planner().step_seconds(t) == pytest.approx(10.0 + 10.0 / 8)  # the last of 8 parts after the rollout
 
 

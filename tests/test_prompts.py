@@ -1,11 +1,11 @@
 import pytest
+from conftest import sequences
 
 from opsd_ray.config.recipes import load_train_config
 from opsd_ray.data.prompts import (
     QUESTION_SEPARATOR,
     build_prompt_ids,
     reference_only_text,
-    scoring_sequences,
     student_text,
     teacher_text,
 )
@@ -44,8 +44,8 @@ def test_response_ids_sit_at_the_same_relative_offsets_in_all_four_sequences(cfg
     prompts = build_prompt_ids(tok, Q, R, cfg.model, cfg.prompt)
     response = tok("<think>\nhmm, wait: 48/2 = 24</think>\n\nThe answer is \\boxed{72}.", add_special_tokens=False)[
         "input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    seqs = scoring_sequences(prompts, response)
-    assert set(seqs) == {"student", "teacher", "reference_only", "base"}
+    seqs = sequences(prompts, response)
+    assert set(seqs) == {"student", "teacher", "ref", "base"}
     assert seqs["student"].ids == seqs["base"].ids  # the base reads exactly what the student wrote after q
     for s in seqs.values():
         assert s.ids[s.start :] == response  # ids appended, never re-tokenised
@@ -64,7 +64,7 @@ def test_chat_template_and_thinking_settings(cfg, tok):
     p2 = build_prompt_ids(tok, Q, R, cfg2.model, cfg2.prompt)
     assert tok.decode(p2.student).endswith("<|im_start|>assistant\n")  # thinking on: nothing appended
     assert tok.decode(p2.teacher).endswith("<think>\n\n</think>\n\n")
-    assert tok.decode(p2.reference_only).endswith("<think>\n\n</think>\n\n")
+    assert tok.decode(p2.ref).endswith("<think>\n\n</think>\n\n")
     cfg3 = load_train_config(["model=tiny", "model.enable_thinking=true"])
     p3 = build_prompt_ids(tok, Q, R, cfg3.model, cfg3.prompt)
     assert tok.decode(p3.teacher).endswith("<|im_start|>assistant\n")  # teacher follows the student by default

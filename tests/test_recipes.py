@@ -53,7 +53,7 @@ def test_recipe_fits_one_8_gpu_node_and_is_the_plans_split(model, data):
     split = p.suggest()
     assert (cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size, cfg.scoring.num_workers, cfg.learner.num_workers) \
         == (split.rollout_workers, split.tp, split.scoring_workers, split.learners)
-    assert cfg.learner.gpus == 1
+    assert cfg.learner.gpus_per_worker == 1
     ro = cfg.rollout
     roles = [p.rollout(ro.num_workers, ro.tensor_parallel_size, ro.gpu_memory_utilization),
              p.scoring(cfg.scoring.num_workers), p.learner()]

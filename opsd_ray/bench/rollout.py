@@ -9,6 +9,8 @@ import statistics
 
 from opsd_ray.bench import Record, record, register
 from opsd_ray.bench.common import bench_cfg, examples_of, interleaved, log, paired_median
+from opsd_ray.data.prompts import build_prompt_ids
+from opsd_ray.workers.engines import HFEngine, VLLMEngine, adapter_config
 
 
 # ----------------------------------------------------------------------------- rollout
@@ -20,9 +22,6 @@ def bench_rollout(args: argparse.Namespace) -> list[Record]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from opsd_ray.data.prompts import build_prompt_ids
-    from opsd_ray.run.driver import adapter_config
-    from opsd_ray.workers.engines import HFEngine, VLLMEngine
 
     model, n, new_tokens = ("tiny", 2, 16) if args.quick else ("smollm2-135m", 4, 32)
     reps = args.reps or (1 if args.quick else 2)

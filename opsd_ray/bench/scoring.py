@@ -8,12 +8,12 @@ import statistics
 from opsd_ray.bench import Record, record, register
 from opsd_ray.bench.common import bench_cfg, frozen_model, interleaved, paired_median, scoring_items
 from opsd_ray.common import pad_id_of
+from opsd_ray.workers.scoring import VARIANTS, choose_layout, score, tree_row, variant_sequences
 
 
 # ----------------------------------------------------------------------------- scoring
 def layout_positions(items, variants, micro_batch_size: int, layout: str) -> int:
     """Positions one forward pass computes, padding included (rows x longest row per micro-batch)."""
-    from opsd_ray.workers.scoring import tree_row, variant_sequences
 
     total = 0
     for i in range(0, len(items), micro_batch_size):
@@ -29,7 +29,6 @@ def layout_positions(items, variants, micro_batch_size: int, layout: str) -> int
 def scoring_records(model: str, n_items: int, response_tokens: int, reps: int) -> list[Record]:
     import torch
 
-    from opsd_ray.workers.scoring import VARIANTS, choose_layout, score, tree_row, variant_sequences
 
     cfg = bench_cfg(model)
     net, tok = frozen_model(cfg)

@@ -10,6 +10,7 @@ import gc
 import os
 import statistics
 import time
+from dataclasses import replace
 from functools import partial
 
 from opsd_ray.bench import Record, record, register
@@ -23,6 +24,14 @@ from opsd_ray.bench.common import (
     median_of,
     paired_median,
 )
+from opsd_ray.data.sources import PromptSampler
+from opsd_ray.models.loading import load_tokenizer
+from opsd_ray.run.cluster import init_ray
+from opsd_ray.run.driver import step_once
+from opsd_ray.run.groups import Groups, LearnerGroup, ScoringGroup
+from opsd_ray.workers.engines import adapter_config
+from opsd_ray.workers.learner import Learner
+from opsd_ray.workers.scoring import ScoringWorker
 
 
 # ----------------------------------------------------------------------------- whole steps
@@ -32,12 +41,11 @@ def bf16_scoring(scoring_cfg):
     return out
 
 
-def one_step(cfg, roles, sampler, tok, step: int, conf: dict) -> dict:
-    """driver.train_step on a fresh rollout of `sampler`'s batch, then the sync, timed (Roles or LocalRoles)."""
-    from opsd_ray.run.driver import start_rollout, train_step
-
-    return timed_step(lambda: train_step(cfg, roles, start_rollout(cfg, roles, sampler, tok, step), tok, step, 0),
-                      lambda: roles.sync(conf))
+def one_step(cfg, groups, sampler, tok, step: int, conf: dict) -> dict:
+    """driver.step_once on a fresh rollout of `sampler`'s batch, then the sync, timed (Ray or in-process
+    groups). The rollout workers first get this groups' learner's adapter, untimed (arms share them)."""
+    version = groups.sync(conf)["version"]
+    return timed_step(lambda: step_once(cfg, groups, sampler, tok, step, version), lambda: groups.sync(conf))
 
 
 def timed_step(step_fn, sync_fn) -> dict:
@@ -66,21 +74,20 @@ def pooled_rollout_ratio(a: list[dict], b: list[dict]) -> float:
 def vllm_steps(cfg, conf, sampler, tok, step: int, batch: int, reps: int) -> list[dict]:
     """`reps` Ray steps with the vllm rollout engine (after a 1-prompt warm-up), for the sync share
     (a ratio within each step, so one step is enough on a busy machine)."""
-    from opsd_ray.run.roles import Roles
 
-    log("step: Ray roles with the vllm engine")
-    roles = Roles(cfg, "vllm")
+    log("step: Ray groups with the vllm engine")
+    groups = Groups.start(cfg, "vllm")
     try:
-        roles.sync(conf)
-        log("step: vllm Ray roles ready")
+        groups.sync(conf)
+        log("step: vllm Ray groups ready")
 
         def run(size):
-            return one_step(cfg, roles, sampler(size), tok, step, conf)
+            return one_step(cfg, groups, sampler(size), tok, step, conf)
 
         run(1)  # warm-up
         runs = [run(batch) for _ in range(reps)]
     finally:
-        roles.shutdown()
+        groups.shutdown()
     log(f"step ray_pmi_vllm: {[round(r['time/step'], 2) for r in runs]} s; {_phases(runs)}")
     return runs
 
@@ -90,11 +97,6 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
     """Whole steps: pmi vs standard, Ray vs one process, adapter sync share (hf and vllm engines)."""
     import ray
 
-    from opsd_ray.data.sources import PromptSampler
-    from opsd_ray.models.loading import load_tokenizer
-    from opsd_ray.run.cluster import init_ray
-    from opsd_ray.run.roles import LocalRoles, Roles, adapter_config
-    from opsd_ray.workers.scoring import ScoringWorker
 
     model, batch, new_tokens = ("tiny", 2, 16) if args.quick else ("smollm2-135m", 4, 32)
     reps = args.reps or (1 if args.quick else 3)  # 5 arms; 2 reps proved too noisy on a shared machine
@@ -110,25 +112,30 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
 
     started_ray = not ray.is_initialized()
     init_ray(cfg)
-    roles = None
+    groups = None
     try:
-        log(f"step: loading {model} (in-process roles and Ray roles, hf engine)")
-        local = LocalRoles(cfg, "hf")
-        local.sync(conf)
-        local_bf16 = copy.copy(local)  # the same rollout worker and learner; a bfloat16 frozen scorer
-        local_bf16.scoring = [ScoringWorker(cfg.model, bf16_scoring(cfg.scoring), os.cpu_count())]
-        log("step: in-process roles ready")
-        roles = Roles(cfg, "hf")
-        roles.sync(conf)
-        log("step: Ray roles ready")
+        log(f"step: loading {model} (in-process groups and Ray groups, hf engine)")
+        local = {"pmi": Groups.in_process(cfg, "hf")}
+        calls, faults = local["pmi"].rollout.calls, local["pmi"].rollout.faults
+        # the same rollout worker and scorer; a learner that trains the standard objective
+        local["standard"] = replace(local["pmi"], learner=LearnerGroup(
+            [Learner(cfgs["standard"], os.cpu_count())], calls, faults, False, [0.0]))
+        bf16 = ScoringGroup([ScoringWorker(cfg.model, bf16_scoring(cfg.scoring), os.cpu_count())], calls, faults)
+        local_bf16 = {m: replace(g, scoring=bf16) for m, g in local.items()}  # a bfloat16 frozen scorer
+        for g in local.values():
+            g.sync(conf)
+        log("step: in-process groups ready")
+        groups = Groups.start(cfg, "hf")
+        groups.sync(conf)
+        log("step: Ray groups ready")
 
         def arms(size):
             return {
-                "ray_pmi": lambda: one_step(cfg, roles, sampler(size), tok, step, conf),
-                "local_pmi": lambda: one_step(cfg, local, sampler(size), tok, step, conf),
-                "local_standard": lambda: one_step(cfgs["standard"], local, sampler(size), tok, step, conf),
+                "ray_pmi": lambda: one_step(cfg, groups, sampler(size), tok, step, conf),
+                "local_pmi": lambda: one_step(cfg, local["pmi"], sampler(size), tok, step, conf),
+                "local_standard": lambda: one_step(cfgs["standard"], local["standard"], sampler(size), tok, step, conf),
                 **{
-                    f"local_{m}_bf16": partial(lambda m: one_step(cfgs[m], local_bf16, sampler(size), tok, step, conf), m)
+                    f"local_{m}_bf16": partial(lambda m: one_step(cfgs[m], local_bf16[m], sampler(size), tok, step, conf), m)
                     for m in ("pmi", "standard")
                 },
             }
@@ -138,15 +145,15 @@ def bench_step(args: argparse.Namespace) -> list[Record]:
         runs = {k: [r for r, _ in rs] for k, rs in interleaved(arms(batch), reps).items()}
         for name, rs in runs.items():
             log(f"step {name}: {[round(r['time/step'], 2) for r in rs]} s; {_phases(rs)}")
-        roles.shutdown()
-        roles = None
-        local = local_bf16 = None  # free their models before the vllm roles start
+        groups.shutdown()
+        groups = None
+        local = local_bf16 = None  # free their models before the vllm groups start
         gc.collect()
 
         vllm_runs = [] if args.quick else vllm_steps(cfg, conf, sampler, tok, step, batch, 1)
     finally:
-        if roles is not None:
-            roles.shutdown()
+        if groups is not None:
+            groups.shutdown()
         if started_ray:
             ray.shutdown()
 
@@ -169,7 +176,7 @@ def step_records(runs: dict[str, list[dict]], vllm_runs: list[dict], cfg, model:
         return paired_median([r[key] for r in a], [r[key] for r in b])
 
     sync_note = (
-        "sync = learner.adapter_state -> every rollout worker (Roles.sync), counted in the step"
+        "sync = learner.adapter_state -> every rollout worker (Groups.sync), counted in the step"
     )
     records = [
         record(
@@ -226,7 +233,7 @@ def step_records(runs: dict[str, list[dict]], vllm_runs: list[dict], cfg, model:
             ratio(ray_runs, pmi),
             "x",
             1.10,
-            f"Ray pipeline (driver.train_step on Roles) / the same components in one process, "
+            f"Ray pipeline (driver.step_once on Ray groups) / the same components in one process, "
             f"pmi, step incl. sync; goal <= 1.10; phases Ray: {_phases(ray_runs)}; one process: "
             f"{_phases(pmi)}; {setup}",
         ),

@@ -7,14 +7,14 @@ import argparse
 from opsd_ray.bench import Record, record, register
 from opsd_ray.bench.common import bench_cfg, frozen_model, scoring_items
 from opsd_ray.common import pad_id_of
+from opsd_ray.objective.formulas import FrozenVariants, opsd_loss
+from opsd_ray.workers.scoring import VARIANTS, response_hidden, score
 
 
 # ----------------------------------------------------------------------------- wire
 def wire_records(model: str, n_items: int, response_tokens: int) -> list[Record]:
     import torch
 
-    from opsd_ray.objective.formulas import FrozenVariants, opsd_loss
-    from opsd_ray.workers.scoring import VARIANTS, response_hidden, score
 
     cfg = bench_cfg(model)
     net, tok = frozen_model(cfg)
@@ -32,7 +32,7 @@ def wire_records(model: str, n_items: int, response_tokens: int) -> list[Record]
             t = batch.tensors
             losses[fmt], _ = opsd_loss(
                 student,
-                FrozenVariants(t["teacher"], t["reference_only"], t["base"]),
+                FrozenVariants(t["teacher"], t["ref"], t["base"]),
                 mode="pmi",
                 chunk_size=cfg.objective.chunk_size,
                 lm_head=head,

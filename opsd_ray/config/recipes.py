@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from opsd_ray.config.schema import (  # noqa: F401  (the schema, re-exported: `f
     ModelConfig,
     RolloutConfig,
 )
+from opsd_ray.eval.benchmarks import check_benchmarks
+from opsd_ray.objective.registry import OBJECTIVES
+from opsd_ray.workers.scoring import FLASH_NO_MASK
 
 
 def recipes_dir() -> Path:
@@ -131,9 +135,10 @@ def compose(schema_cls: type, presets: dict[str, str], overrides: dict[str, str]
     if presets and experiment.is_file():
         layers.append((f"recipes/experiment/{experiment.name}", load_recipe(experiment)))
     dotlist = [f"{k}={v}" for k, v in overrides.items()]
-    check_known_keys(schema, {k: None for k in overrides}, "the command line", command)
     layers.append(("the command line", OmegaConf.from_dotlist(dotlist)))
     for source, layer in layers:
+        if command == "train":
+            renamed(layer, source)
         check_known_keys(schema, layer, source, command)
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -144,6 +149,34 @@ def compose(schema_cls: type, presets: dict[str, str], overrides: dict[str, str]
         raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+def _staleness(value) -> bool:
+    if str(value) not in ("0", "1"):
+        raise ConfigError(f"rollout.max_staleness (now rollout.one_step_off) must be 0 (strictly on-policy, the "
+                          f"paper's setting) or 1 (one-step-off); got {value}")
+    return str(value) == "1"
+
+
+# Keys that were renamed: old -> (new, how an old value becomes the new one). They still load, with a note.
+RENAMED = {
+    "learner.gpus": ("learner.gpus_per_worker", None),
+    "learner.cpus": ("learner.cpus_per_worker", None),
+    "rollout.max_staleness": ("rollout.one_step_off", _staleness),
+}
+
+
+def renamed(layer: DictConfig, source: str) -> None:
+    """Move the old keys of a config layer to their new names, with a one-line note on stderr."""
+    for old, (new, convert) in RENAMED.items():
+        section, key = old.rsplit(".", 1)
+        node = OmegaConf.select(layer, section)
+        if not isinstance(node, DictConfig) or key not in node:
+            continue
+        value = node[key]
+        del node[key]
+        OmegaConf.update(layer, new, convert(value) if convert else value, force_add=True)
+        print(f"note: {old} is now {new} ({source})", file=sys.stderr)
 
 
 def _omegaconf_message(e: OmegaConfBaseException) -> str:
@@ -161,7 +194,10 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def check_choices(cfg: DictConfig) -> None:
-    for key, choices in CHOICES.items():
+    choices_of = dict(CHOICES)
+    if OmegaConf.select(cfg, "objective") is not None:
+        choices_of["objective.mode"] = tuple(OBJECTIVES)  # the objectives registered (opsd_ray.objective)
+    for key, choices in choices_of.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
@@ -222,8 +258,8 @@ def validate_train(cfg: DictConfig) -> None:
         f"learner.num_workers={learner.num_workers}",
     )
     _check(
-        learner.num_workers == 1 or learner.gpus == 0 or learner.gpus >= 1,
-        f"learner.num_workers={learner.num_workers} learners need a GPU each (learner.gpus=1; got {learner.gpus}): "
+        learner.num_workers == 1 or learner.gpus_per_worker == 0 or learner.gpus_per_worker >= 1,
+        f"learner.num_workers={learner.num_workers} learners need a GPU each (learner.gpus_per_worker=1; got {learner.gpus_per_worker}): "
         "two ranks of one NCCL group cannot share a GPU",
     )
     for role in ("rollout", "scoring", "learner"):
@@ -232,10 +268,10 @@ def validate_train(cfg: DictConfig) -> None:
     for name, v in (
         ("rollout.gpus_per_worker", rollout.gpus_per_worker),
         ("scoring.gpus_per_worker", scoring.gpus_per_worker),
-        ("learner.gpus", learner.gpus),
+        ("learner.gpus_per_worker", learner.gpus_per_worker),
         ("rollout.cpus_per_worker", rollout.cpus_per_worker),
         ("scoring.cpus_per_worker", scoring.cpus_per_worker),
-        ("learner.cpus", learner.cpus),
+        ("learner.cpus_per_worker", learner.cpus_per_worker),
     ):
         _check(v >= 0, f"{name} must be >= 0 (got {v})")
     _check(rollout.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1 (got {rollout.max_new_tokens})")
@@ -244,11 +280,6 @@ def validate_train(cfg: DictConfig) -> None:
         f"rollout.temperature must be > 0 (got {rollout.temperature}); on-policy sampling needs it",
     )
     _check(0 < rollout.top_p <= 1, f"rollout.top_p must be in (0, 1] (got {rollout.top_p})")
-    _check(
-        rollout.max_staleness in (0, 1),
-        f"rollout.max_staleness must be 0 (strictly on-policy, the paper's setting) or 1 (one-step-off: the "
-        f"rollout of step k+1 runs with adapter k-1 while step k trains); got {rollout.max_staleness}",
-    )
     _check(rollout.verify_sync_every >= 0,
            f"rollout.verify_sync_every must be >= 0 (got {rollout.verify_sync_every}); 0 turns the sync check off")
     _check(train.diagnostics_every >= 0, f"train.diagnostics_every must be >= 0 (got {train.diagnostics_every})")
@@ -262,7 +293,6 @@ def validate_train(cfg: DictConfig) -> None:
     _check(cfg.eval.n_samples >= 1, f"eval.n_samples must be >= 1 (got {cfg.eval.n_samples})")
     _check(cfg.eval.limit is None or cfg.eval.limit >= 1, f"eval.limit must be >= 1 or null (got {cfg.eval.limit})")
     if cfg.eval.every:
-        from opsd_ray.eval.benchmarks import check_benchmarks
 
         _check(len(cfg.eval.benchmarks) > 0, "eval.every > 0 needs eval.benchmarks, e.g. eval.benchmarks=[aime24]")
         check_benchmarks(list(cfg.eval.benchmarks))
@@ -276,7 +306,6 @@ def validate_train(cfg: DictConfig) -> None:
            f"data.limit must be >= 1 or null (all rows); got {cfg.data.limit}")
     check_run_folder(cfg.run)
     if scoring.layout == "shared_prefix" and "flash" in str(cfg.model.attn_implementation):
-        from opsd_ray.workers.scoring import FLASH_NO_MASK
 
         raise ConfigError(f"{FLASH_NO_MASK} (model.attn_implementation={cfg.model.attn_implementation})")
     _check(
@@ -384,7 +413,6 @@ EVAL_GPU_MEMORY = 0.9  # vLLM's share of a GPU that an evaluation engine has to 
 
 
 def validate_eval(cfg: DictConfig) -> None:
-    from opsd_ray.eval.benchmarks import check_benchmarks
 
     check_choices(cfg)
     check_benchmarks(list(cfg.benchmarks))

@@ -67,14 +67,11 @@ class PromptConfig:
         "After reading the reference solution above, solve the problem yourself: reason on your own "
         "rather than copying the reference."
     )
-    reference_only_instruction: str = (
-        "Now reason about the solution on your own rather than copying the reference."
-    )
 
 
 @dataclass
 class ObjectiveConfig:
-    mode: str = "pmi"  # pmi | standard
+    mode: str = "pmi"  # an objective of opsd_ray.objective.registry: pmi | standard
     beta: float = 1.0  # PMI correction strength
     clip: float = 10.0  # tanh soft clip c; 0 disables
     center: bool = True
@@ -93,7 +90,7 @@ class RolloutConfig:
     max_new_tokens: int = 1024
     temperature: float = 1.0
     top_p: float = 1.0
-    max_staleness: int = 0  # 0: strictly on-policy (the paper); 1: one-step-off (rollout k+1 overlaps step k)
+    one_step_off: bool = False  # false: strictly on-policy (the paper); true: rollout k+1 runs with adapter k-1 while step k learns
     verify_sync_every: int = 25  # the sync check: engine and learner score a probe at step 1 and every N steps (0: never)
     gpu_memory_utilization: float = 0.45
     vllm_cpu_kvcache_gib: int = 1
@@ -116,8 +113,8 @@ class ScoringConfig:
 class LearnerConfig:
     num_workers: int = 1  # learner actors in one torch.distributed group
     strategy: str = "ddp"  # ddp: each learner holds the model, LoRA gradients all-reduced | fsdp: base sharded
-    gpus: float = 0.0  # per learner
-    cpus: float = 1.0  # per learner
+    gpus_per_worker: float = 0.0  # per learner
+    cpus_per_worker: float = 1.0  # per learner
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per learner
     lr: float = 5e-6
     weight_decay: float = 0.0
@@ -143,15 +140,21 @@ class CheckpointConfig:
 
 
 @dataclass
-class EvalConfig:
-    every: int = 0  # 0: no evaluation during training
-    schedule: str = "inline"  # inline: at its steps, on the rollout workers | end: checkpoints, evaluated after training on every GPU
+class EvalSampling:
+    """What an evaluation samples (training's `eval` section and `opsd-ray eval` alike)."""
+
     benchmarks: list[str] = field(default_factory=list)
     n_samples: int = 12
     max_new_tokens: int = 1024
     temperature: float = 0.6
     top_p: float = 0.95
-    limit: int | None = None
+    limit: int | None = None  # problems per benchmark (None: all)
+
+
+@dataclass
+class EvalConfig(EvalSampling):
+    every: int = 0  # 0: no evaluation during training
+    schedule: str = "inline"  # inline: at its steps, on the rollout workers | end: checkpoints, evaluated after training on every GPU
 
 
 @dataclass
@@ -208,20 +211,15 @@ class Config:
 
 
 @dataclass
-class EvalCommand:
-    """`opsd-ray eval`: a model preset (model=, with model.* overrides), vLLM settings (rollout.*), how
-    markers are counted, and the evaluation's own keys."""
+class EvalCommand(EvalSampling):
+    """`opsd-ray eval`: what to sample (EvalSampling's keys, the paper's benchmarks by default), a model
+    preset (model=, with model.* overrides), vLLM settings (rollout.*), how markers are counted."""
 
+    benchmarks: list[str] = field(default_factory=lambda: ["aime24", "aime25", "hmmt25"])
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     markers: MarkersConfig = field(default_factory=MarkersConfig)
     adapter: str | None = None  # a folder with adapter_model.safetensors + adapter_config.json
-    benchmarks: list[str] = field(default_factory=lambda: ["aime24", "aime25", "hmmt25"])
-    n_samples: int = 12
-    max_new_tokens: int = 1024
-    temperature: float = 0.6
-    top_p: float = 0.95
-    limit: int | None = None  # problems per benchmark (None: all)
     engine: str = "auto"  # auto | vllm | hf
     out: str | None = None  # None: runs/eval-<model>-<time>
     seed: int = 0
@@ -233,7 +231,6 @@ CHOICES = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "model.thinking_style": ("qwen3", "r1", "none"),
     "data.format": ("auto", "jsonl", "parquet", "hf_disk", "hub"),
-    "objective.mode": ("pmi", "standard"),
     "rollout.engine": ENGINES,
     "scoring.wire_format": ("hidden", "logits"),
     "scoring.layout": ("auto", "padded", "shared_prefix"),

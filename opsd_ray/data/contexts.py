@@ -15,6 +15,7 @@ from functools import lru_cache
 
 from opsd_ray.common import rollout_max_len
 from opsd_ray.data.prompts import PROMPT_OF, build_prompt_ids
+from opsd_ray.models.loading import resolve_model_path
 
 SLACK = 16  # tokens a chat template's merges at the text boundaries may add beyond the empty prompt's
 
@@ -29,7 +30,6 @@ def _positions(path: str, trust_remote_code: bool) -> int | None:
 
 def model_positions(model_cfg) -> int | None:
     """The model's context window (max_position_embeddings; None when its config has none)."""
-    from opsd_ray.models.loading import resolve_model_path
 
     return _positions(resolve_model_path(model_cfg), bool(model_cfg.trust_remote_code))
 
@@ -44,7 +44,7 @@ class ContextLimits:
     @classmethod
     def of(cls, cfg) -> ContextLimits:
         model = model_positions(cfg.model) or 10**9
-        scorer = {v: model for v in ("teacher", "reference_only", "base")}
+        scorer = {v: model for v in ("teacher", "ref", "base")}
         return cls({"student": min(rollout_max_len(cfg), model), **scorer}, int(cfg.rollout.max_new_tokens))
 
     def over(self, prompts) -> list[str]:
@@ -75,5 +75,5 @@ def _budgets_fit(tok, cfg, limits: ContextLimits) -> bool:
     empty = build_prompt_ids(tok, "", "", cfg.model, cfg.prompt)
     q, r = cfg.data.max_question_tokens, cfg.data.max_reference_tokens
     longest = {"student": len(empty.student) + q, "base": len(empty.student) + q,
-               "teacher": len(empty.teacher) + q + r, "reference_only": len(empty.reference_only) + r}
+               "teacher": len(empty.teacher) + q + r, "ref": len(empty.ref) + r}
     return all(longest[v] + SLACK + limits.new_tokens <= limit for v, limit in limits.limits.items())

@@ -64,7 +64,7 @@ class PromptIds:
 
     student: list[int]
     teacher: list[int]
-    reference_only: list[int]
+    ref: list[int]  # the reference-only prompt (pi_ref)
 
 
 def build_prompt_ids(tokenizer: Any, question: str, reference: str, model_cfg: Any, p: Any) -> PromptIds:
@@ -78,7 +78,7 @@ def build_prompt_ids(tokenizer: Any, question: str, reference: str, model_cfg: A
         teacher=chat_prompt_ids(
             tokenizer, teacher_text(question, reference, p), thinking=teacher_thinking, style=style
         ),
-        reference_only=chat_prompt_ids(
+        ref=chat_prompt_ids(
             tokenizer, reference_only_text(reference, p), thinking=teacher_thinking, style=style
         ),
     )
@@ -104,7 +104,7 @@ def append_response(prompt: list[int], response: list[int]) -> ScoringSequence:
 
 
 # Which prompt each sequence reads: the base model P0 reads the student's prompt (the question only).
-PROMPT_OF = {"student": "student", "teacher": "teacher", "reference_only": "reference_only", "base": "student"}
+PROMPT_OF = {"student": "student", "teacher": "teacher", "ref": "ref", "base": "student"}
 
 
 def sequence_of(prompts: PromptIds, variant: str, response: list[int]) -> ScoringSequence:
@@ -112,6 +112,3 @@ def sequence_of(prompts: PromptIds, variant: str, response: list[int]) -> Scorin
     return append_response(getattr(prompts, PROMPT_OF[variant]), response)
 
 
-def scoring_sequences(prompts: PromptIds, response: list[int]) -> dict[str, ScoringSequence]:
-    """The four sequences of the paper: student (q), teacher (q, r), reference-only (r), base (q)."""
-    return {variant: sequence_of(prompts, variant, response) for variant in PROMPT_OF}

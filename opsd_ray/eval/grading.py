@@ -209,11 +209,6 @@ def _match(pred: str | None, gold: str) -> tuple[bool, str | None]:
         return False, f"normalise: {type(e).__name__}: {e}"
 
 
-def answers_match(pred: str | None, gold: str) -> bool:
-    """Is the extracted answer `pred` equivalent to `gold`? Never raises."""
-    return _match(pred, gold)[0]
-
-
 def grade(response: str, gold: str, *, last_number: bool = True) -> Grade:
     """Extract and compare; never raises (a failure is a wrong answer with `error` set)."""
     try:

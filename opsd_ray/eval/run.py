@@ -10,17 +10,15 @@ summary.md.
 from __future__ import annotations
 
 import json
-import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from opsd_ray.data.prompts import BOXED_INSTRUCTION, chat_prompt_ids
-from opsd_ray.eval.benchmarks import Problem, check_benchmarks, grades_numbers, load_benchmark
+from opsd_ray.eval.benchmarks import Problem, grades_numbers, load_benchmark
 from opsd_ray.eval.grading import grade
 from opsd_ray.eval.markers import count_markers
-from opsd_ray.eval.summary import benchmark_line, summarize, write_outputs
+from opsd_ray.eval.summary import summarize, write_outputs
 
 DEFAULT_BENCHMARKS = ["aime24", "aime25", "hmmt25"]
 
@@ -122,33 +120,6 @@ def run_jobs(engine, tokenizer, model_cfg, jobs: list[EvalJob], *, max_new_token
                      len(ids), finish, marker_match)
         for j, (ids, finish) in zip(jobs, outputs, strict=True)
     ]
-
-
-def evaluate(ev, engine, *, adapter: tuple[int, dict, dict] | None = None, tokenizer=None,
-             out_dir: str | Path | None = None, log: Callable[[str], None] = print, settings: dict | None = None) -> dict:
-    """Generate `ev.n_samples` per problem of each of `ev.benchmarks` with `engine`, grade them, return
-    the summary dict. `ev` has the keys of schema.EvalCommand (model, sampling, limit, seed, markers).
-
-    `adapter` (version, peft state dict, adapter_config) is loaded into the engine first. With
-    `out_dir`, writes generations.jsonl, summary.json and summary.md there; `settings` are recorded.
-    """
-    check_benchmarks(list(ev.benchmarks))
-    tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
-    version = 0
-    if adapter is not None:
-        version, state, config = adapter
-        engine.load_adapter(version, state, config)
-    generation = dict(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
-                      enable_thinking=ev.enable_thinking, marker_match=ev.markers.match)
-    t_start = time.perf_counter()
-    records = run_jobs(engine, tokenizer, ev.model, all_jobs(ev.benchmarks, ev.n_samples, ev.limit, ev.seed), **generation)
-    for bench in ev.benchmarks:
-        log(benchmark_line(bench, [r for r in records if r["benchmark"] == bench]))
-    log(f"eval: {len(records)} samples in {time.perf_counter() - t_start:.0f}s")
-    run_settings = eval_settings(str(ev.model.name), ev.n_samples, ev.max_new_tokens, ev.temperature, ev.top_p,
-                                 ev.limit, ev.seed, ev.enable_thinking, version, markers=ev.markers.match,
-                                 **(settings or {}))
-    return finish(records, list(ev.benchmarks), run_settings, time.perf_counter() - t_start, out_dir)
 
 
 def eval_settings(model: str, n_samples: int, max_new_tokens: int, temperature: float, top_p: float,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opsd_ray.common import ConfigError
+from opsd_ray.models.builtin import BUILTINS, builtin_dir, tiny_qwen3_config
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -140,13 +141,11 @@ def find_shapes(model_cfg) -> Shapes:
     path = str(model_cfg.path)
     candidates: list[Path] = []
     if path.startswith("builtin:"):
-        from opsd_ray.models.builtin import BUILTINS, builtin_dir
 
         name = path.removeprefix("builtin:")
         if name in BUILTINS:
             candidates.append(builtin_dir(name) / "config.json")
         if name == "tiny":  # the builder's own config: no need to build the model
-            from opsd_ray.models.builtin import tiny_qwen3_config
 
             return shapes_from_config(
                 tiny_qwen3_config().to_dict(), "the tiny builder's config (opsd_ray.models.loading)"

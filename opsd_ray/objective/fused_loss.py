@@ -6,6 +6,7 @@ gradient in one pass over chunks of tokens, so that peak memory is O(chunk x V) 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +21,11 @@ from opsd_ray.objective.numerics import (
     default_chunk_size,
     flat_mask,
     has_padding,
-    pmi_from_logprobs,
     row_slices,
     safe_log_softmax,
     vecdot,
 )
+from opsd_ray.objective.registry import objective_of
 
 
 def _jsd_chunk(log_s: Tensor, log_t: Tensor, lam: float, want_grad: bool, log_P0: Tensor | None = None):
@@ -135,7 +136,8 @@ def opsd_loss(
     frozen: FrozenVariants(teacher, ref, base): logits [..., V], or hidden states with
       `frozen_lm_head`; ref/base may be None for mode="standard".
     mask: [...] bool, True for response tokens (default: all positions).
-    mode: "pmi" (target = P_target, Eq. 16) or "standard" (target = pi_T, plain OPSD).
+    mode: an objective of opsd_ray.objective.registry: "pmi" (target = P_target, Eq. 16) or "standard"
+      (target = pi_T, plain OPSD).
     beta, clip, center: the PMI target's settings (see pmi_target); lam: the JSD mixture weight.
     temperature: divides every logit inside the loss. normalizer: the loss denominator (default:
       the number of unmasked tokens here; pass the token count of a whole optimizer step when
@@ -155,19 +157,21 @@ def opsd_loss(
     top1_agree (argmax student == argmax target), num_tokens, and with diagnostics=True the four
     decomposition keys.
     """
-    if mode not in ("pmi", "standard"):
-        raise ValueError(f"mode must be 'pmi' or 'standard', got {mode!r}")
+    objective = objective_of(mode)
+    settings = SimpleNamespace(beta=beta, clip=clip, center=center, lam=lam, temperature=temperature)
     check_lam(lam)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     teacher, ref, base = FrozenVariants(*frozen)
-    if mode == "pmi" and (ref is None or base is None):
-        raise ValueError("mode='pmi' needs frozen.ref and frozen.base")
+    given = {"teacher": teacher, "ref": ref, "base": base}
+    missing = [v for v in objective.variants if given[v] is None]
+    if missing:
+        raise ValueError(f"mode={mode!r} needs the frozen variant(s) {', '.join(missing)}")
     if diagnostics and ref is None:
         raise ValueError("diagnostics need frozen.ref")
-    if mode == "standard" and not diagnostics:
+    if "ref" not in objective.step_variants(diagnostics):
         ref = None  # not needed: skip its log-softmax
     weight = lm_head if isinstance(lm_head, Tensor) else None
     if isinstance(lm_head, torch.nn.Module) and any(p.requires_grad for p in lm_head.parameters()):
@@ -219,15 +223,10 @@ def opsd_loss(
             if diagnostics:
                 add("decomposition", decomposition_rows(log_s, log_T, log_ref, padded))
 
-            if mode == "pmi":
-                stats: dict[str, Tensor] = {}
-                log_t = pmi_from_logprobs(
-                    log_T, log_ref, log_P0, beta=beta, clip=clip, center=center, padded=padded, stats=stats
-                )
-                if clip:
-                    add("clip_active_frac", stats["clip_active"])
-            else:
-                log_t = log_T
+            stats: dict[str, Tensor] = {}
+            log_t = objective.target(log_T, log_ref, log_P0, settings, padded, stats)
+            for name, rows_of_stat in stats.items():
+                add(name, rows_of_stat)
             del log_T, log_ref
             add("top1_agree", (log_s.argmax(-1) == log_t.argmax(-1)).double())
             rows, dz = _jsd_chunk(log_s, log_t, lam, want_grad, log_P0)

@@ -28,7 +28,7 @@ def role_requests(cfg) -> list[RoleRequest]:
             dict(ro.resources),
         ),
         RoleRequest("scoring", sc.num_workers, sc.cpus_per_worker, sc.gpus_per_worker, dict(sc.resources)),
-        RoleRequest("learner", le.num_workers, le.cpus, le.gpus, dict(le.resources)),
+        RoleRequest("learner", le.num_workers, le.cpus_per_worker, le.gpus_per_worker, dict(le.resources)),
     ]
 
 
@@ -54,7 +54,7 @@ def check_fits(requests: list[RoleRequest], available: dict[str, float]) -> None
     raise ConfigError(
         f"the roles need {need_cpu:g} CPUs and {need_gpu:g} GPUs ({asked}) but the Ray cluster has "
         f"{have_cpu:g} CPUs and {have_gpu:g} GPUs. Lower rollout.num_workers / scoring.num_workers or the "
-        "per-worker cpus_per_worker / gpus_per_worker / learner.gpus, or add nodes to the cluster "
+        "per-worker cpus_per_worker / gpus_per_worker / learner.gpus_per_worker, or add nodes to the cluster "
         "(`opsd-ray plan model=<m> data=<d> gpus=<n>` suggests a split of n GPUs)."
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from opsd_ray.common import RunStopped
 from opsd_ray.run.console import say
 
 
@@ -42,7 +43,6 @@ class Faults:
 
     def count(self, role: str, what: str, error: BaseException) -> None:
         """One more loss in `role`; RunStopped past the budget."""
-        from opsd_ray.common import RunStopped
 
         n = self.counts[role] = self.counts.get(role, 0) + 1
         detail = " ".join(str(error).split())[:200]
@@ -61,7 +61,6 @@ class Faults:
         given: a process that is still being killed may answer first); RunStopped if it will not."""
         import ray
 
-        from opsd_ray.common import RunStopped
 
         deadline = time.time() + self.timeout
         while time.time() < deadline:
@@ -82,4 +81,42 @@ class Faults:
         raise RunStopped(
             f"{what} did not come back within {self.timeout:.0f} s (no node with room for its placement-group "
             "bundle?). Add capacity, then continue with checkpoint.resume=auto"
+        )
+
+
+class SkipCounter:
+    """Steps whose update was skipped for a non-finite loss or gradient norm; too many in a row stop the run."""
+
+    def __init__(self, limit: int):
+        self.limit, self.total, self.streak = limit, 0, []
+
+    @classmethod
+    def resumed(cls, limit: int, records: list[dict]) -> SkipCounter:
+        """The count as the kept records of a resumed (or replaying) run left it."""
+        counter = cls(limit)
+        for r in records:
+            if r.get("step", 0) > 0:
+                counter.total += bool(r.get("skipped"))
+                counter.streak = [*counter.streak, r["step"]] if r.get("skipped") else []
+        return counter
+
+    def add(self, step: int, skipped: int) -> int:
+        if skipped:
+            self.total += 1
+            self.streak.append(step)
+            say(f"warning: step {step}: non-finite loss or gradient norm, update skipped (the adapter is unchanged)")
+        else:
+            self.streak = []
+        return self.total
+
+    def check(self, resume_hint: str) -> None:
+        if len(self.streak) < self.limit:
+            return
+
+        raise RunStopped(
+            f"{len(self.streak)} steps in a row ({', '.join(map(str, self.streak))}) had a non-finite loss or "
+            f"gradient norm (fault.max_skipped_steps={self.limit}); their updates were skipped. Likely causes: "
+            "NaN or Inf in the model weights (a corrupted model.path or checkpoint), float16 overflow (use "
+            "bfloat16), a very small objective.temperature, or a learner.lr high enough to diverge. "
+            + resume_hint
         )

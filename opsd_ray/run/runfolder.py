@@ -18,7 +18,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from opsd_ray.common import jsonl_records
+from opsd_ray.common import ConfigError, RunStopped, jsonl_records
 
 
 class WriteFailed(OSError):
@@ -217,7 +217,6 @@ class DriverLock:
     def acquire(self) -> None:
         """Take the run; waits up to stale_s for a driver on another host to stop beating (a retried
         job starts while the lost driver's last heartbeat is still fresh), then refuses."""
-        from opsd_ray.common import ConfigError
 
         other, told = self.holder(), False
         deadline = time.time() + self.stale_s + self.beat_s
@@ -271,7 +270,6 @@ class DriverLock:
 
     def check(self) -> None:
         """RunStopped when another driver has taken the run over."""
-        from opsd_ray.common import RunStopped
 
         if self.taken_by is not None:
             raise RunStopped(
@@ -286,6 +284,9 @@ class DriverLock:
         try:
             if self.run.exists(self.NAME) and self._other() is None:
                 self.run.fs.delete_file(self.run.path(self.NAME))
+            local = self.run.local_path()
+            if local is not None and local.is_dir() and not any(local.iterdir()):
+                local.rmdir()  # a run refused before it wrote anything leaves no folder
         except OSError:  # left behind, it is taken over: its pid is gone
             pass
 

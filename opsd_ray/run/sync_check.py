@@ -62,14 +62,13 @@ class SyncCheck:
     def due(self, step: int) -> bool:
         return self.every > 0 and (step == 1 or step % self.every == 0)
 
-    def start(self, roles) -> tuple:
-        """Rollout worker 0 probes after the loads queued on it (Ray runs an actor's calls in order)."""
-        engine = roles.rollout[0].probe_logprobs.remote(*self.probe)
-        learner = roles.on_learners("probe_logprobs", *self.probe)
-        return engine, learner
+    def start(self, groups) -> tuple:
+        """Rollout worker 0 probes after the loads queued on it (an actor runs its calls in order); the
+        learners probe at once (they wait for the next step)."""
+        engine = groups.rollout.probe(*self.probe)
+        learner = groups.learner.whole("probe_logprobs", *self.probe)
+        return groups.rollout.calls, engine, learner
 
     def finish(self, pending: tuple) -> dict[str, float]:
-        import ray
-
-        engine, learner = pending
-        return judge(ray.get(engine), learner)
+        calls, engine, learner = pending
+        return judge(calls.get(engine), learner)

@@ -16,6 +16,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from opsd_ray.common import ConfigError
 from opsd_ray.run.console import say
 from opsd_ray.run.runfolder import RunFolder, WriteFailed
 
@@ -117,7 +118,6 @@ class WandbRun:
                 settings=wandb.Settings(silent=not lg.verbose, console="off"),
             )
         except wandb.errors.Error as e:  # no API key, a wrong entity or project, no network
-            from opsd_ray.common import ConfigError
 
             raise ConfigError(
                 f"logging.wandb=true: W&B could not start the run ({type(e).__name__}: {' '.join(str(e).split())[:200]}). "

@@ -12,9 +12,15 @@ import importlib.util
 import platform
 from dataclasses import dataclass
 
+import opsd_ray
 from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
+
+from opsd_ray.common import ConfigError
+from opsd_ray.config.recipes import compose, recipes_dir
+from opsd_ray.config.schema import Config
+from opsd_ray.data.sources import detect_format, resolve_path
 
 # Whose requirements on whom we check: opsd_ray's own, and vLLM's on the libraries we share with it.
 SHARED = ("torch", "transformers", "peft", "ray", "safetensors")
@@ -128,7 +134,6 @@ DISTRIBUTION = {"datasets": "datasets", "pyarrow": "pyarrow", "vllm": "vllm", "f
 
 def recipe_needs(cfg) -> set[str]:
     """The modules a training config imports beyond the core: its data reader, engine, attention, logging."""
-    from opsd_ray.data.sources import detect_format, resolve_path
 
     fmt = cfg.data.format
     if fmt == "auto":
@@ -146,8 +151,6 @@ def recipe_needs(cfg) -> set[str]:
 
 def shipped_recipes() -> dict[str, object]:
     """Every experiment recipe, composed as `opsd-ray train model=<m> data=<d>` composes it."""
-    from opsd_ray.config.recipes import compose, recipes_dir
-    from opsd_ray.config.schema import Config
 
     out = {}
     for path in sorted((recipes_dir() / "experiment").glob("*.yaml")):
@@ -167,8 +170,6 @@ def recipes_row() -> Row:
 
 
 def diagnose() -> list[Row]:
-    import opsd_ray
-
     versions = {d: installed(d) for d in SHARED}
     rows = [Row("python", "ok", f"{platform.python_version()} ({platform.machine()}, {platform.system()})"),
             Row("opsd_ray", "ok", opsd_ray.__version__)]
@@ -189,7 +190,6 @@ def render(rows: list[Row]) -> str:
 
 def main(args: list[str]) -> int:
     if args:
-        from opsd_ray.common import ConfigError
 
         raise ConfigError(f"doctor takes no arguments (got {' '.join(args)})")
     rows = diagnose()

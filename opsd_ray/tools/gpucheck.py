@@ -24,8 +24,12 @@ from types import SimpleNamespace
 
 import torch
 
+from opsd_ray.common import lora_config
 from opsd_ray.data.prompts import PromptIds
+from opsd_ray.models.builtin import build_tiny_model
+from opsd_ray.models.loading import load_model
 from opsd_ray.objective.formulas import FrozenVariants, opsd_loss
+from opsd_ray.workers.learner import micro_batch_loss
 from opsd_ray.workers.scoring import VARIANTS, ScoringItem, score
 
 OBJECTIVE = SimpleNamespace(mode="pmi", beta=1.0, clip=10.0, center=True, lam=0.5, temperature=1.0, chunk_size=1024)
@@ -74,7 +78,7 @@ def synthetic_items(n: int = 4, seed: int = 0) -> list[ScoringItem]:
     for i in range(n):
         header, question, reference, tail, answer = ids(4), ids(10 + i), ids(24 + 3 * i), ids(6), ids(3)
         prompts = PromptIds(student=header + question + answer, teacher=header + question + reference + tail,
-                            reference_only=header + reference + tail)
+                            ref=header + reference + tail)
         items.append(ScoringItem(prompts, ids(20 + 5 * i)))
     return items
 
@@ -87,8 +91,6 @@ def tiny(device: str, dtype: torch.dtype, attn: str = "sdpa"):
     `device`, with `attn`), from a folder written once per process."""
     import tempfile
 
-    from opsd_ray.models.builtin import build_tiny_model
-    from opsd_ray.models.loading import load_model
 
     if not _TINY_DIR:
         _TINY_DIR.append(tempfile.mkdtemp(prefix="opsd_ray_gpucheck_"))
@@ -133,8 +135,6 @@ def learner_step(device: str, dtype: torch.dtype, items, frozen: dict) -> dict[s
     checkpointing, the fused loss over the micro-batch, AdamW."""
     from peft import get_peft_model
 
-    from opsd_ray.common import lora_config
-    from opsd_ray.workers.learner import micro_batch_loss
 
     base = tiny(device, dtype)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

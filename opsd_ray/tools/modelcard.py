@@ -11,7 +11,8 @@ import re
 
 import yaml
 
-from opsd_ray.tools.results_table import METHODS
+from opsd_ray.objective.registry import objective_of
+from opsd_ray.workers.engines import vllm_max_lora_rank
 
 PAPER = "Purified OPSD: On-Policy Self-Distillation Without Losing How to Think"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -19,8 +20,7 @@ _EVAL_KEY = re.compile(r"^eval/([^/]+)/(avg|pass|maj)@(\d+)$")
 
 
 def method_name(cfg) -> str:
-    what = "purified PMI target" if cfg.objective.mode == "pmi" else "raw teacher target"
-    return f"{METHODS[cfg.objective.mode]} ({what})"
+    return objective_of(cfg.objective.mode).method
 
 
 def eval_table(record: dict) -> list[str]:
@@ -47,7 +47,6 @@ def last_evaluation(records: list[dict]) -> tuple[int, dict] | None:
 def model_card(cfg, base_model: str, step: int, last_eval: tuple[int, dict] | None = None) -> str:
     """The card of the adapter after `step` steps; `last_eval` is (step, flat eval record) if any.
     `base_model` is the resolved model path (a Hub id, or a local folder the header leaves out)."""
-    from opsd_ray.workers.engines import vllm_max_lora_rank
 
     objective, lora = cfg.objective, cfg.model.lora
     meta = {
@@ -58,10 +57,7 @@ def model_card(cfg, base_model: str, step: int, last_eval: tuple[int, dict] | No
     if _HUB_ID.match(base_model):
         meta = {"base_model": base_model, **meta}
     header = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
-    target = (
-        f"the purified PMI target (β={objective.beta:g}, tanh clip c={objective.clip:g}, "
-        f"{'centered' if objective.center else 'not centered'})" if objective.mode == "pmi" else "the raw teacher distribution"
-    )
+    target = objective_of(objective.mode).about(objective)
     lines = [
         f"# {cfg.run.name}: LoRA adapter for {cfg.model.name}, trained with {method_name(cfg)}",
         "",

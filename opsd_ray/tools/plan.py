@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from opsd_ray.common import TEMPLATE_TOKENS
 from opsd_ray.config.recipes import Config, ConfigError, compose, load_preset, parse_overrides, validate_train
 from opsd_ray.models.shapes import DTYPE_BYTES, OVERHEAD_BYTES, GiB, find_shapes
+from opsd_ray.objective.registry import objective_of
 from opsd_ray.tools.timemodel import evaluation_lines
 
 LOSS_BUFFERS = 9  # [chunk, vocab] buffers alive in the fused loss (measured: 8 float32 + 1 bf16)
@@ -74,7 +75,7 @@ class Split:
             f"rollout.num_workers={self.rollout_workers} rollout.gpus_per_worker=1 "
             f"rollout.tensor_parallel_size={self.tp} rollout.gpu_memory_utilization={self.util:g} "
             f"scoring.num_workers={self.scoring_workers} "
-            f"scoring.gpus_per_worker=1 learner.num_workers={self.learners} learner.gpus=1"
+            f"scoring.gpus_per_worker=1 learner.num_workers={self.learners} learner.gpus_per_worker=1"
         )
 
 
@@ -92,10 +93,9 @@ class Planner:
         self.len_student = self.q + TEMPLATE_TOKENS + self.new
         self.len_teacher = self.q + self.ref + TEMPLATE_TOKENS + self.new
         self.len_ref = self.ref + TEMPLATE_TOKENS + self.new
-        pmi = cfg.objective.mode == "pmi"
-        # standard OPSD scores the teacher only, plus the reference probe on diagnostics steps
-        self.variants_max = 3 if pmi else (2 if cfg.train.diagnostics_every else 1)
-        self.variants_typical = 3 if pmi else 1
+        objective = objective_of(cfg.objective.mode)  # the variants it scores (diagnostics steps: pi_ref too)
+        self.variants_max = len(objective.step_variants(bool(cfg.train.diagnostics_every)))
+        self.variants_typical = len(objective.variants)
         self.lora = self.s.lora_params(cfg.model.lora.r, set(cfg.model.lora.target_modules))
         self.wire_row = self.s.hidden if cfg.scoring.wire_format == "hidden" else self.s.vocab
 
@@ -239,7 +239,7 @@ class Planner:
         rollout behind the previous step's learning."""
         if self.cfg.train.schedule == "phases":
             return sum(t.values())
-        if self.cfg.rollout.max_staleness == 1:
+        if self.cfg.rollout.one_step_off:
             return max(t.values())
         parts = max(1, self.batch // self.cfg.learner.micro_batch_size)
         return max(t.values()) + (t["scoring"] + t["learner"]) / parts
@@ -385,24 +385,24 @@ def render(p: Planner) -> str:
     asked = (
         ro.num_workers * ro.gpus_per_worker * ro.tensor_parallel_size
         + sc.num_workers * sc.gpus_per_worker
-        + cfg.learner.num_workers * cfg.learner.gpus
+        + cfg.learner.num_workers * cfg.learner.gpus_per_worker
     )
     lines.append(
         f"GPUs     the config asks for {asked:g} (rollout {ro.num_workers} x {ro.gpus_per_worker:g} x TP "
         f"{ro.tensor_parallel_size}, scoring {sc.num_workers} x {sc.gpus_per_worker:g}, learner "
-        f"{cfg.learner.num_workers} x {cfg.learner.gpus:g}) of {p.gpus}"
+        f"{cfg.learner.num_workers} x {cfg.learner.gpus_per_worker:g}) of {p.gpus}"
     )
     warnings = p.warnings(roles)
     split = p.suggest()
     if split is None:
         warnings.append(
             f"no split of {p.gpus} GPU(s) gives each role its own GPU(s) (needs at least 3): "
-            "roles can share a GPU with fractional gpus_per_worker / learner.gpus if the totals "
+            "roles can share a GPU with fractional gpus_per_worker / learner.gpus_per_worker if the totals "
             "above fit in one GPU together"
         )
     else:
         t = split.seconds
-        schedule = cfg.train.schedule + (" one-step-off" if cfg.rollout.max_staleness == 1 else "")
+        schedule = cfg.train.schedule + (" one-step-off" if cfg.rollout.one_step_off else "")
         lines += [
             f"suggested for {p.gpus} GPUs: rollout {split.rollout_workers} x {split.tp} GPU(s), scoring "
             f"{split.scoring_workers} x 1, learner {split.learners} x 1",

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from opsd_ray.common import ConfigError, jsonl_records
+from opsd_ray.config.recipes import _flatten
 from opsd_ray.eval.markers import MARKERS, describe
+from opsd_ray.eval.summary import eval_log_record
 from opsd_ray.tools.results_table import avg_keys, table_markdown
 
 TRAIN_KEYS = ("loss", "jsd", "student_entropy", "kl_target_base")
@@ -59,7 +62,6 @@ def load_run(folder: str | Path) -> Run:
     records: dict[int, dict] = {}
     for rec in jsonl_records(metrics.read_text()):
         records.setdefault(int(rec.get("step", 0)), {}).update(rec)
-    from opsd_ray.eval.summary import eval_log_record
 
     for path in sorted((folder / "eval").glob("step_*/summary.json")):  # evaluations the metrics lack
         step = int(path.parent.name.split("_")[1])
@@ -74,7 +76,6 @@ def run_config(folder: Path) -> dict:
     """The run's config.yaml as flat dotted keys ({} without one)."""
     from omegaconf import OmegaConf
 
-    from opsd_ray.config.recipes import _flatten
 
     path = folder / "config.yaml"
     return _flatten(OmegaConf.to_container(OmegaConf.load(path))) if path.is_file() else {}
@@ -417,3 +418,24 @@ def main(args: list[str]) -> int:
     print(f"report: {out / 'summary.md'}, {out / 'table.md'} and "
           f"{', '.join(sorted(p.name for p in out.glob('*.png')))}")
     return 0
+
+
+def report_run(run) -> str | None:
+    """A run's plots, summary.md and table.md (`opsd-ray report` of it) in <run>/report/ (`run`: its
+    run folder, local or remote); where summary.md went, or None with a warning (the run is complete)."""
+    try:
+        local = run.local_path()
+        if local is not None:
+            return str(report([local]) / "summary.md")
+        with tempfile.TemporaryDirectory() as tmp:  # a remote run folder: render locally, then copy
+            copy = Path(tmp) / Path(str(run)).name
+            copy.mkdir()
+            for name in ("metrics.jsonl", "config.yaml"):
+                (copy / name).write_bytes(run.read_text(name).encode())
+            out = report([copy], Path(tmp) / "report")
+            run.write_files("report", {f.name: f.read_bytes() for f in out.iterdir()})
+        return run.uri("report/summary.md")
+    except Exception as e:  # the run itself is complete: say so, and how to make the report again
+        print(f"warning: the report was not written ({type(e).__name__}: {e}); `opsd-ray report {run.uri()}` "
+              "makes it", flush=True)
+        return None

