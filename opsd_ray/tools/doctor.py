@@ -12,11 +12,11 @@ import importlib.util
 import platform
 from dataclasses import dataclass
 
-import opsd_ray
 from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
+import opsd_ray
 from opsd_ray.common import ConfigError
 from opsd_ray.config.recipes import compose, recipes_dir
 from opsd_ray.config.schema import Config
