@@ -164,10 +164,10 @@ def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, sm
     local = Groups.in_process(cfg, "hf")
     local.sync(conf)
     rec_l = step_once(cfg, local, PromptSampler(examples, cfg.train.batch_size), tok, 1, 0)
-    _, state_l = local.learner.whole("adapter_state", returns=2)
-    assert rec_l["loss"] == pytest.approx(rec_s["loss"], rel=1e-6)  # one learner's sum, not two partial ones
-    for k, v in state_s.items():
-        torch.testing.assert_close(state_l.value[k], v, rtol=1e-5, atol=1e-5 * cfg.learner.lr / 1e-2)
+    # one learner's sums, not two partial ones, on other thread counts: the same to float32 rounding (the
+    # adapters are not compared: Adam's first step, about lr * sign(g), flips for near-zero gradients)
+    for k in ("loss", "jsd", "grad_norm", "kl_target_base", "num_tokens", "response_length"):
+        assert rec_l[k] == pytest.approx(rec_s[k], rel=1e-5), k
 
 
 # ----------------------------------------------------------------------------- one-step-off, elastic resume
