@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from opsd_ray import gpucheck
+from opsd_ray.tools import gpucheck
 from opsd_ray.tools.doctor import Row, render, unmet
 from opsd_ray.tools.gpucheck import Check, compare, report
 
@@ -60,7 +60,7 @@ def test_without_a_gpu_it_says_so_and_exits_0(capsys):
 def test_it_needs_no_ray_and_no_vllm():
     code = textwrap.dedent("""
         import sys, torch
-        from opsd_ray import gpucheck
+        from opsd_ray.tools import gpucheck
         gpucheck.loss_check("cpu", torch.bfloat16, tokens=8)
         print(sorted({m.split(".")[0] for m in sys.modules} & {"ray", "vllm", "omegaconf", "pyarrow"}))
     """)

@@ -18,7 +18,8 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the Hub
 
-from opsd_ray import builtin_models, models  # noqa: E402
+from opsd_ray.models import builtin as builtin_models  # noqa: E402
+from opsd_ray.models import loading as models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ["tiny", "smollm2-135m", "qwen3-8b", "qwen3-4b", "r1-distill-qwen-7b", "olmo-3-7b-think"]
@@ -388,7 +389,8 @@ CONCURRENT_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from opsd_ray import builtin_models, models
+    from opsd_ray.models import builtin as builtin_models
+    from opsd_ray.models import loading as models
 
     sync, log = Path(sys.argv[1]), Path(sys.argv[2])
 
