@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from opsd_ray.common import rollout_max_len
+from opsd_ray.common import pad_id_of, rollout_max_len
 from opsd_ray.config.recipes import EVAL_GPU_MEMORY
+from opsd_ray.models.loading import load_tokenizer
 from opsd_ray.run.busy import BusyLog
 from opsd_ray.run.calls import LocalCalls, RayCalls
 from opsd_ray.run.cluster import check_fits, placed, role_placement_group, role_requests
@@ -354,6 +355,7 @@ class Groups:
         requests = {r.role: r for r in role_requests(cfg)}
         check_fits(list(requests.values()), ray.cluster_resources())
         faults, calls, cores = Faults(cfg.fault.max_restarts), RayCalls(), cores or {}
+        pad_id = pad_id_of(load_tokenizer(cfg.model))  # once here, not in every worker
         groups = cls(RolloutGroup([], calls, faults))
         try:
             groups.pgs = {role: role_placement_group(r) for role, r in requests.items()}
@@ -371,11 +373,11 @@ class Groups:
             if engine == "vllm":
                 ray.get([w.ready.remote() for w in groups.rollout.workers])
             groups.scoring = ScoringGroup(actors("scoring", ScoringWorker, restarts, lambda i, t: (
-                cfg.model, cfg.scoring, t)), calls, faults)
+                cfg.model, cfg.scoring, t, pad_id)), calls, faults)
             # Learners restart as a group, and the driver's kill of a live one counts as a restart for Ray
             # too: Ray restarts them without limit, and fault.max_restarts bounds the group restarts.
             n = cfg.learner.num_workers
-            learners = actors("learner", Learner, -1, lambda i, t: (cfg, t, i, n))
+            learners = actors("learner", Learner, -1, lambda i, t: (cfg, t, i, n, pad_id))
             groups.info = ray.get([a.ready.remote() for a in (*groups.rollout.workers, *groups.scoring.workers, *learners)])
             fsdp = cfg.learner.strategy == "fsdp" and n > 1
             groups.learner = LearnerGroup(learners, calls, faults, fsdp, [i["started"] for i in groups.info[-n:]])

@@ -106,7 +106,8 @@ class Learner:
     the group, divided by the step's response-token count, clipped, and AdamW moves every replica
     the same way."""
 
-    def __init__(self, cfg, num_threads: int | list[int] | None = None, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg, num_threads: int | list[int] | None = None, rank: int = 0, world_size: int = 1,
+                 pad_id: int | None = None):
         from peft import get_peft_model
 
 
@@ -122,8 +123,7 @@ class Learner:
             base.enable_input_require_grads()
         self.model = get_peft_model(base, lora_config(cfg.model))
         self.lm_head = base.get_output_embeddings().weight  # frozen: shared by student and targets
-        tok = load_tokenizer(cfg.model)
-        self.pad_id = pad_id_of(tok)
+        self.pad_id = pad_id if pad_id is not None else pad_id_of(load_tokenizer(cfg.model))
         self._make_optimizer()
         self.version = 0  # adapter version = number of optimizer steps taken
         self.store = None  # rank 0 of a group: the TCPStore it opened (group_address)

@@ -301,7 +301,7 @@ def split_evenly(items: list, parts: int) -> list[list]:
 class ScoringWorker:
     """Ray actor shell: one frozen copy of the base model."""
 
-    def __init__(self, model_cfg, scoring_cfg, num_threads: int | list[int] | None = None):
+    def __init__(self, model_cfg, scoring_cfg, num_threads: int | list[int] | None = None, pad_id: int | None = None):
         import time
 
 
@@ -310,8 +310,8 @@ class ScoringWorker:
         self.model = load_model(model_cfg, dtype=scoring_cfg.dtype, device=default_device())
         self.model.eval().requires_grad_(False)
         self.positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        tok = load_tokenizer(model_cfg)
-        self.pad_id = pad_id_of(tok)
+        # the driver knows the pad id: loading the tokenizer here would cost a second (a big JSON) per worker
+        self.pad_id = pad_id if pad_id is not None else pad_id_of(load_tokenizer(model_cfg))
         self.cfg = scoring_cfg
         self.info = worker_info("scoring", started)
 
