@@ -318,16 +318,22 @@ def load_examples(data_cfg: Any, count_tokens=None, seed: int = 0, tokenizer_id:
     if getattr(data_cfg, "sample", None):
         examples, report = sampled_examples(data_cfg, count_tokens, tokenizer_id)
     else:
-        rows, unreadable = read_rows(data_cfg.path, data_cfg.format, data_cfg.split, getattr(data_cfg, "hub_config", None))
-        examples, report = validate_rows(rows, data_cfg, count_tokens, source=str(data_cfg.path))
-        report.rows_read += sum(unreadable.values())
-        report.skipped.update(unreadable)
-        if not examples:
-            no_rows(data_cfg, rows, report)
+        examples, report = read_valid(data_cfg, count_tokens)
     report.note = getattr(data_cfg, "note", None)
     random.Random(seed).shuffle(examples)
     if data_cfg.limit is not None:
         examples = examples[: data_cfg.limit]
+    return examples, report
+
+
+def read_valid(data_cfg: Any, count_tokens) -> tuple[list[Example], DataReport]:
+    """The source's valid rows and the report of what was read and skipped; zero valid rows is an error."""
+    rows, unreadable = read_rows(data_cfg.path, data_cfg.format, data_cfg.split, getattr(data_cfg, "hub_config", None))
+    examples, report = validate_rows(rows, data_cfg, count_tokens, source=str(data_cfg.path))
+    report.rows_read += sum(unreadable.values())
+    report.skipped.update(unreadable)
+    if not examples:
+        no_rows(data_cfg, rows, report)
     return examples, report
 
 
@@ -360,12 +366,7 @@ def sampled_examples(data_cfg: Any, count_tokens, tokenizer_id: str) -> tuple[li
         report = DataReport(**json.loads(report_file.read_text()))
         report.cache = str(cached)
         return [Example(**r) for r in pq.read_table(cached).to_pylist()], report
-    rows, unreadable = read_rows(data_cfg.path, data_cfg.format, data_cfg.split, getattr(data_cfg, "hub_config", None))
-    examples, report = validate_rows(rows, data_cfg, count_tokens, source=str(data_cfg.path))
-    report.rows_read += sum(unreadable.values())
-    report.skipped.update(unreadable)
-    if not examples:
-        no_rows(data_cfg, rows, report)
+    examples, report = read_valid(data_cfg, count_tokens)
     examples.sort(key=lambda e: e.id)  # the source's order: the cache reads like the source
     write_parquet(examples, cached)
     report.cache = str(cached)
