@@ -276,6 +276,40 @@ def test_the_plan_says_what_each_evaluation_schedule_costs(capsys):
     from opsd_ray.tools.timemodel import eval_seconds
 
     one = eval_seconds(planner, 1, 0.9)
-    assert one >= 32768 * planner.s.params() * 2 / planner.bw  # never faster than the longest sample alone
+    assert one >= 32768 * planner.s.params() * 2 / planner.time.bandwidth()  # never faster than the longest sample alone
     assert main(["model=qwen3-8b", "data=math-cot-20k", "gpus=8", "eval.every=0"]) == 0
     assert "\nevaluation" not in capsys.readouterr().out  # no evaluation, no section
+
+
+def test_the_time_model_says_where_the_hours_go_per_role_schedule_and_gpu(capsys, tmp_path):
+    """Per-role seconds, the step under each schedule with its critical path, the run's hours, the stated
+    assumptions; a faster memory shortens decode only; calibrate= swaps the efficiencies for measured ones."""
+    import json
+    import re
+
+    from opsd_ray.tools.timemodel import GPUS, TimeModel, role_seconds, step_seconds
+
+    assert main(["model=qwen3-8b", "data=math-cot-20k", "gpus=8", "gpu=h100"]) == 0
+    out = capsys.readouterr().out
+    assert "time     H100 SXM: 989 TFLOP/s bf16, 3.35 TB/s; efficiency (stated)" in out
+    assert re.search(r"per step .*: rollout [\d.]+ s \(prefill [\d.]+, decode [\d.]+\), scoring [\d.]+ s, learner "
+                     r"[\d.]+ s; critical path: rollout", out), out
+    assert re.search(r"step: phases [\d.]+ s, streaming [\d.]+ s <-, one-step-off [\d.]+ s", out)
+    assert "training: 200 steps x" in out and "assumptions: prefill and scoring are compute-bound" in out
+
+    cfg = load_train_config(["model=qwen3-8b", "data=math-cot-20k"])
+    h100, h200 = (Planner(cfg, 8, 80, TimeModel(GPUS[g])) for g in ("h100", "h200"))
+    a, b = role_seconds(h100, 4, 1, 2, 2), role_seconds(h200, 4, 1, 2, 2)
+    assert b["decode"] == pytest.approx(a["decode"] * 3.35 / 4.8) and b["scoring"] == a["scoring"]
+    assert step_seconds(a, "phases", False, 8) == pytest.approx(a["rollout"] + a["scoring"] + a["learner"])
+    assert step_seconds(a, "streaming", True, 8) == max(a["rollout"], a["scoring"], a["learner"])
+
+    proof = tmp_path / "gpu-proof.json"
+    proof.write_text(json.dumps({"efficiency": {"decode": 0.3, "learner": 0.2}}))
+    slow = Planner(cfg, 8, 80, TimeModel(GPUS["h100"]).calibrated(proof))
+    c = role_seconds(slow, 4, 1, 2, 2)
+    assert c["decode"] == pytest.approx(2 * a["decode"]) and c["learner"] == pytest.approx(2 * a["learner"], rel=1e-3)
+    assert main(["model=qwen3-8b", "data=math-cot-20k", "gpus=8", f"calibrate={proof}"]) == 0
+    assert f"efficiency (calibrated from {proof})" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="gpu='tpu' is not one of: h100, h200, a100, l40s"):
+        main(["model=qwen3-8b", "data=math-cot-20k", "gpus=8", "gpu=tpu"])

@@ -73,6 +73,14 @@ def eval_jobs(benchmark: str, n_samples: int, limit: int | None, seed: int,
     return [EvalJob(benchmark, p, s, sample_seed(seed, benchmark, p.id, s)) for p in problems for s in range(n_samples)]
 
 
+def eval_points(cfg) -> list[int]:
+    """The steps a run evaluates: 0 (the base model), every eval.every steps, and the last."""
+    every, steps = cfg.eval.every, cfg.train.steps
+    if not every:
+        return []
+    return [0, *(s for s in range(1, steps + 1) if s % every == 0 or s == steps)]
+
+
 def all_jobs(benchmarks, n_samples: int, limit: int | None, seed: int) -> list[EvalJob]:
     """Every sample of every benchmark: one evaluation is one dispatch (no benchmark waits for another's tail)."""
     return [j for bench in benchmarks for j in eval_jobs(bench, n_samples, limit, seed)]

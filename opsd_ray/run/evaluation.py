@@ -20,19 +20,11 @@ from pathlib import Path
 
 from safetensors.torch import load
 
-from opsd_ray.eval.run import all_jobs, balance, eval_settings, expected_tokens, finish
+from opsd_ray.eval.run import all_jobs, balance, eval_points, eval_settings, expected_tokens, finish  # noqa: F401
 from opsd_ray.eval.summary import benchmark_line, eval_log_record, markdown_table, output_files, write_outputs
 from opsd_ray.run.console import say
 from opsd_ray.run.groups import Groups, RolloutGroup
 from opsd_ray.run.runfolder import RunFolder
-
-
-def eval_points(cfg) -> list[int]:
-    """The steps a run evaluates: 0 (the base model), every eval.every steps, and the last."""
-    every, steps = cfg.eval.every, cfg.train.steps
-    if not every:
-        return []
-    return [0, *(s for s in range(1, steps + 1) if s % every == 0 or s == steps)]
 
 
 def inline(cfg) -> bool:

@@ -19,8 +19,9 @@ in tests/test_plan.py):
   the three variants of a micro-batch are padded to the longest, the teacher sequence.
 - rollout (vLLM): weights + KV cache for its share of the batch at full length + LoRA slot.
 - every GPU process: 2 GiB of runtime overhead (CUDA context, allocator, vLLM graphs). Rough.
-Step times use ~400 TFLOP/s and ~2 TB/s effective per GPU (H100-class; tflops= / hbm_tbs= to change):
-decoding reads the weights once per token; scoring and learning are compute-bound.
+Step, evaluation and run times come from the time model (opsd_ray.tools.timemodel): gpu=h100|h200|
+a100|l40s picks peak FLOP/s, bandwidth and memory (tflops=, hbm_tbs=, gpu_mem= override them), stated
+efficiencies turn peaks into rates, and calibrate=gpu-proof.json replaces those by measured ones.
 """
 
 from __future__ import annotations
@@ -34,10 +35,9 @@ from opsd_ray.common import TEMPLATE_TOKENS
 from opsd_ray.config.recipes import Config, ConfigError, compose, load_preset, parse_overrides, validate_train
 from opsd_ray.models.shapes import DTYPE_BYTES, OVERHEAD_BYTES, GiB, find_shapes
 from opsd_ray.objective.registry import objective_of
-from opsd_ray.tools.timemodel import evaluation_lines
+from opsd_ray.tools.timemodel import GPU, GPUS, TimeModel, role_seconds, step_seconds, time_lines
 
 LOSS_BUFFERS = 9  # [chunk, vocab] buffers alive in the fused loss (measured: 8 float32 + 1 bf16)
-ALLREDUCE_BYTES_PER_S = 100e9  # effective all-reduce bandwidth between a node's GPUs (NVLink-class, rough)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -82,9 +82,9 @@ class Split:
 class Planner:
     """All the arithmetic, from a composed training config and the machine's numbers."""
 
-    def __init__(self, cfg, gpus: int, gpu_mem_gib: float, tflops: float = 400.0, hbm_tbs: float = 2.0):
+    def __init__(self, cfg, gpus: int, gpu_mem_gib: float, time: TimeModel | None = None):
         self.cfg, self.gpus, self.mem = cfg, gpus, gpu_mem_gib * GiB
-        self.flops, self.bw = tflops * 1e12, hbm_tbs * 1e12
+        self.time = time or TimeModel(GPUS["h100"])
         self.s = find_shapes(cfg.model)
         self.dt = DTYPE_BYTES[cfg.model.dtype]
         d, ro = cfg.data, cfg.rollout
@@ -217,32 +217,13 @@ class Planner:
 
     # ------------------------------------------------------------------ time and the split
     def seconds(self, rollout_workers: int, tp: int, scoring_workers: int, learners: int | None = None) -> dict[str, float]:
-        """Rough busy time of each role in a step (step_seconds combines them by schedule)."""
-        s, dt = self.s, self.dt
-        seqs = math.ceil(self.batch / rollout_workers)
-        kv_read = seqs * (self.q + TEMPLATE_TOKENS + self.new / 2) * s.kv_bytes_per_token(dt)
-        decode = self.new * (s.params() * dt + kv_read) / tp / self.bw
-        prefill = 2 * s.core_params() * seqs * (self.q + TEMPLATE_TOKENS) / tp / self.flops
-        lens = [self.len_teacher, self.len_ref, self.len_student][: self.variants_typical]
-        score = 2 * s.core_params() * math.ceil(self.batch / scoring_workers) * sum(lens) / self.flops
-        passes = 8 if self.cfg.learner.gradient_checkpointing else 6  # forward, (recompute), backward
-        frozen_heads = self.variants_typical if self.cfg.scoring.wire_format == "hidden" else 0
-        head = 2 * s.vocab * s.hidden * (frozen_heads + 2) * self.batch * self.new
-        n = learners or self.cfg.learner.num_workers
-        allreduce = 2 * self.lora * 4 / ALLREDUCE_BYTES_PER_S if n > 1 else 0.0  # float32 LoRA gradients
-        learn = (passes * s.core_params() * self.batch * self.len_student + head) / self.flops / n + allreduce
-        return {"rollout": decode + prefill, "scoring": score, "learner": learn}
+        """Busy time of each role in a step (opsd_ray.tools.timemodel)."""
+        return role_seconds(self, rollout_workers, tp, scoring_workers, learners)
 
     def step_seconds(self, t: dict[str, float]) -> float:
-        """The step from the roles' busy times: their sum phase by phase; streaming overlaps them, and
-        only the last part's scoring and learning come after the rollout; one-step-off hides the
-        rollout behind the previous step's learning."""
-        if self.cfg.train.schedule == "phases":
-            return sum(t.values())
-        if self.cfg.rollout.one_step_off:
-            return max(t.values())
+        """The step under the config's schedule from the roles' busy times."""
         parts = max(1, self.batch // self.cfg.learner.micro_batch_size)
-        return max(t.values()) + (t["scoring"] + t["learner"]) / parts
+        return step_seconds(t, self.cfg.train.schedule, self.cfg.rollout.one_step_off, parts)
 
     def min_tp(self, workers: int, util: float) -> int | None:
         for tp in (1, 2, 4, 8):
@@ -407,11 +388,10 @@ def render(p: Planner) -> str:
             f"suggested for {p.gpus} GPUs: rollout {split.rollout_workers} x {split.tp} GPU(s), scoring "
             f"{split.scoring_workers} x 1, learner {split.learners} x 1",
             f"         est. step <= {split.step:.0f} s at the upper-bound lengths, {schedule} (busy: rollout "
-            f"{t['rollout']:.0f} s, scoring {t['scoring']:.0f} s, learner {t['learner']:.0f} s; rough)",
+            f"{t['rollout']:.0f} s, scoring {t['scoring']:.0f} s, learner {t['learner']:.0f} s; the time model below)",
             f"         {split.overrides()}",
         ]
-    if cfg.eval.every:
-        lines += evaluation_lines(p, split)
+    lines += time_lines(p, split)
     if asked > p.gpus:
         warnings.append(
             f"the config asks for {asked:g} GPUs but gpus={p.gpus}"
@@ -425,18 +405,16 @@ def render(p: Planner) -> str:
 def main(args: list[str]) -> int:
     overrides = parse_overrides(args)
     model, data = overrides.pop("model", "smollm2-135m"), overrides.pop("data", "gsm8k")
+    gpu_name, calibrate = overrides.pop("gpu", "h100"), overrides.pop("calibrate", None)
+    if gpu_name not in GPUS:
+        raise ConfigError(f"gpu={gpu_name!r} is not one of: {', '.join(GPUS)} (tflops= and hbm_tbs= describe another)")
+    gpu = GPUS[gpu_name]
     numbers = {}
-    for key, default, cast in (
-        ("gpus", None, int),
-        ("gpu_mem", 80.0, float),
-        ("tflops", 400.0, float),
-        ("hbm_tbs", 2.0, float),
-    ):
+    for key, default, cast in (("gpus", None, int), ("gpu_mem", gpu.mem_gib, float), ("tflops", gpu.tflops, float),
+                               ("hbm_tbs", gpu.hbm_tbs, float)):
         raw = overrides.pop(key, default)
         if raw is None:
-            raise ConfigError(
-                "plan needs gpus=<n> (e.g. opsd-ray plan model=qwen3-8b data=math-cot-20k gpus=8)"
-            )
+            raise ConfigError("plan needs gpus=<n> (e.g. opsd-ray plan model=qwen3-8b data=math-cot-20k gpus=8)")
         try:
             numbers[key] = cast(raw)
         except ValueError:
@@ -451,6 +429,7 @@ def main(args: list[str]) -> int:
     validate_train(cfg)
     if cfg.model.dtype not in DTYPE_BYTES:
         raise ConfigError(f"model.dtype={cfg.model.dtype} is not one of {', '.join(DTYPE_BYTES)}")
-    planner = Planner(cfg, numbers["gpus"], numbers["gpu_mem"], numbers["tflops"], numbers["hbm_tbs"])
+    time = TimeModel(GPU(gpu.name, numbers["tflops"], numbers["hbm_tbs"], numbers["gpu_mem"]))
+    planner = Planner(cfg, numbers["gpus"], numbers["gpu_mem"], time.calibrated(calibrate) if calibrate else time)
     print(render(planner))
     return 0

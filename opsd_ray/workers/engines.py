@@ -34,10 +34,10 @@ class Engine(Protocol):
     def load_adapter(self, version: int, state: dict, adapter_config: dict) -> None: ...
 
     def generate(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
-                 top_p: float) -> list[tuple[list[int], str]]: ...
+                 top_p: float, ignore_eos: bool = False) -> list[tuple[list[int], str]]: ...
 
     def generate_iter(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
-                      top_p: float) -> Iterator[tuple[int, list[int], str]]: ...
+                      top_p: float, ignore_eos: bool = False) -> Iterator[tuple[int, list[int], str]]: ...
 
     def sequence_logprobs(self, prompt: list[int], response: list[int], adapter: bool = True) -> list[float]: ...
 
@@ -161,13 +161,14 @@ class HFEngine:
         set_peft_model_state_dict(self.model, state)
         self.version = version
 
-    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p) -> list[tuple[list[int], str]]:
-        return in_order(self.generate_iter(prompts, seeds, max_new_tokens, temperature, top_p), len(prompts))
+    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p, ignore_eos=False) -> list[tuple[list[int], str]]:
+        return in_order(self.generate_iter(prompts, seeds, max_new_tokens, temperature, top_p, ignore_eos), len(prompts))
 
     @torch.no_grad()
     def generate_iter(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
-                      top_p: float):
-        """(index, response ids, finish reason) of each prompt as it finishes."""
+                      top_p: float, ignore_eos: bool = False):
+        """(index, response ids, finish reason) of each prompt as it finishes; ignore_eos: every response is
+        max_new_tokens long (benchmarks and the GPU proof force the lengths)."""
         # One sequence at a time with its own seed: a trajectory does not depend on its batch-mates,
         # so changing the number of rollout workers does not change what is generated.
         for index, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
@@ -181,6 +182,7 @@ class HFEngine:
                 top_p=top_p,
                 top_k=0,
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens if ignore_eos else None,
                 eos_token_id=self.eos,
                 pad_token_id=self.pad_id,
             )
@@ -270,10 +272,10 @@ class VLLMEngine:
     def close(self) -> None:
         shutil.rmtree(self.adapter_root, ignore_errors=True)
 
-    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p) -> list[tuple[list[int], str]]:
-        return in_order(self.generate_iter(prompts, seeds, max_new_tokens, temperature, top_p), len(prompts))
+    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p, ignore_eos=False) -> list[tuple[list[int], str]]:
+        return in_order(self.generate_iter(prompts, seeds, max_new_tokens, temperature, top_p, ignore_eos), len(prompts))
 
-    def generate_iter(self, prompts, seeds, max_new_tokens, temperature, top_p):
+    def generate_iter(self, prompts, seeds, max_new_tokens, temperature, top_p, ignore_eos=False):
         """(index, response ids, finish reason) of each prompt as it finishes: all requests go into
         the engine at once (continuous batching), and finished ones come out while others still run."""
         from vllm import SamplingParams
@@ -285,7 +287,8 @@ class VLLMEngine:
                 top_p=top_p,
                 max_tokens=max_new_tokens,
                 seed=s,
-                stop_token_ids=self.eos,
+                stop_token_ids=[] if ignore_eos else self.eos,
+                ignore_eos=ignore_eos,
             )
             for s in seeds
         ]

@@ -76,7 +76,7 @@ class RolloutWorker:
     def _trajectories(self, requests):
         finished = self.engine.generate_iter(
             [r[1] for r in requests], [r[2] for r in requests], self.cfg.max_new_tokens, self.cfg.temperature,
-            self.cfg.top_p,
+            self.cfg.top_p, self.cfg.ignore_eos,
         )
         for index, ids, finish in finished:
             eid, prompt, _ = requests[index]
