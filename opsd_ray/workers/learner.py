@@ -24,7 +24,7 @@ from opsd_ray.common import lora_config, pad_id_of
 from opsd_ray.models.loading import default_device, load_model, load_tokenizer, to_torch_dtype
 from opsd_ray.objective.formulas import FrozenVariants, opsd_loss
 from opsd_ray.workers.engines import response_logprobs
-from opsd_ray.workers.process import use_cores, worker_info
+from opsd_ray.workers.process import peak_memory, use_cores, worker_info
 from opsd_ray.workers.scoring import FrozenBatch, ScoringItem, response_hidden
 
 
@@ -132,6 +132,9 @@ class Learner:
 
     def ready(self) -> dict:
         return self.info
+
+    def peak_memory(self) -> dict:
+        return peak_memory()
 
     def _make_optimizer(self) -> None:
         """AdamW over the LoRA parameters (again after FSDP has replaced them by their shards)."""

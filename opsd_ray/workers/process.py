@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import time
 
@@ -37,3 +38,10 @@ def worker_info(role: str, started: float) -> dict:
         "started": started,
         "ready": time.time(),
     }
+
+
+def peak_memory() -> dict:
+    """This process's peak memory: on a GPU what torch allocated at most, on the CPU the peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"bytes": torch.cuda.max_memory_allocated(), "how": "torch.cuda.max_memory_allocated"}
+    return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "how": "peak RSS"}

@@ -8,9 +8,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from opsd_ray.eval.run import run_jobs
 from opsd_ray.workers.engines import make_engine
-from opsd_ray.workers.process import use_cores, worker_info
+from opsd_ray.workers.process import peak_memory, use_cores, worker_info
 
 
 @dataclass
@@ -48,10 +50,19 @@ class RolloutWorker:
         self.model_cfg = model_cfg
         # an engine's name ("hf", "vllm"), or an engine built elsewhere (tests)
         self.engine = make_engine(engine, model_cfg, rollout_cfg, seed, max_model_len) if isinstance(engine, str) else engine
+        self.engine_name = engine if isinstance(engine, str) else type(engine).__name__
         self.info = worker_info("rollout", started)  # after the engine: vLLM has taken its memory
 
     def ready(self) -> dict:
         return self.info
+
+    def peak_memory(self) -> dict:
+        """vLLM on a GPU holds its budget (gpu_memory_utilization of the GPU) in its own process; else this
+        process's peak."""
+        if self.engine_name == "vllm" and torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            return {"bytes": int(self.cfg.gpu_memory_utilization * total), "how": "vLLM's budget"}
+        return peak_memory()
 
     def close(self) -> None:
         """Remove what the engine wrote to disk (the driver calls it before ending the actor)."""

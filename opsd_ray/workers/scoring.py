@@ -28,7 +28,7 @@ from opsd_ray.common import pad_id_of
 from opsd_ray.data.prompts import PromptIds, ScoringSequence, sequence_of
 from opsd_ray.models.loading import default_device, load_model, load_tokenizer
 from opsd_ray.objective.registry import VARIANTS  # noqa: F401  (the variants, in the order they travel)
-from opsd_ray.workers.process import use_cores, worker_info
+from opsd_ray.workers.process import peak_memory, use_cores, worker_info
 
 
 @dataclass
@@ -317,6 +317,9 @@ class ScoringWorker:
 
     def ready(self) -> dict:
         return self.info
+
+    def peak_memory(self) -> dict:
+        return peak_memory()
 
     def score_part(self, items: list[ScoringItem], variants: tuple[str, ...]) -> tuple[dict, FrozenBatch]:
         """Called with num_returns=2: the driver reads only the small first value (when this worker was
