@@ -39,7 +39,7 @@ from opsd_ray.run.groups import Groups
 from opsd_ray.run.sync_check import SyncCheck, probe_sequence
 from opsd_ray.tools import gpucheck
 from opsd_ray.tools.plan import Planner
-from opsd_ray.tools.timemodel import device_gpu, forward_flops
+from opsd_ray.tools.timemodel import device_gpu, forward_flops, learner_flops
 from opsd_ray.workers.engines import adapter_config, adapter_dtype, pick_engine
 
 # The paper's models, as Qwen3 configs (Qwen3-4B ties its embeddings, Qwen3-8B does not)
@@ -154,10 +154,9 @@ def role_numbers(cfg, tok, examples, records: list[dict], peak: float | None, sh
     prompts = [build_prompt_ids(tok, e.question, e.reference, cfg.model, cfg.prompt) for e in examples[:batch]]
     student = sum(len(p.student) for p in prompts) / len(prompts)
     scored = sum(len(p.teacher) + len(p.ref) + len(p.student) for p in prompts) / len(prompts) + 3 * new
-    layers = 8 if cfg.learner.gradient_checkpointing else 6
     flops = {"rollout": forward_flops(shapes, batch * (student + new)),
              "scoring": forward_flops(shapes, batch * scored),
-             "learner": layers * shapes.core_params() * batch * (student + new) + 2 * shapes.vocab * shapes.hidden * 5 * batch * new}
+             "learner": learner_flops(shapes, batch * (student + new), batch * new, cfg.learner.gradient_checkpointing, 3)}
     tokens = {"rollout": batch * new, "scoring": batch * scored, "learner": batch * new}
     return {r: {"time_s": median[r], "tokens_per_s": tokens[r] / median[r], "flops": flops[r],
                 "mfu": flops[r] / median[r] / peak if peak else None} for r in median}

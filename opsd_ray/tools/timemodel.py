@@ -89,11 +89,13 @@ def forward_flops(s: Shapes, tokens: float) -> float:
     return 2 * s.core_params() * tokens
 
 
-def learner_flops(s: Shapes, tokens: float, checkpointing: bool, frozen_heads: int) -> float:
-    """Forward, backward (and recompute) of the layers, the student's lm_head forward and backward, and
-    the frozen variants' lm_head forwards (hidden wire format), over `tokens` response tokens."""
+def learner_flops(s: Shapes, sequence_tokens: float, response_tokens: float, checkpointing: bool,
+                  frozen_heads: int) -> float:
+    """Forward, backward (and recompute) of the layers over the student's sequences, and at the response
+    tokens the student's lm_head forward and backward and the frozen variants' lm_head forwards (the
+    hidden wire format)."""
     passes = 8 if checkpointing else 6
-    return passes * s.core_params() * tokens + 2 * s.vocab * s.hidden * (frozen_heads + 2) * tokens
+    return passes * s.core_params() * sequence_tokens + 2 * s.vocab * s.hidden * (frozen_heads + 3) * response_tokens
 
 
 def decode_seconds(s: Shapes, dt: int, tm: TimeModel, steps: float, seqs: float, context: float, tp: int = 1) -> float:
@@ -104,18 +106,30 @@ def decode_seconds(s: Shapes, dt: int, tm: TimeModel, steps: float, seqs: float,
 # ----------------------------------------------------------------------------- a step
 def role_seconds(p, rollout_workers: int, tp: int, scoring_workers: int, learners: int | None = None) -> dict[str, float]:
     """Busy time of each role in a step at the config's upper-bound lengths (`p`: a plan.Planner)."""
-    s, dt, tm, cfg = p.s, p.dt, p.time, p.cfg
+    cfg = p.cfg
     seqs = math.ceil(p.batch / rollout_workers)
-    prompt = p.q + TEMPLATE_TOKENS
-    decode = decode_seconds(s, dt, tm, p.new, seqs, prompt + p.new / 2, tp)
-    prefill = forward_flops(s, seqs * prompt) / tp / tm.compute("prefill")
     lens = [p.len_teacher, p.len_ref, p.len_student][: p.variants_typical]
-    score = forward_flops(s, math.ceil(p.batch / scoring_workers) * sum(lens)) / tm.compute("scoring")
-    frozen_heads = p.variants_typical if cfg.scoring.wire_format == "hidden" else 0
-    n = learners or cfg.learner.num_workers
-    allreduce = 2 * p.lora * 4 / ALLREDUCE_BYTES_PER_S if n > 1 else 0.0  # float32 LoRA gradients
-    learn = (learner_flops(s, p.batch * p.len_student, cfg.learner.gradient_checkpointing, frozen_heads)
-             / tm.compute("learner") / n + allreduce)
+    return role_seconds_at(
+        p.s, p.dt, p.time, seqs=seqs, prompt=p.q + TEMPLATE_TOKENS, new=p.new,
+        scored_tokens=math.ceil(p.batch / scoring_workers) * sum(lens), learner_tokens=p.batch * p.len_student,
+        response_tokens=p.batch * p.new, frozen_heads=p.variants_typical if cfg.scoring.wire_format == "hidden" else 0,
+        checkpointing=cfg.learner.gradient_checkpointing, learners=learners or cfg.learner.num_workers, tp=tp,
+        lora=p.lora)
+
+
+def role_seconds_at(s: Shapes, dt: int, tm: TimeModel, *, seqs: float, prompt: float, new: float, scored_tokens: float,
+                    learner_tokens: float, response_tokens: float, frozen_heads: int, checkpointing: bool,
+                    learners: int = 1, tp: int = 1, lora: int = 0, sequential: bool = False) -> dict[str, float]:
+    """The roles' busy times at given lengths: a rollout worker's `seqs` sequences (prompt, then `new`
+    tokens, decoded together, or one after another by an engine that decodes `sequential`ly), the tokens
+    one scoring worker reads, and the learner group's tokens."""
+    together = 1 if sequential else seqs
+    decode = decode_seconds(s, dt, tm, new * seqs / together, together, prompt + new / 2, tp)
+    prefill = forward_flops(s, seqs * prompt) / tp / tm.compute("prefill")
+    score = forward_flops(s, scored_tokens) / tm.compute("scoring")
+    allreduce = 2 * lora * 4 / ALLREDUCE_BYTES_PER_S if learners > 1 else 0.0  # float32 LoRA gradients
+    learn = (learner_flops(s, learner_tokens, response_tokens, checkpointing, frozen_heads) / tm.compute("learner")
+             / learners + allreduce)
     return {"rollout": decode + prefill, "scoring": score, "learner": learn, "prefill": prefill, "decode": decode}
 
 
