@@ -174,3 +174,19 @@ def test_bench_main_runs_registered_benchmarks(tmp_path, capsys):
             main(["no_such_benchmark", "--out", str(out)])
     finally:
         bench.BENCHMARKS.pop("_unit_dummy")
+
+
+def test_timemodel_records_tiny():
+    """The time model calibrated on one shape predicts three others: one record each (the ratio's goal
+    is the benchmark's business, not a timed test's)."""
+    import argparse
+    import math
+
+    from opsd_ray.bench import timemodel
+
+    recs = {r["name"]: r for r in timemodel.bench_timemodel(argparse.Namespace(quick=True, reps=1))}
+    for shape in ("base", "twice_the_completion", "twice_the_batch", "standard"):
+        r = recs[f"timemodel_{shape}_predicted_over_measured"]
+        assert math.isfinite(r["value"]) and r["value"] > 0 and "measured" in r["note"]
+    assert recs["timemodel_base_predicted_over_measured"]["value"] == pytest.approx(1.0, rel=1e-6)  # calibrated on it
+    assert {f"timemodel_efficiency_{k}" for k in ("prefill", "decode", "scoring", "learner")} <= set(recs)

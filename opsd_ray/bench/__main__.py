@@ -7,7 +7,18 @@ import json
 import sys
 from pathlib import Path
 
-from opsd_ray.bench import BENCHMARKS, DEFAULT_OUT, Record, objectives, overlap, rollout, scoring, step, wire  # noqa: F401  (they register)
+from opsd_ray.bench import (  # noqa: F401  (they register)
+    BENCHMARKS,
+    DEFAULT_OUT,
+    Record,
+    objectives,
+    overlap,
+    rollout,
+    scoring,
+    step,
+    timemodel,
+    wire,
+)
 from opsd_ray.common import atomic_write_text
 
 
