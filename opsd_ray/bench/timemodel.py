@@ -11,13 +11,14 @@ from dataclasses import replace
 
 from opsd_ray.bench import Record, record, register
 from opsd_ray.bench.common import bench_cfg, examples_of, log
+from opsd_ray.common import rollout_max_len
 from opsd_ray.data.prompts import PROMPT_OF, build_prompt_ids
 from opsd_ray.data.sources import PromptSampler
 from opsd_ray.models.loading import load_tokenizer
 from opsd_ray.models.shapes import DTYPE_BYTES, find_shapes
 from opsd_ray.objective.registry import objective_of
 from opsd_ray.run.driver import step_once
-from opsd_ray.run.groups import Groups, LearnerGroup
+from opsd_ray.run.groups import Groups, LearnerGroup, RolloutGroup
 from opsd_ray.tools.timemodel import (
     GPU,
     TimeModel,
@@ -28,6 +29,7 @@ from opsd_ray.tools.timemodel import (
 )
 from opsd_ray.workers.engines import adapter_config
 from opsd_ray.workers.learner import Learner
+from opsd_ray.workers.rollout import RolloutWorker
 
 CPU = GPU("this CPU (calibrated)", 1.0, 1.0, 0.0)  # unit peaks: the calibrated efficiencies are rates
 
@@ -84,16 +86,22 @@ def bench_timemodel(args: argparse.Namespace) -> list[Record]:
     log(f"timemodel: {model} in process, phase by phase")
     pmi = Groups.in_process(cfg, "hf")
     g = pmi.rollout
-    standard = replace(pmi, learner=LearnerGroup([Learner(cfgs["standard"])], g.calls, g.faults, False, [0.0]))
+    # the rollout worker's own config sets the completion length: the longer arm gets a worker of its own
+    longer = cfgs["twice_the_completion"]
+    groups_of = {"base": pmi, "twice_the_batch": pmi,
+                 "standard": replace(pmi, learner=LearnerGroup([Learner(cfgs["standard"])], g.calls, g.faults, False, [0.0])),
+                 "twice_the_completion": replace(pmi, rollout=RolloutGroup([RolloutWorker(
+                     longer.model, longer.rollout, "hf", longer.run.seed, None, rollout_max_len(longer))], g.calls, g.faults))}
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     for rep in range(reps + 1):  # the first round warms up (first calls, caches)
         for name in (list(arms) if rep % 2 == 0 else list(arms)[::-1]):
-            c, groups = cfgs[name], (standard if arms[name][2] == "standard" else pmi)
+            c, groups = cfgs[name], groups_of[name]
             version = groups.sync(adapter_config(c))["version"]
             rec = step_once(c, groups, PromptSampler(examples, c.train.batch_size, seed=c.run.seed), tok, 2, version)
             if rep:
                 runs[name].append(rec)
     sizes = {name: lengths(cfgs[name], tok, examples, runs[name][0]) for name in arms}
+    assert sizes["twice_the_completion"]["new"] == 2 * sizes["base"]["new"]  # forced lengths (ignore_eos)
     tm = calibrate(shapes, dt, cfg, sizes["base"], measured(runs["base"]))
     out = [record("timemodel_efficiency_" + k, v, "x", None, f"calibrated on the base shape ({model}, {batch} prompts x "
                   f"{new} tokens, pmi): {'share of 1 GB/s' if k == 'decode' else 'TFLOP/s'} reached on this CPU")
