@@ -4,7 +4,6 @@ table and the JSON); a paper shape says that there is no GPU and what it would r
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -17,9 +16,9 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_the_tiny_proof_runs_the_whole_path_on_the_cpu_and_passes(tmp_path):
     out = tmp_path / "gpu-proof.json"
-    res = subprocess.run([sys.executable, "-m", "opsd_ray.tools.gpuproof", "--shape", "tiny", "--engine", "hf",
-                          "--prompt-tokens", "64", "--reference-tokens", "64", "--new-tokens", "16", "--steps", "2",
-                          "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    args = f"--engine hf --prompt-tokens 64 --reference-tokens 64 --new-tokens 16 --steps 2 --out {out}"
+    res = subprocess.run(["make", "--no-print-directory", "-s", "-o", ".venv/.installed", "gpu-proof", "SHAPE=tiny",
+                          f"PROOF_ARGS={args}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "passed: every check" in res.stdout and "gpu-proof: tiny on cpu (hf rollout" in res.stdout
     result = json.loads(out.read_text())
