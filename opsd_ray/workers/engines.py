@@ -23,6 +23,7 @@ import torch
 
 from opsd_ray.common import ConfigError, atomic_folder, lora_config, pad_id_of
 from opsd_ray.models.loading import default_device, load_model, load_tokenizer, resolve_model_path
+from opsd_ray.workers.sampling import generate_batch
 
 
 class Engine(Protocol):
@@ -46,7 +47,7 @@ def make_engine(name: str, model_cfg, rollout_cfg, seed: int, max_model_len: int
     """The engine `name` ("hf" or "vllm", as pick_engine resolves "auto")."""
     if name == "vllm":
         return VLLMEngine(model_cfg, rollout_cfg, seed, max_model_len)
-    return HFEngine(model_cfg)
+    return HFEngine(model_cfg, bool(rollout_cfg.deterministic))
 
 
 def adapter_config(cfg) -> dict:
@@ -143,12 +144,14 @@ def cut_at_eos(ids: list[int], eos: list[int]) -> tuple[list[int], str]:
 
 
 class HFEngine:
-    """transformers `generate` on the peft model, one request at a time, each with its own seed."""
+    """The peft model in this process. A share of requests is decoded as one batch in which every row
+    samples from its own seed (opsd_ray.workers.sampling); deterministic=True decodes one request at a
+    time with transformers' `generate` (bit for bit the same whatever the batch)."""
 
-    def __init__(self, model_cfg):
+    def __init__(self, model_cfg, deterministic: bool = False):
         from peft import get_peft_model
 
-
+        self.deterministic = deterministic
         self.tokenizer = load_tokenizer(model_cfg)
         self.model = get_peft_model(load_model(model_cfg, device=default_device()), lora_config(model_cfg)).eval()
         self.eos = eos_ids(self.tokenizer, resolve_model_path(model_cfg), bool(model_cfg.trust_remote_code))
@@ -169,6 +172,10 @@ class HFEngine:
                       top_p: float, ignore_eos: bool = False):
         """(index, response ids, finish reason) of each prompt as it finishes; ignore_eos: every response is
         max_new_tokens long (benchmarks and the GPU proof force the lengths)."""
+        if not self.deterministic:
+            yield from generate_batch(self.model, prompts, seeds, max_new_tokens, temperature, top_p, self.eos,
+                                      self.pad_id, ignore_eos)
+            return
         # One sequence at a time with its own seed: a trajectory does not depend on its batch-mates,
         # so changing the number of rollout workers does not change what is generated.
         for index, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
