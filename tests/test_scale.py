@@ -134,7 +134,10 @@ def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, sm
     from opsd_ray.run.groups import Groups
     from opsd_ray.workers.engines import adapter_config
 
-    cfg = cfg_of(tmp_path, small_data, "rollout.num_workers=2", "scoring.num_workers=2", "learner.num_workers=2")
+    # deterministic: each worker decodes its share one trajectory at a time, so its first micro-batch
+    # is whole halfway through its rollout (a batched worker returns its share at once)
+    cfg = cfg_of(tmp_path, small_data, "rollout.num_workers=2", "scoring.num_workers=2", "learner.num_workers=2",
+                 "rollout.deterministic=true")
     tok = load_tokenizer(cfg.model)
     examples, _ = load_examples(cfg.data)
     conf = adapter_config(cfg)

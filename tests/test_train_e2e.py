@@ -304,7 +304,9 @@ def test_make_train_shows_a_console_for_people_and_leaves_report_card_and_wandb(
     engine_log = (folder / "logs" / "engines.log").read_text()
     assert "(RolloutWorker pid=" in engine_log and "(ScoringWorker pid=" in engine_log
     if vllm_available():
-        assert "Initializing a V1 LLM engine" in engine_log
+        # vLLM's own lines: its logger's (stdout) or its weight-loading bar (stderr); one CI run under load
+        # got only the stderr ones, so either proves that vLLM's chatter lands here
+        assert "Initializing a V1 LLM engine" in engine_log or "Loading safetensors checkpoint shards" in engine_log
 
     # the report of the run, with the Table-1 view (Base: step 0)
     assert {"summary.md", "table.md", "accuracy.png", "markers.png"} <= {p.name for p in (folder / "report").iterdir()}

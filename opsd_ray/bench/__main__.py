@@ -17,6 +17,7 @@ from opsd_ray.bench import (  # noqa: F401  (they register)
     scoring,
     step,
     timemodel,
+    trl,
     wire,
 )
 from opsd_ray.common import atomic_write_text

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -157,12 +156,36 @@ class HFEngine:
         self.eos = eos_ids(self.tokenizer, resolve_model_path(model_cfg), bool(model_cfg.trust_remote_code))
         self.pad_id = pad_id_of(self.tokenizer)
         self.version = -1
+        self.merged = False
+        # On a CPU each decoded token reads every weight, and unmerged LoRA adds small matmuls per layer:
+        # there the adapter is merged into the base weights, kept in a pristine copy to merge each new
+        # adapter into exactly. On a GPU that copy would cost the base model's memory again: unmerged.
+        self.merge = self.model.device.type == "cpu"
+        self.pristine = {n: m.weight.detach().clone() for n, m in self.model.named_modules()
+                         if self.merge and n.endswith(".base_layer") and hasattr(m, "weight")}
 
     def load_adapter(self, version: int, state: dict[str, torch.Tensor], adapter_config: dict) -> None:
+        """The adapter's weights (merged into the base weights on a CPU)."""
         from peft import set_peft_model_state_dict
 
+        self._unmerge()
         set_peft_model_state_dict(self.model, state)
+        self._merge()
         self.version = version
+
+    def _merge(self) -> None:
+        if self.merge:
+            self.model.merge_adapter()
+            self.merged = True
+
+    def _unmerge(self) -> None:
+        """Back to the base weights exactly (unmerging subtracts the adapter again, which leaves rounding)."""
+        if self.merged:
+            self.model.unmerge_adapter()
+            self.merged = False
+        with torch.no_grad():
+            for name, weight in self.pristine.items():
+                self.model.get_submodule(name).weight.copy_(weight)
 
     def generate(self, prompts, seeds, max_new_tokens, temperature, top_p, ignore_eos=False) -> list[tuple[list[int], str]]:
         return in_order(self.generate_iter(prompts, seeds, max_new_tokens, temperature, top_p, ignore_eos), len(prompts))
@@ -198,8 +221,14 @@ class HFEngine:
     @torch.no_grad()
     def sequence_logprobs(self, prompt: list[int], response: list[int], adapter: bool = True) -> list[float]:
         """log p(response | prompt) per token, with the loaded adapter or (adapter=False) the base alone."""
-        with contextlib.nullcontext() if adapter else self.model.disable_adapter():
+        if adapter:
             return response_logprobs(self.model, prompt, response)
+        self._unmerge()
+        try:
+            with self.model.disable_adapter():
+                return response_logprobs(self.model, prompt, response)
+        finally:
+            self._merge()
 
 
 def vllm_engine_args(model_cfg, rollout_cfg, path: str, seed: int, max_model_len: int, on_gpu: bool) -> dict:
