@@ -86,7 +86,9 @@ def _eval(args: list[str]) -> int:
         model_cfg.lora.r, model_cfg.lora.alpha = int(conf["r"]), int(conf["lora_alpha"])
         model_cfg.lora.target_modules = sorted(conf["target_modules"])
         served = (0, state, conf)
-    engine = pick_engine(ev.engine, model_cfg.lora.r)
+    import torch
+
+    engine = pick_engine(ev.engine, model_cfg.lora.r, on_gpu=torch.cuda.is_available())
     out = Path(ev.out or f"runs/eval-{model_cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     tok = load_tokenizer(model_cfg)
     longest = max(len(prompt_ids(tok, model_cfg, p, ev.enable_thinking))

@@ -119,9 +119,9 @@ def same_run(a, b, keys=("loss", "jsd", "grad_norm", "num_tokens", "response_len
         assert torch.equal(fb[k], v), k
 
 
-# One uninterrupted run that the runs with killed workers must equal: 3 steps, a checkpoint at step 2,
-# a group of 2 learners (gloo).
-GROUP_RUN = ("train.steps=3", "checkpoint.every=2", "learner.num_workers=2")
+# One uninterrupted run that the runs with killed workers must equal bit for bit: 3 steps, a checkpoint at
+# step 2, a group of 2 learners (gloo), and the rollout's deterministic mode (each sequence decoded alone).
+GROUP_RUN = ("train.steps=3", "checkpoint.every=2", "learner.num_workers=2", "rollout.deterministic=true")
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +144,25 @@ def test_killed_rollout_and_scoring_workers_are_restarted_and_the_run_is_unchang
     # each loss counts once, however many calls were queued on the worker when it died
     assert out.count(" was lost (") == 2 and "restart 2 of" not in out, out
     same_run(uninterrupted, hit)  # every trajectory has its seed, every part is scored as one unit
+
+
+def test_in_the_default_batched_mode_a_killed_rollout_worker_leaves_a_finished_run_with_close_metrics(
+        local_ray, tmp_path, small_data, capsys):
+    """The batched HF engine (the default) promises the same samples up to the kernels' rounding: a run
+    whose rollout worker is killed finishes, its metrics finite and close to an uninterrupted run's."""
+    from opsd_ray.run.driver import train
+
+    run = ("train.steps=2", "train.batch_size=8", "rollout.max_new_tokens=16")
+    full = train(load_train_config(args_of(tmp_path, small_data, "run.name=full", *run)))
+    thread, killed = kill_when(tmp_path / "hit", [(1, "RolloutWorker")])
+    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", *run)))
+    thread.join(timeout=10)
+    assert killed == [(1, "RolloutWorker")] and "rollout worker 0 was lost" in capsys.readouterr().out
+    ra, rb = read_metrics(full), read_metrics(hit)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2]
+    for x, y in zip(ra, rb, strict=True):
+        for k in ("loss", "jsd", "grad_norm", "response_length"):
+            assert math.isfinite(y[k]) and y[k] == pytest.approx(x[k], rel=1e-2), (x["step"], k, x[k], y[k])
 
 
 def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(uninterrupted, tmp_path, small_data, capsys):

@@ -91,6 +91,9 @@ def test_max_lora_rank_is_rounded_up_to_a_rank_vllm_accepts():
         with pytest.raises(ConfigError, match="up to 512"):
             pick_engine("vllm", lora_r=1024)  # before any actor starts
     assert pick_engine("hf", lora_r=1024) == "hf"
+    # auto: vLLM for GPU rollouts when installed; on a CPU the batched HF engine (faster there: docs/performance.md)
+    assert pick_engine("auto", 64, on_gpu=False) == "hf"
+    assert pick_engine("auto", 64, on_gpu=True) == ("vllm" if vllm_available() else "hf")
 
 
 def test_a_tensor_parallel_worker_holds_all_its_gpus_in_one_bundle():

@@ -91,7 +91,8 @@ def test_a_lost_node_takes_its_rollout_worker_along_and_the_run_is_unchanged(two
                                   f"run.name={name}", "rollout.engine=hf", "train.batch_size=4",
                                   "learner.micro_batch_size=2", "rollout.max_new_tokens=8", "train.steps=3",
                                   "checkpoint.every=0", "train.diagnostics_every=0", "learner.lr=1e-2",
-                                  "rollout.resources.rollout_node=1", "rollout.cpus_per_worker=1"])
+                                  "rollout.resources.rollout_node=1", "rollout.cpus_per_worker=1",
+                                  "rollout.deterministic=true"])
 
     full = train(cfg("full"))
     lost = []

@@ -188,13 +188,15 @@ def test_one_step_off_rollout_trains_one_version_behind(local_ray, tmp_path, sma
 
 
 def test_resume_with_more_scoring_workers_continues_exactly(local_ray, tmp_path, small_data):
-    """A checkpoint written with S = 1, resumed with S = 2 (and 2 rollout workers): the same run."""
+    """A checkpoint written with S = 1, resumed with S = 2 (and 2 rollout workers): the same run, bit for bit
+    in the rollout's deterministic mode (2 workers decode the batch in halves)."""
     from opsd_ray.run.driver import train
 
-    full = train(cfg_of(tmp_path, small_data, "run.name=full", "train.steps=4", "checkpoint.every=2"))
-    train(cfg_of(tmp_path, small_data, "run.name=split", "train.steps=2", "checkpoint.every=2"))
-    split = train(cfg_of(tmp_path, small_data, "run.name=split", "train.steps=4", "checkpoint.every=2",
-                         "scoring.num_workers=2", "rollout.num_workers=2"))
+    same = ("train.steps=4", "checkpoint.every=2", "rollout.deterministic=true")
+    full = train(cfg_of(tmp_path, small_data, "run.name=full", *same))
+    train(cfg_of(tmp_path, small_data, "run.name=split", *same[1:], "train.steps=2"))
+    split = train(cfg_of(tmp_path, small_data, "run.name=split", *same, "scoring.num_workers=2",
+                         "rollout.num_workers=2"))
     a, b = read_metrics(full), read_metrics(split)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
@@ -214,3 +216,33 @@ def test_an_fsdp_group_trains_checkpoints_and_a_single_learner_resumes(local_ray
     assert resumed == folder and [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
     assert records[2]["adapter_version"] == 3
+
+
+# ----------------------------------------------------------------------------- several completions per prompt
+def test_a_prompts_completions_are_drawn_with_their_own_seeds_and_all_learnt(tmp_path, small_data):
+    """rollout.n = 2 on the in-process groups: each prompt's 2 completions come next to each other with
+    seeds of their own, a micro-batch holds one prompt's completions (scored in one shared row), and the
+    step learns every completion's tokens."""
+    from opsd_ray.data.sources import PromptSampler, load_examples
+    from opsd_ray.models.loading import load_tokenizer
+    from opsd_ray.run.driver import diagnostics_step, launch, step_record
+    from opsd_ray.run.groups import Groups
+    from opsd_ray.run.schedule import run_step
+    from opsd_ray.workers.engines import adapter_config
+
+    cfg = cfg_of(tmp_path, small_data, "train.batch_size=2", "rollout.n=2", "rollout.ignore_eos=true",
+                 "objective.mode=pmi")
+    tok = load_tokenizer(cfg.model)
+    examples, _ = load_examples(cfg.data)
+    groups = Groups.in_process(cfg, "hf")
+    groups.sync(adapter_config(cfg))
+    gen = launch(cfg, groups, PromptSampler(examples, cfg.train.batch_size), tok, 1)
+    ids, seeds = [r[0] for r in gen.requests], [r[2] for r in gen.requests]
+    assert ids[0] == ids[1] != ids[2] == ids[3] and len(set(seeds)) == 4
+    assert gen.prompts[0] == gen.prompts[1] and gen.prompts[1] != gen.prompts[2]
+    t0 = time.time()
+    result = run_step(cfg, groups, gen, ("teacher", "ref", "base"), diagnostics_step(cfg, 1))
+    responses = [t.response_ids for t in result.trajectories]
+    assert len(responses) == 4 and responses[0] != responses[1] and responses[2] != responses[3]
+    record = step_record(cfg, tok, gen, result, 0, t0, ("teacher", "ref", "base"))
+    assert record["num_tokens"] == 4 * cfg.rollout.max_new_tokens and math.isfinite(record["loss"])

@@ -257,3 +257,37 @@ def test_masks_for_models_without_sliding_layers_cost_nothing_and_sliding_ones_n
     assert largest_cpu_allocation(lambda: layer_masks(mask, pos, sliding)) <= b * w * w  # one bool mask
     reference = mask & ((pos[:, :, None] - pos[:, None, :]) < sliding.sliding_window)[:, None]  # the formula
     assert torch.equal(got["sliding_attention"], reference) and got["full_attention"] is mask
+
+
+def test_a_prompts_completions_share_its_contexts_in_one_row_and_get_the_targets_they_get_alone(setup):
+    """rollout.n: a prompt's completions sit next to each other in a micro-batch; its three contexts are
+    written into the row once, each completion after them (two completions that begin alike share that
+    beginning too), and every completion's PMI target equals scoring it alone (float64)."""
+    from opsd_ray.objective.formulas import pmi_target
+    from opsd_ray.workers.scoring import prompt_groups
+
+    _, items, base = setup
+    model = copy.deepcopy(base).double()
+    g = torch.Generator().manual_seed(1)
+    completions = []
+    for item in items[:2]:  # 3 completions per prompt; the third begins as the first does
+        responses = [torch.randint(0, 151_000, (n,), generator=g).tolist() for n in (6, 11)]
+        responses.append(responses[0][:3] + torch.randint(0, 151_000, (5,), generator=g).tolist())
+        completions += [ScoringItem(item.prompts, r) for r in responses]
+    assert prompt_groups(completions) == [[0, 1, 2], [3, 4, 5]]
+
+    seqs = [sequences(completions[0].prompts, r.response) for r in completions[:3]]
+    ids, _, where = tree_row([s[v] for s in seqs for v in VARIANTS])
+    prompt_positions = len(tree_row([seqs[0][v] for v in VARIANTS])[0]) - 3 * len(completions[0].response)
+    assert len(ids) == prompt_positions + 3 * (6 + 11 + 8 - 3)  # each context once; the shared beginning once
+    for w, s in zip(where, [s[v] for s in seqs for v in VARIANTS], strict=True):
+        assert [ids[j] for j in w] == s.ids
+
+    together = score(model, completions, wire_format="logits", micro_batch_size=6, layout="shared_prefix", pad_id=0)
+    offset = 0
+    for item in completions:
+        alone = score(model, [item], wire_format="logits", layout="padded", pad_id=0)
+        n = len(item.response)
+        got = {v: together.tensors[v][offset : offset + n] for v in VARIANTS}
+        torch.testing.assert_close(pmi_target(*got.values()), pmi_target(*alone.tensors.values()), rtol=0, atol=1e-9)
+        offset += n

@@ -275,9 +275,10 @@ def test_killed_driver_resumes_to_the_same_metrics(uninterrupted, tmp_path, smal
 
 
 def test_make_train_shows_a_console_for_people_and_leaves_report_card_and_wandb(tmp_path):
-    """The CPU default through `make train` (vLLM when installed), with evaluation and W&B offline: the
-    console holds what a person needs and no engine dump; the run folder holds the metrics, the
-    adapter with its model card, the report with table.md, the engine log and the W&B run."""
+    """The CPU default through `make train` (rollout.engine=auto: the batched HF engine on a CPU), with
+    evaluation and W&B offline: the console holds what a person needs and no engine dump; the run folder
+    holds the metrics, the adapter with its model card, the report with table.md, the engine log and the
+    W&B run."""
     import yaml
     from conftest import wandb_history
 
@@ -303,10 +304,6 @@ def test_make_train_shows_a_console_for_people_and_leaves_report_card_and_wandb(
         assert chatter not in console, chatter
     engine_log = (folder / "logs" / "engines.log").read_text()
     assert "(RolloutWorker pid=" in engine_log and "(ScoringWorker pid=" in engine_log
-    if vllm_available():
-        # vLLM's own lines: its logger's (stdout) or its weight-loading bar (stderr); one CI run under load
-        # got only the stderr ones, so either proves that vLLM's chatter lands here
-        assert "Initializing a V1 LLM engine" in engine_log or "Loading safetensors checkpoint shards" in engine_log
 
     # the report of the run, with the Table-1 view (Base: step 0)
     assert {"summary.md", "table.md", "accuracy.png", "markers.png"} <= {p.name for p in (folder / "report").iterdir()}

@@ -1,4 +1,5 @@
-"""scoring: one pass over the three frozen variants (auto layout) against three separate passes."""
+"""scoring: one pass over the three frozen variants (auto layout) against three separate passes; a
+prompt's rollout.n completions scored with its contexts shared against as many distinct prompts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import statistics
 from opsd_ray.bench import Record, record, register
 from opsd_ray.bench.common import bench_cfg, frozen_model, interleaved, paired_median, scoring_items
 from opsd_ray.common import pad_id_of
-from opsd_ray.workers.scoring import VARIANTS, choose_layout, score, tree_row, variant_sequences
+from opsd_ray.workers.scoring import VARIANTS, ScoringItem, choose_layout, score, tree_row, variant_sequences
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -91,9 +92,38 @@ def scoring_records(model: str, n_items: int, response_tokens: int, reps: int) -
     ]
 
 
+def completions_record(model: str, prompts: int, n: int, response_tokens: int, reps: int) -> Record:
+    """rollout.n: scoring `prompts` x `n` completions (each prompt's contexts once per micro-batch) against
+    as many trajectories of distinct prompts, one completion each; the ratio of the time per trajectory."""
+    import torch
+
+    cfg = bench_cfg(model)
+    net, tok = frozen_model(cfg)
+    g = torch.Generator().manual_seed(0)
+
+    def completion():
+        return torch.randint(0, len(tok), (response_tokens,), generator=g).tolist()
+
+    distinct = [ScoringItem(it.prompts, completion()) for it in scoring_items(cfg, tok, prompts * n, response_tokens)]
+    shared = [ScoringItem(it.prompts, completion()) for it in distinct[:prompts] for _ in range(n)]
+    kw = dict(micro_batch_size=n, pad_id=pad_id_of(tok), layout="auto")
+    arms = {"n1": lambda: score(net, distinct, **kw), f"n{n}": lambda: score(net, shared, **kw)}
+    times = {k: [t for _, t in rs] for k, rs in interleaved(arms, reps).items()}
+    suffix = "" if model == "smollm2-135m" else f"_{model}"
+    return record(
+        f"scoring_time_per_trajectory_n{n}_vs_n1{suffix}", paired_median(times[f"n{n}"], times["n1"]), "x", 1.0,
+        f"{model}: {prompts} GSM8K prompts x {n} completions against {prompts * n} prompts x 1, {response_tokens} "
+        f"random response tokens each, scoring.micro_batch_size={n} (a micro-batch = one prompt's completions), "
+        f"layout auto, the 3 variants; time per trajectory, n={n} / n=1 (lower is better); {reps} interleaved reps, "
+        f"median of the paired ratios; {torch.get_num_threads()} threads",
+    )
+
+
 @register("scoring", note_load=True)
 def bench_scoring(args: argparse.Namespace) -> list[Record]:
     """One padded pass of the three frozen variants vs three passes: tiny, and smollm2-135m (full runs)."""
     reps = args.reps or (1 if args.quick else 3)
-    records = scoring_records("tiny", 4, 64, reps)
-    return records + ([] if args.quick else scoring_records("smollm2-135m", 2, 64, reps))
+    records = scoring_records("tiny", 4, 64, reps) + [completions_record("tiny", 2, 4, 64, reps)]
+    if args.quick:
+        return records
+    return records + scoring_records("smollm2-135m", 2, 64, reps) + [completions_record("smollm2-135m", 2, 4, 64, reps)]

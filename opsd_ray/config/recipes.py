@@ -232,29 +232,26 @@ def validate_train(cfg: DictConfig) -> None:
         ("rollout.tensor_parallel_size", rollout.tensor_parallel_size),
     ):
         _check(n >= 1, f"{name} must be >= 1 (got {n})")
+    _check(rollout.n >= 1, f"rollout.n (completions per prompt) must be >= 1 (got {rollout.n})")
+    # a step's trajectories: train.batch_size prompts, rollout.n completions each
+    traj = train.batch_size * max(rollout.n, 1)
+    count = f"train.batch_size x rollout.n ({train.batch_size} x {rollout.n} = {traj} trajectories)"
     _check(
-        train.batch_size % learner.micro_batch_size == 0,
-        f"train.batch_size ({train.batch_size}) must be divisible by learner.micro_batch_size ({learner.micro_batch_size})",
+        traj % learner.micro_batch_size == 0,
+        f"{count} must be divisible by learner.micro_batch_size ({learner.micro_batch_size})",
     )
+    _check(traj % rollout.num_workers == 0, f"{count} must be divisible by rollout.num_workers ({rollout.num_workers})")
+    _check(traj >= scoring.num_workers, f"scoring.num_workers ({scoring.num_workers}) must be <= {count}")
     _check(
-        train.batch_size % rollout.num_workers == 0,
-        f"train.batch_size ({train.batch_size}) must be divisible by rollout.num_workers ({rollout.num_workers})",
+        traj // learner.micro_batch_size >= learner.num_workers,
+        f"learner.num_workers ({learner.num_workers}) learners need at least one micro-batch each: {count} / "
+        f"learner.micro_batch_size ({learner.micro_batch_size}) is {traj // learner.micro_batch_size}",
     )
-    _check(
-        train.batch_size >= scoring.num_workers,
-        f"scoring.num_workers ({scoring.num_workers}) must be <= train.batch_size ({train.batch_size})",
-    )
-    _check(
-        train.batch_size // learner.micro_batch_size >= learner.num_workers,
-        f"learner.num_workers ({learner.num_workers}) learners need at least one micro-batch each: train.batch_size "
-        f"({train.batch_size}) / learner.micro_batch_size ({learner.micro_batch_size}) is "
-        f"{train.batch_size // learner.micro_batch_size}",
-    )
-    parts = train.batch_size // learner.micro_batch_size
+    parts = traj // learner.micro_batch_size
     _check(
         learner.strategy != "fsdp" or learner.num_workers == 1 or parts % learner.num_workers == 0,
         f"learner.strategy=fsdp: every learner runs every micro-batch's collectives, so the step's "
-        f"{parts} micro-batches (train.batch_size / learner.micro_batch_size) must divide evenly among "
+        f"{parts} micro-batches (trajectories / learner.micro_batch_size) must divide evenly among "
         f"learner.num_workers={learner.num_workers}",
     )
     _check(

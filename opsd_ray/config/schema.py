@@ -90,6 +90,7 @@ class RolloutConfig:
     max_new_tokens: int = 1024
     temperature: float = 1.0
     top_p: float = 1.0
+    n: int = 1  # completions per prompt (TRL's num_generations, veRL's rollout.n); 1 = the paper
     one_step_off: bool = False  # false: strictly on-policy (the paper); true: rollout k+1 runs with adapter k-1 while step k learns
     deterministic: bool = False  # hf engine: one sequence at a time, bit for bit whatever the batch (else batched)
     ignore_eos: bool = False  # every completion max_new_tokens long (benchmarks and the GPU proof force lengths)

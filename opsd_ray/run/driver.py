@@ -59,7 +59,7 @@ def train(cfg) -> Path | str:
     try:
         lock.acquire()  # one driver per run: a resubmitted job takes over once the old driver is gone
         check_checkpoint(start_checkpoint(cfg, run))  # before anything loads: a checkpoint must not run code
-        engine = pick_engine(cfg.rollout.engine, cfg.model.lora.r)
+        engine = pick_engine(cfg.rollout.engine, cfg.model.lora.r, on_gpu=cfg.rollout.gpus_per_worker > 0)
         run.write_text("config.yaml", config_yaml(cfg))
         tok, sampler = prepare_data(cfg, run)
         with engine_logs(run, cfg.logging.verbose) as logs_at:
@@ -220,7 +220,10 @@ def launch(cfg, groups: Groups, sampler: PromptSampler, tok, step: int) -> Gener
     """Draw step `step`'s prompts and start generating them on the rollout workers."""
     before = sampler.state_dict()
     batch = sampler.next_batch()
-    prompts = [build_prompt_ids(tok, ex.question, ex.reference, cfg.model, cfg.prompt) for ex in batch]
+    # rollout.n completions per prompt, next to each other: a micro-batch scores their contexts once
+    batch = [ex for ex in batch for _ in range(cfg.rollout.n)]
+    built = {ex.id: build_prompt_ids(tok, ex.question, ex.reference, cfg.model, cfg.prompt) for ex in batch}
+    prompts = [built[ex.id] for ex in batch]
     requests = [(ex.id, p.student, request_seed(cfg.run.seed, step, i)) for i, (ex, p) in enumerate(zip(batch, prompts))]
     return groups.rollout.launch(prompts, requests, step, before)
 

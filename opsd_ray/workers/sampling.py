@@ -45,7 +45,8 @@ def generate_batch(model, prompts: list[list[int]], seeds: list[int], max_new_to
         mask[i, width - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # the prompt's pass needs the logits of its last position only (all of them: B x W x V floats)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     responses: list[list[int]] = [[] for _ in prompts]
     running = list(range(len(prompts)))
     ends = torch.tensor(eos, device=device)

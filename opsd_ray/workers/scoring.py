@@ -75,18 +75,32 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def tree_row(seqs: list[ScoringSequence]) -> tuple[list[int], list[int], list[list[int]]]:
-    """Pack sequences into one row: seqs[0] whole, each other one after its common prefix with seqs[0].
+    """Pack sequences into one row: seqs[0] whole, each other one after its longest common prefix with a
+    sequence already in the row (the first such one). A prompt's completions (rollout.n) share its
+    contexts this way, and a trajectory's variants share the chat header and question.
 
     Returns the row's ids, position ids, and per sequence the row index of each of its positions.
     """
     root = seqs[0].ids
     ids, pos, where = list(root), list(range(len(root))), [list(range(len(root)))]
     for s in seqs[1:]:
-        k, off = common_prefix(root, s.ids), len(ids)
+        best = max(range(len(where)), key=lambda j: common_prefix(seqs[j].ids, s.ids))  # the first of the longest
+        k, off = common_prefix(seqs[best].ids, s.ids), len(ids)
         ids += s.ids[k:]
         pos += range(k, len(s.ids))
-        where.append(list(range(k)) + list(range(off, off + len(s.ids) - k)))
+        where.append(where[best][:k] + list(range(off, off + len(s.ids) - k)))
     return ids, pos, where
+
+
+def prompt_groups(items: list[ScoringItem]) -> list[list[int]]:
+    """Runs of consecutive items with the same prompts (a prompt's rollout.n completions): one row each."""
+    groups: list[list[int]] = []
+    for i, it in enumerate(items):
+        if groups and items[groups[-1][0]].prompts == it.prompts:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def tree_mask(width: int, where: list[list[int]]) -> torch.Tensor:
@@ -152,8 +166,8 @@ SHAREABLE_KINDS = {"full_attention", "sliding_attention"}  # the tree mask knows
 def choose_layout(layout: str, config, seqs: list[list[ScoringSequence]], packed: list[tuple]) -> str:
     """`seqs[i]` = the variants' sequences of trajectory i, `packed[i]` its tree_row; "auto" compares
     the two layouts' FLOPs."""
-    if len(seqs[0]) == 1:
-        return "padded"  # one sequence per trajectory: nothing to share
+    if all(len(p[2]) == 1 for p in packed):
+        return "padded"  # one sequence per row: nothing to share
     if layout == "shared_prefix":
         if uses_flash(config):
             raise ValueError(FLASH_NO_MASK)  # config validation refuses it first; this guards direct use
@@ -204,12 +218,15 @@ def response_hidden(
     Row j of a variant's result is the final hidden state that predicts response token j.
     """
     per_item = variant_sequences(items, variants)
-    packed = [tree_row(r) for r in per_item]
+    groups = prompt_groups(items)
+    packed = [tree_row([s for i in g for s in per_item[i]]) for g in groups]
     layout = choose_layout(layout, decoder.config, per_item, packed)
     seqs = [r[k] for k in range(len(variants)) for r in per_item]  # variant-major, as returned
     if layout == "shared_prefix":
-        inputs, where = shared_prefix_inputs(packed, pad_id)
-        where = [where[i][k] for k in range(len(variants)) for i in range(len(items))]
+        inputs, rows = shared_prefix_inputs(packed, pad_id)
+        at = {(i, k): rows[g][a * len(variants) + k] for g, members in enumerate(groups)
+              for a, i in enumerate(members) for k in range(len(variants))}
+        where = [at[i, k] for k in range(len(variants)) for i in range(len(items))]
     elif layout == "padded":
         ids, mask = pad_right([s.ids for s in seqs], pad_id)
         inputs = {"input_ids": ids, "attention_mask": mask}
