@@ -77,7 +77,9 @@ def bench_timemodel(args: argparse.Namespace) -> list[Record]:
     reps = args.reps or (1 if args.quick else 2)
     arms = {"base": (batch, new, "pmi"), "twice_the_completion": (batch, 2 * new, "pmi"),
             "twice_the_batch": (2 * batch, new, "pmi"), "standard": (batch, new, "standard")}
-    cfgs = {name: bench_cfg(model, "train.schedule=phases", "rollout.engine=hf", "rollout.ignore_eos=true",
+    # deterministic: the HF engine decodes one sequence after another, as the model is told (sequential)
+    cfgs = {name: bench_cfg(model, "train.schedule=phases", "rollout.engine=hf", "rollout.deterministic=true",
+                            "rollout.ignore_eos=true",
                             f"learner.micro_batch_size={b}", f"scoring.micro_batch_size={b}", batch=b, new_tokens=n,
                             mode=m) for name, (b, n, m) in arms.items()}
     cfg = cfgs["base"]
