@@ -24,6 +24,11 @@ from pathlib import Path
 from opsd_ray.bench import Record, record, register
 from opsd_ray.bench.common import log
 from opsd_ray.bench.peers import TRL_VERSION, loss_agreement
+from opsd_ray.config.recipes import load_train_config
+from opsd_ray.data.prompts import reference_block, with_instruction
+from opsd_ray.data.sources import load_examples
+from opsd_ray.models.loading import load_model, load_tokenizer
+from opsd_ray.run.driver import train
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS, NEW_TOKENS, THREADS = 4, 64, 2
@@ -60,9 +65,6 @@ class PeakPss:
 
 
 def gsm8k_rows(n: int = PROMPTS) -> list:
-    from opsd_ray.config.recipes import load_train_config
-    from opsd_ray.data.sources import load_examples
-
     examples, _ = load_examples(load_train_config(["model=smollm2-135m", "data=gsm8k"]).data, None, seed=0)
     return sorted(examples[:n], key=lambda e: e.id)
 
@@ -75,9 +77,6 @@ def trl_worker(steps: int) -> dict:
     from transformers import TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from opsd_ray.config.recipes import load_train_config
-    from opsd_ray.data.prompts import reference_block, with_instruction
-    from opsd_ray.models.loading import load_model, load_tokenizer
 
     torch.set_num_threads(THREADS)
     cfg = load_train_config(["model=smollm2-135m", "data=gsm8k"])
@@ -119,9 +118,6 @@ def trl_worker(steps: int) -> dict:
 def opsd_worker(steps: int, mode: str, engine: str) -> dict:
     """opsd_ray's `train` (the Ray pipeline, the CPU default's schedule) for `steps` steps: each step's
     seconds, where they went, and the peak PSS of the whole process tree."""
-    from opsd_ray.config.recipes import load_train_config
-    from opsd_ray.run.driver import train
-
     out = Path(tempfile.mkdtemp(prefix="opsd_bench_"))
     data = out / "prompts.jsonl"
     data.write_text("".join(json.dumps({"question": e.question, "answer": e.reference}) + "\n" for e in gsm8k_rows()))
