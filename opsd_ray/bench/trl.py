@@ -115,9 +115,9 @@ def trl_worker(steps: int) -> dict:
     return {"times": timer.times, "peak_pss": pss.peak}
 
 
-def opsd_worker(steps: int, mode: str, engine: str) -> dict:
-    """opsd_ray's `train` (the Ray pipeline, the CPU default's schedule) for `steps` steps: each step's
-    seconds, where they went, and the peak PSS of the whole process tree."""
+def opsd_worker(steps: int, mode: str, engine: str, extra: tuple = ()) -> dict:
+    """opsd_ray's `train` (the Ray pipeline, the CPU default's schedule, plus `extra` overrides) for `steps`
+    steps: each step's seconds, where they went, and the peak PSS of the whole process tree."""
     out = Path(tempfile.mkdtemp(prefix="opsd_bench_"))
     data = out / "prompts.jsonl"
     data.write_text("".join(json.dumps({"question": e.question, "answer": e.reference}) + "\n" for e in gsm8k_rows()))
@@ -126,7 +126,7 @@ def opsd_worker(steps: int, mode: str, engine: str) -> dict:
         f"run.output_dir={out}", "run.name=bench", f"train.steps={steps}", f"train.batch_size={PROMPTS}",
         f"objective.mode={mode}", f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.ignore_eos=true",
         f"rollout.engine={engine}", "checkpoint.every=0", "eval.every=0", "train.diagnostics_every=0",
-        "rollout.verify_sync_every=0", f"ray.num_cpus={THREADS + 2}"])
+        "rollout.verify_sync_every=0", f"ray.num_cpus={THREADS + 2}", *extra])
     cfg.learner.lr = 0.0  # as TRL's arm: every step the same work (validation wants lr > 0 for training)
     with PeakPss() as pss:
         folder = train(cfg)
