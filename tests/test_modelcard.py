@@ -37,6 +37,13 @@ def test_standard_mode_and_a_local_base_model():
     assert "base_model" not in meta  # the Hub's base_model must be a Hub id: a local folder is left out
     assert "OPSD-Standard" in body and "raw teacher distribution" in body and "β=" not in body
     assert "No evaluation during training" in body
+    assert "| prompts per step | 4 |" in body
+
+
+def test_several_completions_per_prompt_are_on_the_card():
+    cfg = load_train_config(["model=tiny", "run.name=t", "train.batch_size=4", "rollout.n=4"])
+    _, body = header_and_body(model_card(cfg, "Qwen/Qwen3-8B", 3))
+    assert "| prompts per step | 4 x 4 completions each |" in body
 
 
 def test_the_huggingface_hub_reads_the_header():

@@ -219,6 +219,11 @@ def test_plan_cli_prints_the_plan(capsys):
     assert main(["model=qwen3-8b", "data=dasd-10k", "gpus=4", "gpu_mem=24"]) == 0  # no data.path needed
     out = capsys.readouterr().out
     assert "WARNING: the config asks for 8 GPUs but gpus=4" in out and "DOES NOT FIT" in out
+    # rollout.n: the roles plan for every completion (8 prompts x 4 = 32 trajectories, as 32 prompts x 1)
+    assert main(["model=qwen3-8b", "data=math-cot-20k", "gpus=8", "train.batch_size=8", "rollout.n=4"]) == 0
+    out = capsys.readouterr().out
+    assert "8 prompts x 4 completions = 32 trajectories x 1,024 tokens = 32,768 response tokens" in out
+    assert "KV cache (8 seqs x 3,200)" in out  # 32 trajectories over 4 rollout workers
 
 
 @pytest.mark.parametrize("args, message", [

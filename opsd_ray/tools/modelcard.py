@@ -74,7 +74,8 @@ def model_card(cfg, base_model: str, step: int, last_eval: tuple[int, dict] | No
         f"| data | {cfg.data.name} (`{cfg.data.path}`{', ' + cfg.data.hub_config if cfg.data.get('hub_config') else ''})"
         f"{': ' + cfg.data.note if cfg.data.get('note') else ''} |",
         f"| steps | {step} of {cfg.train.steps} |",
-        f"| prompts per step | {cfg.train.batch_size} |",
+        f"| prompts per step | {cfg.train.batch_size}"
+        f"{f' x {n} completions each' if (n := cfg.rollout.get('n', 1)) > 1 else ''} |",
         f"| learning rate | {cfg.learner.lr:g} (warmup {cfg.learner.warmup_steps} steps) |",
         f"| rollout | up to {cfg.rollout.max_new_tokens} new tokens, temperature {cfg.rollout.temperature:g} |",
         f"| seed | {cfg.run.seed} |",

@@ -328,7 +328,9 @@ def render(p: Planner) -> str:
         f"         shapes from: {s.source}",
         f"lengths  question <= {p.q:,}, reference <= {p.ref:,}, completion <= {p.new:,}, template <= {TEMPLATE_TOKENS}"
         f" tokens: student/base sequence {p.len_student:,}, teacher {p.len_teacher:,}, reference-only {p.len_ref:,}",
-        f"batch    {p.batch} prompts x {p.new:,} tokens = {p.batch * p.new:,} response tokens per step; "
+        f"batch    {cfg.train.batch_size} prompts"
+        f"{f' x {cfg.rollout.n} completions = {p.batch} trajectories' if cfg.rollout.n > 1 else ''}"
+        f" x {p.new:,} tokens = {p.batch * p.new:,} response tokens per step; "
         f"LoRA r {cfg.model.lora.r}: {p.lora / 1e6:.1f} M params",
         "",
     ]
