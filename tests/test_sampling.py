@@ -68,6 +68,25 @@ def test_a_row_in_a_batch_draws_what_it_draws_alone(engine, prompts):
     assert other[0] == together[0] and other[2] != together[2]  # a new seed, a new draw; the others unchanged
 
 
+def test_the_engine_decodes_in_batches_of_at_most_hf_max_batch_rows_and_keeps_request_order(engine, prompts,
+                                                                                          monkeypatch):
+    """rollout.hf_max_batch bounds the rows decoded together (the KV cache's size): 3 requests in batches
+    of 2 and 1 come back in request order, each what it draws in one batch of 3."""
+    from opsd_ray.workers import engines
+
+    whole = engine.generate(prompts, [7, 8, 9], 12, 1.0, 0.9, ignore_eos=True)
+    rows = []
+
+    def counted(model, batch, *args, **kwargs):  # the real sampler, its batch sizes written down
+        rows.append(len(batch))
+        return generate_batch(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(engines, "generate_batch", counted)
+    monkeypatch.setattr(engine, "max_batch", 2)
+    assert engine.generate(prompts, [7, 8, 9], 12, 1.0, 0.9, ignore_eos=True) == whole
+    assert rows == [2, 1]
+
+
 def test_a_row_stops_at_its_first_end_token_and_keeps_it(engine, prompts):
     eos = sorted({t for _, r, _ in generate_batch(engine.model, prompts, [1, 2, 3], 6, 1.0, 1.0, [], engine.pad_id)
                   for t in r[2:3]})  # the third token each row draws becomes an "end token"

@@ -93,6 +93,7 @@ class RolloutConfig:
     n: int = 1  # completions per prompt (TRL's num_generations, veRL's rollout.n); 1 = the paper
     one_step_off: bool = False  # false: strictly on-policy (the paper); true: rollout k+1 runs with adapter k-1 while step k learns
     deterministic: bool = False  # hf engine: one sequence at a time, bit for bit whatever the batch (else batched)
+    hf_max_batch: int = 16  # hf engine: sequences decoded together at most (its KV cache grows with rows x length)
     ignore_eos: bool = False  # every completion max_new_tokens long (benchmarks and the GPU proof force lengths)
     verify_sync_every: int = 25  # the sync check: engine and learner score a probe at step 1 and every N steps (0: never)
     gpu_memory_utilization: float = 0.45

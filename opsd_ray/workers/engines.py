@@ -46,7 +46,7 @@ def make_engine(name: str, model_cfg, rollout_cfg, seed: int, max_model_len: int
     """The engine `name` ("hf" or "vllm", as pick_engine resolves "auto")."""
     if name == "vllm":
         return VLLMEngine(model_cfg, rollout_cfg, seed, max_model_len)
-    return HFEngine(model_cfg, bool(rollout_cfg.deterministic))
+    return HFEngine(model_cfg, bool(rollout_cfg.deterministic), int(rollout_cfg.hf_max_batch))
 
 
 def adapter_config(cfg) -> dict:
@@ -147,14 +147,15 @@ def cut_at_eos(ids: list[int], eos: list[int]) -> tuple[list[int], str]:
 
 
 class HFEngine:
-    """The peft model in this process. A share of requests is decoded as one batch in which every row
-    samples from its own seed (opsd_ray.workers.sampling); deterministic=True decodes one request at a
-    time with transformers' `generate` (bit for bit the same whatever the batch)."""
+    """The peft model in this process. A share of requests is decoded in batches of up to `max_batch` rows
+    (the KV cache grows with rows x length), every row sampling from its own seed
+    (opsd_ray.workers.sampling); deterministic=True decodes one request at a time with transformers'
+    `generate` (bit for bit the same whatever the batch)."""
 
-    def __init__(self, model_cfg, deterministic: bool = False):
+    def __init__(self, model_cfg, deterministic: bool = False, max_batch: int = 16):
         from peft import get_peft_model
 
-        self.deterministic = deterministic
+        self.deterministic, self.max_batch = deterministic, max_batch
         self.tokenizer = load_tokenizer(model_cfg)
         self.model = get_peft_model(load_model(model_cfg, device=default_device()), lora_config(model_cfg)).eval()
         self.eos = eos_ids(self.tokenizer, resolve_model_path(model_cfg), bool(model_cfg.trust_remote_code))
@@ -200,8 +201,10 @@ class HFEngine:
         """(index, response ids, finish reason) of each prompt as it finishes; ignore_eos: every response is
         max_new_tokens long (benchmarks and the GPU proof force the lengths)."""
         if not self.deterministic:
-            yield from generate_batch(self.model, prompts, seeds, max_new_tokens, temperature, top_p, self.eos,
-                                      self.pad_id, ignore_eos)
+            for a in range(0, len(prompts), self.max_batch):
+                for i, ids, why in generate_batch(self.model, prompts[a : a + self.max_batch], seeds[a : a + self.max_batch],
+                                                  max_new_tokens, temperature, top_p, self.eos, self.pad_id, ignore_eos):
+                    yield a + i, ids, why
             return
         # One sequence at a time with its own seed: a trajectory does not depend on its batch-mates,
         # so changing the number of rollout workers does not change what is generated.
