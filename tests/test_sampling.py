@@ -96,6 +96,18 @@ def test_a_row_stops_at_its_first_end_token_and_keeps_it(engine, prompts):
         assert why == "stop" and r[-1] in eos and not set(r[:-1]) & set(eos) and len(r) <= 3
 
 
+def test_a_finished_row_leaves_the_batch_and_the_others_draw_on_unchanged(engine, prompts):
+    """Row 1 ends early and leaves the batch (and its KV cache); rows 0 and 2 go on to draw exactly what
+    they draw when nobody stops."""
+    free = {i: r for i, r, _ in generate_batch(engine.model, prompts, [1, 2, 3], 10, 1.0, 1.0, [], engine.pad_id)}
+    # row 1's end: its first token, after the first, that no other row draws and it has not drawn before
+    k = next(k for k in range(1, 9) if free[1][k] not in free[0] + free[2] + free[1][:k])
+    eos = [free[1][k]]
+    out = list(generate_batch(engine.model, prompts, [1, 2, 3], 10, 1.0, 1.0, eos, engine.pad_id))
+    assert out[0] == (1, free[1][: k + 1], "stop")  # yielded as soon as it ends
+    assert sorted(out[1:]) == [(0, free[0], "length"), (2, free[2], "length")]
+
+
 def test_the_sampling_distribution_is_the_models_softmax(engine, prompts):
     """The first token's frequencies over many seeds match softmax(logits / T) within sampling error."""
     n, temperature = 400, 1.5

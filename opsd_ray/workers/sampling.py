@@ -35,7 +35,8 @@ def sample_rows(logits: torch.Tensor, generators: list[torch.Generator], tempera
 def generate_batch(model, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
                    top_p: float, eos: list[int], pad_id: int, ignore_eos: bool = False) -> Iterator[tuple[int, list[int], str]]:
     """(index, response ids, finish reason) of each prompt as it finishes: the prompts left-padded into one
-    batch, decoded together with a KV cache; a row stops at its first end token (kept), or at max_new_tokens."""
+    batch, decoded together with a KV cache; a row stops at its first end token (kept), or at max_new_tokens,
+    and then leaves the batch (no more compute for it)."""
     device = next(model.parameters()).device
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -47,22 +48,28 @@ def generate_batch(model, prompts: list[list[int]], seeds: list[int], max_new_to
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     # the prompt's pass needs the logits of its last position only (all of them: B x W x V floats)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    responses: list[list[int]] = [[] for _ in prompts]
-    running = list(range(len(prompts)))
+    cache, responses = out.past_key_values, [[] for _ in prompts]
+    rows = list(range(len(prompts)))  # the request index of each row still in the batch
     ends = torch.tensor(eos, device=device)
     for step in range(max_new_tokens):
         tokens = sample_rows(out.logits[:, -1], generators, temperature, top_p)
-        stop = torch.isin(tokens, ends) if not ignore_eos else torch.zeros_like(tokens, dtype=torch.bool)
-        for i in running:
-            responses[i].append(int(tokens[i]))
-        for i in [i for i in running if bool(stop[i])]:
-            running.remove(i)
-            yield i, responses[i], "stop"
-        if not running or step == max_new_tokens - 1:
+        stop = torch.isin(tokens, ends).tolist() if not ignore_eos else [False] * len(rows)
+        for r, i in enumerate(rows):
+            responses[i].append(int(tokens[r]))
+            if stop[r]:
+                yield i, responses[i], "stop"
+        keep = [r for r in range(len(rows)) if not stop[r]]
+        rows, generators = [rows[r] for r in keep], [generators[r] for r in keep]
+        if not rows or step == max_new_tokens - 1:
             break
+        if len(keep) < len(stop):  # finished rows leave the batch and its KV cache
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, positions, tokens = mask[index], positions[index], tokens[index]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True)
-    for i in running:
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True)
+        cache = out.past_key_values
+    for i in rows:
         yield i, responses[i], "length"
