@@ -152,7 +152,7 @@ def test_in_the_default_batched_mode_a_killed_rollout_worker_leaves_a_finished_r
     whose rollout worker is killed finishes, its metrics finite and close to an uninterrupted run's."""
     from opsd_ray.run.driver import train
 
-    run = ("train.steps=2", "train.batch_size=8", "rollout.max_new_tokens=16")
+    run = ("train.steps=2",)
     full = train(load_train_config(args_of(tmp_path, small_data, "run.name=full", *run)))
     thread, killed = kill_when(tmp_path / "hit", [(1, "RolloutWorker")])
     hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", *run)))

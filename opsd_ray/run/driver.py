@@ -99,7 +99,8 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
         adapter_conf, dtype = adapter_config(cfg), adapter_dtype(cfg, engine)
         step = restore(groups.learner, sampler, checkpoint, fresh)
         say(f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} engine={engine}"
-            f" schedule={cfg.train.schedule}{' one-step-off' if cfg.rollout.one_step_off else ''}; {groups.where()}")
+            f" schedule={cfg.train.schedule}{' one-step-off' if cfg.rollout.one_step_off else ''}"
+            f"{f' completions/prompt={cfg.rollout.n}' if cfg.rollout.n > 1 else ''}; {groups.where()}")
         bar = tqdm(total=T, initial=step, desc="step", unit="step", dynamic_ncols=True)
         version = groups.sync(adapter_conf, dtype)["version"]
         if inline(cfg) and step == 0:  # the base model's score: the curves' first point
