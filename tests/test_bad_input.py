@@ -115,6 +115,9 @@ CASES = {
     "jsd weight out of range": train_case("objective.lam=2", fragment="objective.lam must be in [0, 1]"),
     "negative lr": train_case("learner.lr=-1", fragment="learner.lr must be > 0"),
     "batch not divisible": train_case("train.batch_size=5", "learner.micro_batch_size=2", fragment="divisible"),
+    "no completions": train_case("rollout.n=0", fragment="rollout.n (completions per prompt) must be >= 1"),
+    "completions not divisible": train_case("train.batch_size=3", "rollout.n=3", "learner.micro_batch_size=2",
+                                            fragment="train.batch_size x rollout.n (3 x 3 = 9 trajectories)"),
     "negative gpus": train_case("learner.gpus_per_worker=-1", fragment="learner.gpus_per_worker must be >= 0"),
     "no rollout workers": train_case("rollout.num_workers=0", fragment="rollout.num_workers must be >= 1"),
     "staleness 3 (an old key)": train_case("rollout.max_staleness=3", fragment="rollout.max_staleness (now rollout.one_step_off) must be 0"),
@@ -186,6 +189,8 @@ CASES = {
     # ---------------------------------------------------------------- evaluation
     "eval: unknown benchmark": ((lambda tmp: ["eval", "model=tiny", "benchmarks=[nope]"]), "unknown benchmark"),
     "eval: no samples": ((lambda tmp: ["eval", "model=tiny", "n_samples=0"]), "n_samples must be >= 1"),
+    "eval: no rows per batch": ((lambda tmp: ["eval", "model=tiny", "rollout.hf_max_batch=0"]),
+                                "rollout.hf_max_batch must be >= 1"),
     "eval: unknown key": ((lambda tmp: ["eval", "model=tiny", "samples=3"]), "unknown eval key 'samples'"),
     "eval: missing adapter": ((lambda tmp: ["eval", "model=tiny", "adapter=/no/adapter"]), "adapter="),
     "eval: benchmark file without valid rows": ((lambda tmp: ["eval", "model=tiny", "engine=hf",

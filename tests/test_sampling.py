@@ -11,7 +11,7 @@ import torch
 from opsd_ray.config.recipes import load_train_config
 from opsd_ray.models.loading import load_tokenizer
 from opsd_ray.workers.engines import HFEngine
-from opsd_ray.workers.sampling import filter_top_p, generate_batch
+from opsd_ray.workers.sampling import droppable, filter_top_p, generate_batch
 
 MODEL = load_train_config([]).model  # the CPU default: builtin:tiny with its LoRA
 
@@ -157,3 +157,21 @@ def test_deterministic_mode_decodes_each_request_as_it_would_alone(prompts):
     both = e.generate(prompts[:2], [5, 6], 8, 1.0, 0.9, ignore_eos=True)
     assert [e.generate([p], [s], 8, 1.0, 0.9, ignore_eos=True)[0] for p, s in zip(prompts[:2], [5, 6])] == both
     assert all(len(ids) == 8 and why == "length" for ids, why in both)
+
+
+def test_rows_leave_only_caches_of_keys_and_values():
+    """Linear-attention layers (Qwen3-Next, LFM2) hold recurrent states that batch_select_indices does not
+    cut: with them, finished rows stay in the batch."""
+    from types import SimpleNamespace
+
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
+
+    assert droppable(SimpleNamespace(layers=[DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=8)]))
+    assert not droppable(SimpleNamespace(layers=[DynamicLayer(), LinearAttentionLayer()]))
+
+
+def test_a_bf16_engine_keeps_its_adapter_unmerged():
+    """W + BA rounded to bf16 would lose most of a young adapter, and the learner computes LoRA in float32:
+    only float32 weights on a CPU are merged."""
+    e = HFEngine(load_train_config(["model=tiny", "model.dtype=bfloat16"]).model)
+    assert e.model.dtype == torch.bfloat16 and not e.merge and not e.pristine

@@ -418,6 +418,7 @@ def validate_eval(cfg: DictConfig) -> None:
     _check(cfg.max_new_tokens >= 1, f"max_new_tokens must be >= 1 (got {cfg.max_new_tokens})")
     _check(cfg.temperature > 0, f"temperature must be > 0 (got {cfg.temperature}); avg@k needs sampling")
     _check(0 < cfg.top_p <= 1, f"top_p must be in (0, 1] (got {cfg.top_p})")
+    _check(cfg.rollout.hf_max_batch >= 1, f"rollout.hf_max_batch must be >= 1 (got {cfg.rollout.hf_max_batch})")
     _check(cfg.limit is None or cfg.limit >= 1, f"limit must be >= 1 (got {cfg.limit})")
     _check(cfg.engine in ENGINES, f"engine={cfg.engine!r} is not one of: {', '.join(ENGINES)}")
     _check(cfg.adapter is None or (Path(cfg.adapter) / "adapter_model.safetensors").is_file(),

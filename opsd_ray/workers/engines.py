@@ -163,9 +163,11 @@ class HFEngine:
         self.version = -1
         self.merged = False
         # On a CPU each decoded token reads every weight, and unmerged LoRA adds small matmuls per layer:
-        # there the adapter is merged into the base weights, kept in a pristine copy to merge each new
-        # adapter into exactly. On a GPU that copy would cost the base model's memory again: unmerged.
-        self.merge = self.model.device.type == "cpu"
+        # there the adapter is merged into float32 base weights, kept in a pristine copy to merge each new
+        # adapter into exactly. Not on a GPU (the copy would cost the base model's memory again) nor into
+        # bf16 weights (W + BA rounded to bf16 loses most of a young adapter; the learner computes LoRA
+        # in float32): there the adapter stays unmerged.
+        self.merge = self.model.device.type == "cpu" and self.model.dtype == torch.float32
         self.pristine = {n: m.weight.detach().clone() for n, m in self.model.named_modules()
                          if self.merge and n.endswith(".base_layer") and hasattr(m, "weight")}
 

@@ -2,8 +2,9 @@
 
 A trajectory's tokens come from its own seed, so which other prompts share its batch changes nothing but
 the kernels' batch variance (the logits of a row can differ in the last bits with the batch's shape).
-The HF engine decodes a worker's whole share at once this way; `rollout.deterministic=true` keeps one
-sequence at a time, bit for bit the same whatever the batch (recovery tests that compare bits).
+The HF engine decodes a worker's share this way, up to rollout.hf_max_batch rows at a time;
+`rollout.deterministic=true` keeps one sequence at a time, bit for bit the same whatever the batch
+(recovery tests that compare bits).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 
 def filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -29,6 +31,13 @@ def sample_rows(logits: torch.Tensor, generators: list[torch.Generator], tempera
     """One token per row, each row with its own generator."""
     probs = filter_top_p(torch.softmax(logits.float() / temperature, dim=-1), top_p)
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+def droppable(cache) -> bool:
+    """Whether rows can leave `cache`: its layers hold keys and values only. Linear-attention layers
+    (Qwen3-Next, LFM2) also hold recurrent states that `batch_select_indices` does not cut: with those,
+    finished rows stay in the batch."""
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in getattr(cache, "layers", [None]))
 
 
 @torch.no_grad()
@@ -62,7 +71,7 @@ def generate_batch(model, prompts: list[list[int]], seeds: list[int], max_new_to
         rows, generators = [rows[r] for r in keep], [generators[r] for r in keep]
         if not rows or step == max_new_tokens - 1:
             break
-        if len(keep) < len(stop):  # finished rows leave the batch and its KV cache
+        if len(keep) < len(stop) and droppable(cache):  # finished rows leave the batch and its KV cache
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             mask, positions, tokens = mask[index], positions[index], tokens[index]
