@@ -303,7 +303,9 @@ def test_make_train_shows_a_console_for_people_and_leaves_report_card_and_wandb(
                     "\nwandb: "):  # W&B's own lines start with "wandb: "
         assert chatter not in console, chatter
     engine_log = (folder / "logs" / "engines.log").read_text()
-    assert "(RolloutWorker pid=" in engine_log and "(ScoringWorker pid=" in engine_log
+    # the workers' lines (their model-loading bars): Ray deduplicates lines that several workers print
+    # alike and credits the first, so which worker's name they carry varies from run to run
+    assert any(f"({name} pid=" in engine_log for name in ("RolloutWorker", "ScoringWorker", "Learner")), engine_log[-2000:]
 
     # the report of the run, with the Table-1 view (Base: step 0)
     assert {"summary.md", "table.md", "accuracy.png", "markers.png"} <= {p.name for p in (folder / "report").iterdir()}
