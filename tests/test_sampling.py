@@ -10,6 +10,7 @@ import torch
 
 from opsd_ray.config.recipes import load_train_config
 from opsd_ray.models.loading import load_tokenizer
+from opsd_ray.workers import sampling
 from opsd_ray.workers.engines import HFEngine
 from opsd_ray.workers.sampling import droppable, filter_top_p, generate_batch
 
@@ -96,7 +97,7 @@ def test_a_row_stops_at_its_first_end_token_and_keeps_it(engine, prompts):
         assert why == "stop" and r[-1] in eos and not set(r[:-1]) & set(eos) and len(r) <= 3
 
 
-def test_a_finished_row_leaves_the_batch_and_the_others_draw_on_unchanged(engine, prompts):
+def test_a_finished_row_leaves_the_batch_and_the_others_draw_on_unchanged(engine, prompts, monkeypatch):
     """Row 1 ends early and leaves the batch (and its KV cache); rows 0 and 2 go on to draw exactly what
     they draw when nobody stops."""
     free = {i: r for i, r, _ in generate_batch(engine.model, prompts, [1, 2, 3], 10, 1.0, 1.0, [], engine.pad_id)}
@@ -106,6 +107,9 @@ def test_a_finished_row_leaves_the_batch_and_the_others_draw_on_unchanged(engine
     out = list(generate_batch(engine.model, prompts, [1, 2, 3], 10, 1.0, 1.0, eos, engine.pad_id))
     assert out[0] == (1, free[1][: k + 1], "stop")  # yielded as soon as it ends
     assert sorted(out[1:]) == [(0, free[0], "length"), (2, free[2], "length")]
+    # where the cache cannot drop rows (linear attention), the finished row stays in the batch unread
+    monkeypatch.setattr(sampling, "droppable", lambda cache: False)
+    assert list(generate_batch(engine.model, prompts, [1, 2, 3], 10, 1.0, 1.0, eos, engine.pad_id)) == out
 
 
 def test_the_sampling_distribution_is_the_models_softmax(engine, prompts):

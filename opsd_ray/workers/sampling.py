@@ -58,27 +58,31 @@ def generate_batch(model, prompts: list[list[int]], seeds: list[int], max_new_to
     # the prompt's pass needs the logits of its last position only (all of them: B x W x V floats)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache, responses = out.past_key_values, [[] for _ in prompts]
-    rows = list(range(len(prompts)))  # the request index of each row still in the batch
+    rows = list(range(len(prompts)))  # the request index of each row of the batch
+    done = [False] * len(rows)  # a finished row stays in the batch only where the cache cannot drop it
     ends = torch.tensor(eos, device=device)
     for step in range(max_new_tokens):
         tokens = sample_rows(out.logits[:, -1], generators, temperature, top_p)
         stop = torch.isin(tokens, ends).tolist() if not ignore_eos else [False] * len(rows)
         for r, i in enumerate(rows):
-            responses[i].append(int(tokens[r]))
-            if stop[r]:
-                yield i, responses[i], "stop"
-        keep = [r for r in range(len(rows)) if not stop[r]]
-        rows, generators = [rows[r] for r in keep], [generators[r] for r in keep]
-        if not rows or step == max_new_tokens - 1:
+            if not done[r]:
+                responses[i].append(int(tokens[r]))
+                done[r] = stop[r]
+                if stop[r]:
+                    yield i, responses[i], "stop"
+        if all(done) or step == max_new_tokens - 1:
             break
-        if len(keep) < len(stop) and droppable(cache):  # finished rows leave the batch and its KV cache
+        if any(done) and droppable(cache):  # finished rows leave the batch and its KV cache
+            keep = [r for r in range(len(rows)) if not done[r]]
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             mask, positions, tokens = mask[index], positions[index], tokens[index]
+            rows, generators, done = [rows[r] for r in keep], [generators[r] for r in keep], [False] * len(keep)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True)
         cache = out.past_key_values
-    for i in rows:
-        yield i, responses[i], "length"
+    for r, i in enumerate(rows):
+        if not done[r]:
+            yield i, responses[i], "length"
