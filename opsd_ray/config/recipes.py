@@ -235,7 +235,7 @@ def validate_train(cfg: DictConfig) -> None:
     _check(rollout.n >= 1, f"rollout.n (completions per prompt) must be >= 1 (got {rollout.n})")
     _check(rollout.hf_max_batch >= 1, f"rollout.hf_max_batch must be >= 1 (got {rollout.hf_max_batch})")
     # a step's trajectories: train.batch_size prompts, rollout.n completions each
-    traj = train.batch_size * max(rollout.n, 1)
+    traj = train.batch_size * rollout.n
     count = f"train.batch_size x rollout.n ({train.batch_size} x {rollout.n} = {traj} trajectories)"
     _check(
         traj % learner.micro_batch_size == 0,
