@@ -12,13 +12,21 @@ if os.environ.get("OPSD_RAY_TEST_GPU") != "1":
     # The suite is the CPU proof: on a GPU machine it must not put its models on GPU 0 (the GPU has its
     # own proof, `make gpu-proof`); OPSD_RAY_TEST_GPU=1 lets the tests see the GPUs.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under `pytest -n N` (make test)
+if WORKER:
+    # Each test worker's Ray keeps to its own temp folder: `ray.init()` joins the cluster named in
+    # <temp>/ray/ray_current_cluster, which another worker's `ray.cluster_utils.Cluster` would write.
+    os.environ["RAY_TMPDIR"] = f"/tmp/opsd_ray_{WORKER}"  # short: Ray's unix socket paths
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_cache(tmp_path_factory):
     """Models built from the offline assets are cached once per test session (or in $OPSD_RAY_CACHE)."""
     if "OPSD_RAY_CACHE" not in os.environ:
-        os.environ["OPSD_RAY_CACHE"] = str(tmp_path_factory.mktemp("opsd_ray_cache"))
+        # one cache for all test workers (a model is built once, whoever asks first: models.builtin)
+        shared = tmp_path_factory.getbasetemp().parent if WORKER else tmp_path_factory.mktemp("run")
+        os.environ["OPSD_RAY_CACHE"] = str(shared / "opsd_ray_cache")
     yield
 
 

@@ -146,20 +146,30 @@ def test_killed_rollout_and_scoring_workers_are_restarted_and_the_run_is_unchang
     same_run(uninterrupted, hit)  # every trajectory has its seed, every part is scored as one unit
 
 
+# The default batched mode's uninterrupted run: 3 steps, a checkpoint after each
+BATCHED_RUN = ("train.steps=3", "checkpoint.every=1")
+
+
+@pytest.fixture(scope="module")
+def batched(local_ray, tmp_path_factory, small_data):
+    from opsd_ray.run.driver import train
+
+    return train(load_train_config(args_of(tmp_path_factory.mktemp("batched"), small_data, "run.name=full",
+                                           *BATCHED_RUN)))
+
+
 def test_in_the_default_batched_mode_a_killed_rollout_worker_leaves_a_finished_run_with_close_metrics(
-        local_ray, tmp_path, small_data, capsys):
+        batched, tmp_path, small_data, capsys):
     """The batched HF engine (the default) promises the same samples up to the kernels' rounding: a run
     whose rollout worker is killed finishes, its metrics finite and close to an uninterrupted run's."""
     from opsd_ray.run.driver import train
 
-    run = ("train.steps=2",)
-    full = train(load_train_config(args_of(tmp_path, small_data, "run.name=full", *run)))
     thread, killed = kill_when(tmp_path / "hit", [(1, "RolloutWorker")])
-    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", *run)))
+    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", *BATCHED_RUN)))
     thread.join(timeout=10)
     assert killed == [(1, "RolloutWorker")] and "rollout worker 0 was lost" in capsys.readouterr().out
-    ra, rb = read_metrics(full), read_metrics(hit)
-    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2]
+    ra, rb = read_metrics(batched), read_metrics(hit)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2, 3]
     for x, y in zip(ra, rb, strict=True):
         for k in ("loss", "jsd", "grad_norm", "response_length"):
             assert math.isfinite(y[k]) and y[k] == pytest.approx(x[k], rel=1e-2), (x["step"], k, x[k], y[k])
@@ -247,8 +257,8 @@ def fill(disk):
             pass
 
 
-def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishes_it(local_ray, tmp_path, small_disk,
-                                                                                      small_data, capsys):
+def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishes_it(batched, small_disk, small_data,
+                                                                                      capsys):
     """The disk fills once step 1's checkpoint is written: step 2's metrics line or checkpoint cannot be
     written. The run stops (exit 1) naming the checkpoint; nothing is half-written; once space is freed
     the same command continues and ends where an uninterrupted run ends."""
@@ -256,9 +266,7 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     from opsd_ray.run.checkpoints import latest_checkpoint
     from opsd_ray.run.runfolder import RunFolder
 
-    full = tmp_path / "full"
-    assert main(["train", *args_of(tmp_path, small_data, "run.name=full", "train.steps=3", "checkpoint.every=1")]) == 0
-    args = ["train", *args_of(small_disk, small_data, "train.steps=3", "checkpoint.every=1")]
+    args = ["train", *args_of(small_disk, small_data, *BATCHED_RUN)]
     folder = small_disk / "r"
     saved = (folder / "checkpoints" / "step_1" / "trainer_state.json").exists
     thread = threading.Thread(target=lambda: (wait_for(saved), fill(small_disk)), daemon=True)
@@ -276,7 +284,7 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     (small_disk / "filler").unlink()
     assert main(args) == 0
     assert "resumed from" in capsys.readouterr().out
-    same_run(full, folder)
+    same_run(batched, folder)
 
 
 def wait_for(condition, timeout_s: float = 300) -> None:

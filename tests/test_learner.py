@@ -151,6 +151,24 @@ def test_checkpoint_round_trip(batch, tmp_path):
         torch.testing.assert_close(va, vb, msg=k)
 
 
+def test_a_checkpoint_from_before_the_first_step_changes_nothing(batch):
+    """Saving before any step leaves the optimizer alone (torch's get_optimizer_state_dict would take an
+    lr-0 step to make moments: the first real update would be Adam's second, 26% smaller), and loading that
+    checkpoint into a learner that has stepped takes its moments away: it steps as a fresh learner does."""
+    items, base = batch
+    frozen = score(base, items)
+    fresh, saved, back = Learner(make_cfg()), Learner(make_cfg()), Learner(make_cfg())
+    start = saved.checkpoint_files()
+    learn(back, items, [0] * 4, False, frozen)
+    assert back.load_checkpoint_files(start) == 0 and not back.optimizer.state
+    for learner in (fresh, saved, back):
+        learn(learner, items, [0] * 4, False, frozen)
+    expected = fresh.adapter_state()[1]
+    for learner in (saved, back):
+        for k, v in learner.adapter_state()[1].items():
+            assert torch.equal(v, expected[k]), k
+
+
 def test_a_nan_in_a_frozen_variant_skips_the_update_and_leaves_the_adapter(batch):
     import copy
 

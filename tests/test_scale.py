@@ -66,62 +66,55 @@ def everyone(learners, method, *args, num_returns=1):
     return ray.get([r[-1] if num_returns > 1 else r for r in refs])[0]
 
 
-def group_step(cfg, parts, n):
-    """One step of a group of n learner actors (gloo); rank r takes a contiguous range of parts.
-    Returns every rank's metrics and rank 0's adapter after the step."""
+def group_step(learners, parts):
+    """One step of a group of learner actors (gloo); rank r takes a contiguous range of parts.
+    Returns every rank's metrics, rank 0's adapter after the step and the group's checkpoint files."""
     from opsd_ray.workers.scoring import split_evenly
 
-    learners = start_group(cfg, n)
-    try:
-        for learner, share in zip(learners, split_evenly(parts, n), strict=True):
-            for items, frozen in share:
-                learner.accumulate.remote(items, [0] * len(items), True, frozen)
-        tokens = sum(f.num_tokens for _, f in parts)
-        metrics = ray.get([learner.step.remote(tokens) for learner in learners])
-        return metrics, everyone(learners, "adapter_state", num_returns=2), everyone(learners, "checkpoint_files")
-    finally:
-        for learner in learners:
-            ray.kill(learner)
+    for learner, share in zip(learners, split_evenly(parts, len(learners)), strict=True):
+        for items, frozen in share:
+            learner.accumulate.remote(items, [0] * len(items), True, frozen)
+    tokens = sum(f.num_tokens for _, f in parts)
+    metrics = ray.get([learner.step.remote(tokens) for learner in learners])
+    return metrics, everyone(learners, "adapter_state", num_returns=2), everyone(learners, "checkpoint_files")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_learners_make_the_same_update_as_one(local_ray, tmp_path, small_data, strategy):
+    """Also: the group's checkpoint resumes the single learner, and the single learner's resumes the group
+    (the same actors: a load replaces the state of their own step whole)."""
     cfg = cfg_of(tmp_path, small_data, f"learner.strategy={strategy}")
     parts = parts_of(cfg)
-    (one,), state_one, _ = group_step(cfg, parts, 1)
-    two, state_two, files_two = group_step(cfg, parts, 2)
-    for k in ("loss", "jsd", "grad_norm", "num_tokens", "cos_total_ref", "kl_target_base", "wire_bytes_per_token"):
-        assert two[0][k] == pytest.approx(one[k], rel=1e-6), k
-    drop = ("start", "end")
-    assert {k: v for k, v in two[0].items() if k not in drop} == {k: v for k, v in two[1].items() if k not in drop}
-    assert set(state_two) == set(state_one)
-    for k, v in state_one.items():
-        # Two partial gradients summed differ from one sum in the last bits; Adam's first step, about
-        # lr * sign(g), amplifies that for the few near-zero gradients (8e-7 seen; a step moves 1e-2).
-        torch.testing.assert_close(state_two[k], v, rtol=1e-5, atol=1e-5 * cfg.learner.lr / 1e-2)
-    assert any((v != 0).any() for k, v in state_one.items() if "lora_B" in k)  # it learned
-
-    # the group's checkpoint resumes a single learner (and the other way round) to the same adapter
-    from opsd_ray.workers.learner import Learner
-
-    single = ray.remote(Learner).options(num_cpus=1).remote(cfg, 1)
+    single, group = start_group(cfg, 1), start_group(cfg, 2)
     try:
-        assert ray.get(single.load_checkpoint_files.remote(files_two)) == 1
-        back = ray.get(single.adapter_state.options(num_returns=2).remote()[1])
-        files_one = ray.get(single.checkpoint_files.remote())
-    finally:
-        ray.kill(single)
-    for k, v in state_two.items():
-        assert torch.equal(back[k], v), k
-    group = start_group(cfg, 2)
-    try:
-        ray.get([a.load_checkpoint_files.remote(files_one) for a in group])
+        files_init = ray.get(single[0].checkpoint_files.remote())  # the adapter as initialised (B = 0)
+        (one,), state_one, _ = group_step(single, parts)
+        two, state_two, files_two = group_step(group, parts)
+        for k in ("loss", "jsd", "grad_norm", "num_tokens", "cos_total_ref", "kl_target_base", "wire_bytes_per_token"):
+            assert two[0][k] == pytest.approx(one[k], rel=1e-6), k
+        drop = ("start", "end")
+        assert {k: v for k, v in two[0].items() if k not in drop} == {k: v for k, v in two[1].items() if k not in drop}
+        assert set(state_two) == set(state_one)
+        for k, v in state_one.items():
+            # Two partial gradients summed differ from one sum in the last bits; Adam's first step, about
+            # lr * sign(g), amplifies that for the few near-zero gradients (8e-7 seen; a step moves 1e-2).
+            torch.testing.assert_close(state_two[k], v, rtol=1e-5, atol=1e-5 * cfg.learner.lr / 1e-2)
+        assert any((v != 0).any() for k, v in state_one.items() if "lora_B" in k)  # it learned
+
+        # checkpoints move between a group and a single learner: the group goes back to the start, the
+        # single learner takes the group's step, and the group takes it back from the single learner
+        ray.get([a.load_checkpoint_files.remote(files_init) for a in group])
+        start = everyone(group, "adapter_state", num_returns=2)
+        assert all((v == 0).all() for k, v in start.items() if "lora_B" in k)
+        assert ray.get(single[0].load_checkpoint_files.remote(files_two)) == 1
+        back = ray.get(single[0].adapter_state.options(num_returns=2).remote()[1])
+        ray.get([a.load_checkpoint_files.remote(ray.get(single[0].checkpoint_files.remote())) for a in group])
         again = everyone(group, "adapter_state", num_returns=2)
     finally:
-        for a in group:
+        for a in (*single, *group):
             ray.kill(a)
     for k, v in state_two.items():
-        assert torch.equal(again[k], v), k
+        assert torch.equal(back[k], v) and torch.equal(again[k], v), k
 
 
 # ----------------------------------------------------------------------------- streaming = phases

@@ -10,6 +10,7 @@ opsd_ray.models.builtin, then loaded like any local checkpoint).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -45,15 +46,16 @@ def _path_of(model_cfg) -> str:
 
 
 def load_tokenizer(model_cfg):
-    """The model's tokenizer (with its chat template). Accepts a config node or a path."""
-    from transformers import AutoTokenizer
+    """The model's tokenizer (with its chat template). Accepts a config node or a path.
 
+    Loaded once per process and folder: transformers parses tokenizer.json in Python (about 1 s for a
+    150k vocabulary), and a run asks for it in the driver, at start and in each worker. Nothing here
+    changes a tokenizer after loading it; a folder whose tokenizer files change is loaded again."""
     tok_path = getattr(model_cfg, "tokenizer", None) or _path_of(model_cfg)
+    trust = bool(getattr(model_cfg, "trust_remote_code", False))
     try:
-        return AutoTokenizer.from_pretrained(
-            resolve_model_path(str(tok_path)),
-            trust_remote_code=bool(getattr(model_cfg, "trust_remote_code", False)),
-        )
+        path = resolve_model_path(str(tok_path))
+        return _load_tokenizer(path, trust, _files_stamp(path))
     except (OSError, ValueError) as e:  # no such repo or folder, offline, no tokenizer files in it
         key = "model.tokenizer" if getattr(model_cfg, "tokenizer", None) else "model.path"
         detail = " ".join(str(e).split())[:240]
@@ -62,6 +64,21 @@ def load_tokenizer(model_cfg):
                               "Offline, download the model where there is a network (`hf download <id> --local-dir "
                               f"<folder>`) and pass {key}=<folder>, or fill the HF cache and set HF_HUB_OFFLINE=1") from None
         raise ConfigError(f"{key}={tok_path}: cannot load a tokenizer from it ({type(e).__name__}: {detail})") from None
+
+
+def _files_stamp(path: str) -> tuple:
+    """What identifies a local folder's tokenizer files (name, size, mtime); () for a Hub id."""
+    if not os.path.isdir(path):
+        return ()
+    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
+                        if e.is_file() and ("token" in e.name or e.name.startswith(("chat_template", "special_")))))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str, trust_remote_code: bool, stamp: tuple):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def default_device() -> str:

@@ -326,7 +326,11 @@ class Learner:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=self.fsdp)  # fsdp: gathered to rank 0
-        optimizer = _to_cpu(get_optimizer_state_dict(self.model, self.optimizer, options=options))
+        if self.optimizer.state:
+            optimizer = _to_cpu(get_optimizer_state_dict(self.model, self.optimizer, options=options))
+        else:  # no step taken yet (all ranks alike): get_optimizer_state_dict would take an lr-0 Adam step to
+            # make moments, and the first real update would then be Adam's second, 26% smaller
+            optimizer = {"state": {}, "param_groups": [dict(self.optimizer.param_groups[0], params=[])]}
         files = self.adapter_files()
         if not files:
             return {}
@@ -350,6 +354,7 @@ class Learner:
             for name, param in names.items():
                 _assign(param, saved[peft_name(name)])
                 moments = opt["optimizer"]["state"].get(name)
+                self.optimizer.state.pop(param, None)  # a checkpoint from before any step has none
                 if moments:
                     self.optimizer.state[param] = {
                         k: v if k == "step" else _like(param, v) for k, v in moments.items()
