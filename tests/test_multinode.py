@@ -32,7 +32,6 @@ def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the
                                                                                               capsys):
     from opsd_ray.data.sources import ASSETS
     from opsd_ray.run.driver import train
-    from opsd_ray.run.groups import Groups
 
     data = tmp_path / "gsm8k_small.jsonl"
     with open(ASSETS / "gsm8k_train.jsonl") as f:
@@ -45,15 +44,10 @@ def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the
                                   "rollout.max_new_tokens=8", f"train.steps={steps}", "checkpoint.every=1",
                                   "learner.resources.learner_node=1"])
 
-    groups = Groups.start(cfg(2), "hf")
-    try:
-        (learner,) = [i for i in groups.info if i["role"] == "learner"]
-        assert learner["node"] == two_nodes[0] != ray.get_runtime_context().get_node_id()  # not the driver's node
-    finally:
-        groups.shutdown()
-
     folder = train(cfg(2))
     assert folder == tmp_path / "runs" / "r"
+    (learner,) = [i for i in json.loads((folder / "logs" / "workers.json").read_text()) if i["role"] == "learner"]
+    assert learner["node"] == two_nodes[0] != ray.get_runtime_context().get_node_id()  # not the driver's node
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_1", "step_2"]
     state = json.loads((folder / "checkpoints" / "step_2" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["sampler"] == {"epoch": 0, "position": 8}

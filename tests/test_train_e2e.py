@@ -70,6 +70,8 @@ def test_train_hf_engine_pmi(uninterrupted):
     assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step_2", "step_4"]
     assert (uninterrupted / "config.yaml").exists() and (uninterrupted / "data_report.json").exists()
     assert list((uninterrupted / "tensorboard").iterdir())
+    workers = json.loads((uninterrupted / "logs" / "workers.json").read_text())
+    assert sorted(w["role"] for w in workers) == ["learner", "rollout", "scoring"] and all(w["pid"] > 0 for w in workers)
 
 
 EVAL = ("eval.every=2", "eval.benchmarks=[gsm8k,aime24]", "eval.limit=2", "eval.n_samples=2", "eval.max_new_tokens=8")

@@ -14,6 +14,7 @@ adapter k-1 while step k learns. The driver owns the run folder (opsd_ray.run.ru
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -96,6 +97,7 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
     groups = None
     try:
         groups = Groups.start(cfg, engine)
+        run.write_text("logs/workers.json", json.dumps(groups.info, indent=1))  # where each worker runs: node, pid
         adapter_conf, dtype = adapter_config(cfg), adapter_dtype(cfg, engine)
         step = restore(groups.learner, sampler, checkpoint, fresh)
         say(f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} engine={engine}"
