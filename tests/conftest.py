@@ -20,6 +20,11 @@ if WORKER:
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 
+# End-to-end tests that run their own Ray (a head, a subprocess) and share no run with the others: the
+# second test worker takes them first, so that both workers finish at about the same time.
+SIDE = {"test_cluster.py", "test_gpuproof.py"}
+
+
 def pytest_collection_modifyitems(config, items):
     """`make test` runs two test workers (pytest -n 2 --dist loadgroup): the end-to-end tests (marked slow)
     run one after another on one worker, sharing its Ray session and their modules' runs, while the
@@ -27,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
     in all, while the other tests leave a core idle half the time."""
     for item in items:
         if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("e2e"))
+            item.add_marker(pytest.mark.xdist_group("side" if item.path.name in SIDE else "e2e"))
 
 
 @pytest.fixture(scope="session", autouse=True)
