@@ -37,7 +37,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_cache(tmp_path_factory):
-    """Models built from the offline assets are cached once per test session (or in $OPSD_RAY_CACHE)."""
+    """Models built from the offline assets are cached once per run of the suite, for all its test workers
+    (or in $OPSD_RAY_CACHE)."""
     if "OPSD_RAY_CACHE" not in os.environ:
         # one cache for all test workers (a model is built once, whoever asks first: models.builtin)
         shared = tmp_path_factory.getbasetemp().parent if WORKER else tmp_path_factory.mktemp("run")

@@ -116,6 +116,7 @@ CASES = {
     "negative lr": train_case("learner.lr=-1", fragment="learner.lr must be > 0"),
     "batch not divisible": train_case("train.batch_size=5", "learner.micro_batch_size=2", fragment="divisible"),
     "no completions": train_case("rollout.n=0", fragment="rollout.n (completions per prompt) must be >= 1"),
+    "no rows per batch": train_case("rollout.hf_max_batch=0", fragment="rollout.hf_max_batch must be >= 1"),
     "completions not divisible": train_case("train.batch_size=3", "rollout.n=3", "learner.micro_batch_size=2",
                                             fragment="train.batch_size x rollout.n (3 x 3 = 9 trajectories)"),
     "negative gpus": train_case("learner.gpus_per_worker=-1", fragment="learner.gpus_per_worker must be >= 0"),

@@ -230,10 +230,10 @@ def validate_train(cfg: DictConfig) -> None:
         ("scoring.num_workers", scoring.num_workers),
         ("learner.num_workers", learner.num_workers),
         ("rollout.tensor_parallel_size", rollout.tensor_parallel_size),
+        ("rollout.hf_max_batch", rollout.hf_max_batch),
     ):
         _check(n >= 1, f"{name} must be >= 1 (got {n})")
     _check(rollout.n >= 1, f"rollout.n (completions per prompt) must be >= 1 (got {rollout.n})")
-    _check(rollout.hf_max_batch >= 1, f"rollout.hf_max_batch must be >= 1 (got {rollout.hf_max_batch})")
     # a step's trajectories: train.batch_size prompts, rollout.n completions each
     traj = train.batch_size * rollout.n
     count = f"train.batch_size x rollout.n ({train.batch_size} x {rollout.n} = {traj} trajectories)"

@@ -97,7 +97,7 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
     groups = None
     try:
         groups = Groups.start(cfg, engine)
-        run.write_text("logs/workers.json", json.dumps(groups.info, indent=1))  # where each worker runs: node, pid
+        run.write_text("logs/workers.json", json.dumps(groups.info, indent=1))  # where each worker started: node, pid
         adapter_conf, dtype = adapter_config(cfg), adapter_dtype(cfg, engine)
         step = restore(groups.learner, sampler, checkpoint, fresh)
         say(f"run {cfg.run.name}: model={cfg.model.name} data={cfg.data.name} mode={cfg.objective.mode} engine={engine}"
