@@ -52,32 +52,49 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     )
 
 
-def wandb_records(folder: Path) -> list:
+def wandb_records(folder: Path, wait_s: float = 30) -> list:
     """Every record W&B wrote into the offline runs under `folder` (its .wandb files, in run order).
 
-    A .wandb file is W&B's header (":W&B", magic, version: 7 bytes) and then LevelDB's log format:
-    32 KiB blocks of chunks (crc32 4, length 2, type 1; FULL=1 FIRST=2 MIDDLE=3 LAST=4), each record a
-    protobuf Record. Read here because W&B >= 0.20 has no Python reader of its own files."""
+    `wandb.finish()` can return before W&B's service has written the run's last records (seen under
+    load): each file is read again until it ends with the run's exit record, for up to `wait_s`."""
+    import time
+
+    out = []
+    for path in sorted(Path(folder).glob("wandb/offline-run-*/run-*.wandb")):
+        deadline = time.time() + wait_s
+        records = _wandb_file(path)
+        while (not records or records[-1].WhichOneof("record_type") != "exit") and time.time() < deadline:
+            time.sleep(0.1)
+            records = _wandb_file(path)
+        out += records
+    return out
+
+
+def _wandb_file(path: Path) -> list:
+    """The records of one .wandb file: W&B's header (":W&B", magic, version: 7 bytes) and then LevelDB's
+    log format: 32 KiB blocks of chunks (crc32 4, length 2, type 1; FULL=1 FIRST=2 MIDDLE=3 LAST=4), each
+    record a protobuf Record. Read here because W&B >= 0.20 has no Python reader of its own files."""
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
 
     out = []
-    for path in sorted(Path(folder).glob("wandb/offline-run-*/run-*.wandb")):
-        data, pos, buf = path.read_bytes(), 7, b""
-        assert data[:4] == b":W&B", path
-        while pos + 7 <= len(data):
-            if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
-                pos += 32768 - pos % 32768
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            buf += data[pos + 7:pos + 7 + length]
-            pos += 7 + length
-            if kind in (1, 4):
-                record = pb.Record()
-                record.ParseFromString(buf)
-                out.append(record)
-                buf = b""
+    data, pos, buf = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            out.append(record)
+            buf = b""
     return out
 
 
