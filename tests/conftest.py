@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from opsd_ray.run.pool import WorkerPool
 from opsd_ray.workers.engines import vllm_available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,6 +168,24 @@ def _stop_ray_at_the_end():
 
     if "ray" in sys.modules:
         sys.modules["ray"].shutdown()
+
+
+POOL = WorkerPool()
+
+
+@pytest.fixture(scope="session")
+def pool():
+    """Workers kept warm between the end-to-end runs of this test process (opsd_ray.run.pool): a run takes
+    the workers of the run before it that were built from the same settings."""
+    return POOL
+
+
+@pytest.fixture(autouse=True)
+def _no_warm_workers_unless_asked(request):
+    """A test that does not ask for the pool finds no parked worker: it has the resources, and the only
+    worker processes, of its own run (the fault tests find the workers they kill by name)."""
+    if "pool" not in request.fixturenames and POOL.parked:
+        POOL.clear()
 
 
 def own_ray(**init):

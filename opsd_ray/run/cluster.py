@@ -121,6 +121,19 @@ def placed(actor_cls, request: RoleRequest, index: int, pg, max_restarts: int = 
     return actor_cls.options(**opts)
 
 
+def start_actors(request: RoleRequest, cls, max_restarts: int, args: list[tuple], claimed=None) -> tuple:
+    """A role's actors, their placement group and handles of their info: `claimed` ones (actors and their
+    group, from a pool) reset to what new ones built from `args` would be, or new ones, placed."""
+    import ray
+
+    if claimed is not None:
+        actors, pg = claimed
+        return actors, pg, [a.reset.remote(*a_args) for a, a_args in zip(actors, args)]
+    pg = role_placement_group(request)
+    actors = [placed(ray.remote(cls), request, i, pg, max_restarts).remote(*a_args) for i, a_args in enumerate(args)]
+    return actors, pg, [a.ready.remote() for a in actors]
+
+
 def role_bundle(request: RoleRequest) -> dict[str, float]:
     """One worker's bundle. A tensor-parallel rollout worker asks for all its GPUs in one bundle: its
     actor holds them and vLLM's "mp" executor runs one process per GPU (rollout.vllm_engine_args)."""

@@ -44,6 +44,7 @@ from opsd_ray.run.console import engine_logs, say
 from opsd_ray.run.evaluation import eval_points, evaluate_checkpoints, evaluate_step, inline
 from opsd_ray.run.faults import LearnersLost, SkipCounter
 from opsd_ray.run.groups import Generation, Groups
+from opsd_ray.run.pool import WorkerPool
 from opsd_ray.run.records import step_record, sync_record
 from opsd_ray.run.runfolder import DriverLock, RunFolder, WriteFailed
 from opsd_ray.run.schedule import run_step
@@ -53,8 +54,9 @@ from opsd_ray.tools.report import report_run
 from opsd_ray.workers.engines import adapter_config, adapter_dtype, pick_engine
 
 
-def train(cfg) -> Path | str:
-    """Train; returns the run folder (a Path, or the URI of a remote run folder)."""
+def train(cfg, pool: WorkerPool | None = None) -> Path | str:
+    """Train; returns the run folder (a Path, or the URI of a remote run folder). With a pool (and Ray
+    started by the caller), the run reuses workers an earlier run left there, and leaves its own."""
     run = run_folder(cfg)
     lock = DriverLock(run)
     try:
@@ -66,7 +68,7 @@ def train(cfg) -> Path | str:
         with engine_logs(run, cfg.logging.verbose) as logs_at:
             started_ray = init_ray(cfg)
             try:
-                final, wandb_where = train_loop(cfg, run, lock, engine, sampler, tok)
+                final, wandb_where = train_loop(cfg, run, lock, engine, sampler, tok, pool)
             finally:
                 if started_ray:  # stopped here, so that its last worker lines reach the log file
                     ray.shutdown()
@@ -86,7 +88,7 @@ def train(cfg) -> Path | str:
 
 
 def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: PromptSampler,
-               tok) -> tuple[str, str | None]:
+               tok, pool: WorkerPool | None = None) -> tuple[str, str | None]:
     """The algorithm on the three groups; returns where the final adapter was written, and where the W&B
     run is (None without W&B). A lost learner restarts the group from the newest checkpoint."""
     points, T = eval_points(cfg), cfg.train.steps
@@ -96,7 +98,7 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
     log = MetricsLog(run, keep_until_step=checkpoint_step(checkpoint), cfg=cfg)  # then a W&B login problem
     groups = None
     try:
-        groups = Groups.start(cfg, engine)
+        groups = Groups.start(cfg, engine, pool=pool)
         run.write_text("logs/workers.json", json.dumps(groups.info, indent=1))  # where each worker started: node, pid
         adapter_conf, dtype = adapter_config(cfg), adapter_dtype(cfg, engine)
         step = restore(groups.learner, sampler, checkpoint, fresh)
@@ -130,9 +132,10 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
         bar.close()
         adapter_files = groups.learner.whole("adapter_files")
         final = run.write_files("final", with_card(cfg, adapter_files, T, log.records()))
-        if points and not inline(cfg):  # eval.schedule=end: the GPUs are free for evaluation now
-            groups.shutdown()
-            groups = None
+        end_eval = points and not inline(cfg)  # eval.schedule=end: the GPUs are free for evaluation now
+        groups.shutdown(None if end_eval else pool)
+        groups = None
+        if end_eval:
             evaluate_checkpoints(cfg, run, log, engine)
         return final, log.wandb_where
     finally:

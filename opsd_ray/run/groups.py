@@ -22,10 +22,12 @@ from opsd_ray.config.recipes import EVAL_GPU_MEMORY
 from opsd_ray.models.loading import load_tokenizer
 from opsd_ray.run.busy import BusyLog
 from opsd_ray.run.calls import LocalCalls, RayCalls
-from opsd_ray.run.cluster import check_fits, placed, role_placement_group, role_requests
+from opsd_ray.run.cluster import check_fits, role_requests, start_actors
 from opsd_ray.run.console import say
 from opsd_ray.run.faults import Faults, LearnersLost, actor_state, is_actor_loss
-from opsd_ray.workers.learner import Learner
+from opsd_ray.run.pool import WorkerPool, worker_key
+from opsd_ray.workers.engines import reusable
+from opsd_ray.workers.learner import Learner, learner_settings
 from opsd_ray.workers.rollout import RolloutDone, RolloutWorker
 from opsd_ray.workers.scoring import ScoringWorker, split_evenly
 
@@ -40,6 +42,10 @@ class Workers:
 
     def __len__(self) -> int:
         return len(self.workers)
+
+    def intact(self) -> bool:
+        """No worker was replaced (a reused worker starts with its whole restart budget)."""
+        return not self.restarts
 
     def incarnation(self, k: int) -> int:
         """How many times worker k has been replaced: a call records it when it is sent."""
@@ -262,6 +268,9 @@ class LearnerGroup(Workers):
             address, port = self.gather([self.calls.submit(self.workers[0], "group_address")])[0]
             self.gather([self.calls.submit(a, "join_group", address, port) for a in self.workers])
 
+    def intact(self) -> bool:
+        return not any(self.known)  # each member's Ray restart count when the group last formed
+
     def gather(self, handles: list) -> list:
         """The results of learner calls, waiting on all at once: a lost learner, or a collective that
         failed because a member was lost, becomes LearnersLost (the driver restarts the group); any other
@@ -345,47 +354,57 @@ class Groups:
     learner: LearnerGroup | None = None
     info: list[dict] = field(default_factory=list)  # where each worker runs
     pgs: dict = field(default_factory=dict)
+    keys: dict = field(default_factory=dict)  # role -> its workers' key in a pool (opsd_ray.run.pool)
+    ready: dict = field(default_factory=dict)  # role -> handles of its workers' info, as they start
+    claimed: dict = field(default_factory=dict)  # role -> (actors, placement group) from a pool, not yet launched
 
     @classmethod
-    def start(cls, cfg, engine: str, cores: dict[str, list[int]] | None = None) -> Groups:
-        """The Ray actors of a run, each role in its placement group. vLLM engines start (and size their
-        KV cache) before any other role loads weights onto a shared GPU."""
+    def start(cls, cfg, engine: str, cores: dict[str, list[int]] | None = None, pool: WorkerPool | None = None) -> Groups:
+        """The Ray actors of a run, each role in its placement group (workers of an earlier run that
+        match, from `pool`). vLLM engines start (and size their KV cache) before any other role loads
+        weights onto a shared GPU."""
         import ray
 
         requests = {r.role: r for r in role_requests(cfg)}
         check_fits(list(requests.values()), ray.cluster_resources())
         faults, calls, cores = Faults(cfg.fault.max_restarts), RayCalls(), cores or {}
         pad_id = pad_id_of(load_tokenizer(cfg.model))  # once here, not in every worker
+        threads = {role: cores.get(role) or (os.cpu_count() if r.gpus == 0 else None) for role, r in requests.items()}
+        n, restarts = cfg.learner.num_workers, cfg.fault.max_restarts
+        # Learners restart as a group, and the driver's kill of a live one counts as a restart for Ray
+        # too: Ray restarts them without limit, and fault.max_restarts bounds the group restarts.
+        specs = {
+            "rollout": (RolloutWorker, restarts, [(cfg.model, cfg.rollout, engine, cfg.run.seed, threads["rollout"],
+                                                   rollout_max_len(cfg))] * requests["rollout"].count),
+            "scoring": (ScoringWorker, restarts, [(cfg.model, cfg.scoring, threads["scoring"], pad_id)] * requests["scoring"].count),
+            "learner": (Learner, -1, [(learner_settings(cfg), threads["learner"], i, n, pad_id) for i in range(n)]),
+        }
         groups = cls(RolloutGroup([], calls, faults))
         try:
-            groups.pgs = {role: role_placement_group(r) for role, r in requests.items()}
-
-            def actors(role, cls_, restarts, args):
-                """The role's actors; args(rank, threads) gives each one's constructor arguments."""
-                r = requests[role]
-                threads = cores.get(role) or (os.cpu_count() if r.gpus == 0 else None)
-                return [placed(ray.remote(cls_), r, i, groups.pgs[role], restarts).remote(*args(i, threads))
-                        for i in range(r.count)]
-
-            restarts = cfg.fault.max_restarts
-            groups.rollout.workers = actors("rollout", RolloutWorker, restarts, lambda i, t: (
-                cfg.model, cfg.rollout, engine, cfg.run.seed, t, rollout_max_len(cfg)))
+            if pool is not None:  # a vLLM engine sizes its KV cache by a GPU's free memory: it starts first
+                first = engine == "vllm" and requests["rollout"].gpus > 0
+                groups.keys = {role: worker_key(role, spec[0], requests[role], *spec[1:]) for role, spec in specs.items()
+                               if not first and (role != "rollout" or reusable(engine))}
+                groups.claimed = pool.claim(groups.keys)
+            groups.rollout.workers = groups.launch(requests["rollout"], *specs["rollout"])
             if engine == "vllm":
-                ray.get([w.ready.remote() for w in groups.rollout.workers])
-            groups.scoring = ScoringGroup(actors("scoring", ScoringWorker, restarts, lambda i, t: (
-                cfg.model, cfg.scoring, t, pad_id)), calls, faults)
-            # Learners restart as a group, and the driver's kill of a live one counts as a restart for Ray
-            # too: Ray restarts them without limit, and fault.max_restarts bounds the group restarts.
-            n = cfg.learner.num_workers
-            learners = actors("learner", Learner, -1, lambda i, t: (cfg, t, i, n, pad_id))
-            groups.info = ray.get([a.ready.remote() for a in (*groups.rollout.workers, *groups.scoring.workers, *learners)])
+                ray.get(groups.ready["rollout"])
+            groups.scoring = ScoringGroup(groups.launch(requests["scoring"], *specs["scoring"]), calls, faults)
             fsdp = cfg.learner.strategy == "fsdp" and n > 1
-            groups.learner = LearnerGroup(learners, calls, faults, fsdp, [i["started"] for i in groups.info[-n:]])
+            groups.learner = LearnerGroup(groups.launch(requests["learner"], *specs["learner"]), calls, faults, fsdp, [])
+            groups.info = ray.get([h for role in ("rollout", "scoring", "learner") for h in groups.ready[role]])
+            groups.learner.started = [i["started"] for i in groups.info[-n:]]
             groups.learner.form()
         except BaseException:  # a role that fails to start must not leave the others running
             groups.shutdown()
             raise
         return groups
+
+    def launch(self, request, cls_, restarts: int, args: list[tuple]) -> list:
+        """A role's actors (its claimed workers reset to new, or new ones); `ready[role]`: their info."""
+        claimed = self.claimed.pop(request.role, None)
+        actors, self.pgs[request.role], self.ready[request.role] = start_actors(request, cls_, restarts, args, claimed)
+        return actors
 
     @classmethod
     def in_process(cls, cfg, engine: str, threads: int | None = None) -> Groups:
@@ -410,18 +429,16 @@ class Groups:
         check_fits(requests, ray.cluster_resources())
         groups = cls(RolloutGroup([], RayCalls(), Faults(cfg.fault.max_restarts)))
         try:
+            ready = []
             for r in requests:
-                groups.pgs[r.role] = role_placement_group(r)
                 conf = OmegaConf.merge(cfg.rollout, {"tensor_parallel_size": 1} if r.role != "rollout" else {})
                 if r.gpus / (conf.tensor_parallel_size if r.role == "rollout" else 1) >= 1:
                     conf.gpu_memory_utilization = max(conf.gpu_memory_utilization, EVAL_GPU_MEMORY)
-                groups.rollout.workers += [
-                    placed(ray.remote(RolloutWorker), r, i, groups.pgs[r.role], cfg.fault.max_restarts).remote(
-                        cfg.model, conf, engine, cfg.run.seed, os.cpu_count() if r.gpus == 0 else None,
-                        rollout_max_len(cfg))
-                    for i in range(r.count)
-                ]
-            groups.info = ray.get([w.ready.remote() for w in groups.rollout.workers])
+                args = (cfg.model, conf, engine, cfg.run.seed, os.cpu_count() if r.gpus == 0 else None, rollout_max_len(cfg))
+                actors, groups.pgs[r.role], handles = start_actors(r, RolloutWorker, cfg.fault.max_restarts, [args] * r.count)
+                groups.rollout.workers += actors
+                ready += handles
+            groups.info = ray.get(ready)
         except BaseException:
             groups.shutdown()
             raise
@@ -455,17 +472,28 @@ class Groups:
             places.setdefault(i["role"], []).append(f"{i['host']}/{i['device']}")
         return "; ".join(f"{role} x{len(p)} on " + ", ".join(sorted(set(p))) for role, p in places.items())
 
-    def shutdown(self) -> None:
-        """End every worker and placement group (also after a failed start)."""
+    def shutdown(self, pool: WorkerPool | None = None) -> None:
+        """End every worker and placement group (also after a failed start). With a pool (a run that
+        finished), the roles whose workers were never replaced stay warm there for the next run."""
         self.rollout.close()
         if not isinstance(self.rollout.calls, RayCalls):
             return
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        ending = [(pg, actors) for actors, pg in self.claimed.values()]  # claimed, never launched
         for g in (self.rollout, self.scoring, self.learner):
-            for a in g.workers if g is not None else []:
+            if g is None:
+                continue
+            if pool is not None and g.role in self.keys and g.intact():
+                pool.park(self.keys[g.role], g.workers, self.pgs.pop(g.role))
+            else:
+                ending.append((self.pgs.pop(g.role, None), g.workers))
+        for pg, actors in ending:
+            for a in actors:
                 ray.kill(a)
-        for pg in self.pgs.values():
+            if pg is not None:
+                remove_placement_group(pg)
+        for pg in self.pgs.values():  # a role whose actors never started
             if pg is not None:
                 remove_placement_group(pg)

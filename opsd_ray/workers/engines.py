@@ -66,6 +66,13 @@ def adapter_dtype(cfg, engine: str) -> str:
     return str(cfg.model.dtype) if engine == "vllm" and on_gpu else "float32"
 
 
+def reusable(engine: str) -> bool:
+    """Whether a later run may reuse a rollout worker with this engine (opsd_ray.run.pool). A vLLM engine
+    holds processes, a memory budget, LoRA slots and a prefix cache of its own, and a second engine in
+    one process is not something vLLM supports: its workers end with their run."""
+    return engine != "vllm"
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from opsd_ray.common import lora_config, pad_id_of
 from opsd_ray.models.loading import default_device, load_model, load_tokenizer, to_torch_dtype
 from opsd_ray.objective.formulas import FrozenVariants, opsd_loss
 from opsd_ray.workers.engines import response_logprobs
-from opsd_ray.workers.process import peak_memory, use_cores, worker_info
+from opsd_ray.workers.process import Reusable, peak_memory, use_cores, worker_info
 from opsd_ray.workers.scoring import FrozenBatch, ScoringItem, response_hidden
 
 
@@ -99,7 +100,14 @@ def load_student_base(cfg, device: str, fsdp: bool):
     return load_model(cfg.model, device="cpu" if fsdp else device, runs_on=device)
 
 
-class Learner:
+def learner_settings(cfg):
+    """The part of a run's config a learner reads, and all it keeps: what it is built from, so runs that
+    differ elsewhere (name, steps, evaluation) can share a warm learner (opsd_ray.run.pool)."""
+    return OmegaConf.create({"run": {"seed": cfg.run.seed}, "model": cfg.model, "learner": cfg.learner,
+                             "objective": cfg.objective, "rollout": {"one_step_off": cfg.rollout.one_step_off}})
+
+
+class Learner(Reusable):
     """One member of the learner group (rank `rank` of `world_size`; rank 0 serves the adapter and
     the checkpoint files). A step is a series of `accumulate` calls, one per micro-batch of
     trajectories, then `step`: the gradient and the metrics are summed over the micro-batches and
@@ -110,9 +118,9 @@ class Learner:
                  pad_id: int | None = None):
         from peft import get_peft_model
 
-
         started = time.time()
         use_cores(num_threads)
+        cfg = learner_settings(cfg)
         torch.manual_seed(cfg.run.seed)  # LoRA init (rank 0's is broadcast when the group forms)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.fsdp = cfg.learner.strategy == "fsdp" and world_size > 1
@@ -149,6 +157,14 @@ class Learner:
         )
 
     # ------------------------------------------------------------------ the group
+    def release(self) -> None:
+        """Leave the process group (a reused learner joins the next run's)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.store = None
+
     def group_address(self) -> tuple[str, int]:
         """Where the group meets (rank 0): this node's address and the port of the group's store, which
         rank 0 opens now and holds (no other process can take the port before the group forms)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import socket
 import time
@@ -41,7 +42,38 @@ def worker_info(role: str, started: float) -> dict:
 
 
 def peak_memory() -> dict:
-    """This process's peak memory: on a GPU what torch allocated at most, on the CPU the peak RSS."""
+    """This process's peak memory since it started or was reset: on a GPU what torch allocated at most,
+    on the CPU the peak RSS (Linux's VmHWM, which `reset_peak_memory` can start over)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return {"bytes": torch.cuda.max_memory_allocated(), "how": "torch.cuda.max_memory_allocated"}
-    return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "how": "peak RSS"}
+    try:
+        with open("/proc/self/status") as f:
+            return {"bytes": int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024, "how": "peak RSS"}
+    except (OSError, AttributeError):  # not Linux: the process's lifetime peak
+        return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "how": "peak RSS"}
+
+
+def reset_peak_memory() -> None:
+    """Start the peak over: a worker reused by a later run reports that run's peak, not an earlier one's."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+class Reusable:
+    """A worker that a later run in the same driver process can reuse (opsd_ray.run.pool): `reset(*args)`
+    makes it what a new worker built with those arguments would be, in the same process, whose imports
+    and tokenizer stay loaded (most of a worker's start on a CPU)."""
+
+    def reset(self, *args) -> dict:
+        self.release()
+        reset_peak_memory()
+        self.__init__(*args)
+        return self.ready()
+
+    def release(self) -> None:
+        """What the worker holds outside its own objects (a process group, files on disk): let go of it."""

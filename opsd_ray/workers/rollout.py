@@ -12,7 +12,7 @@ import torch
 
 from opsd_ray.eval.run import run_jobs
 from opsd_ray.workers.engines import make_engine
-from opsd_ray.workers.process import peak_memory, use_cores, worker_info
+from opsd_ray.workers.process import Reusable, peak_memory, use_cores, worker_info
 
 
 @dataclass
@@ -32,7 +32,7 @@ class RolloutDone:
     end: float
 
 
-class RolloutWorker:
+class RolloutWorker(Reusable):
     """Ray actor shell around one engine."""
 
     def __init__(
@@ -68,6 +68,9 @@ class RolloutWorker:
         """Remove what the engine wrote to disk (the driver calls it before ending the actor)."""
         if hasattr(self.engine, "close"):
             self.engine.close()
+
+    def release(self) -> None:
+        self.close()
 
     def load_adapter(self, version: int, state: dict, adapter_config: dict) -> int:
         self.engine.load_adapter(version, state, adapter_config)

@@ -28,7 +28,7 @@ from opsd_ray.common import pad_id_of
 from opsd_ray.data.prompts import PromptIds, ScoringSequence, sequence_of
 from opsd_ray.models.loading import default_device, load_model, load_tokenizer
 from opsd_ray.objective.registry import VARIANTS  # noqa: F401  (the variants, in the order they travel)
-from opsd_ray.workers.process import peak_memory, use_cores, worker_info
+from opsd_ray.workers.process import Reusable, peak_memory, use_cores, worker_info
 
 
 @dataclass
@@ -315,12 +315,11 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return out
 
 
-class ScoringWorker:
+class ScoringWorker(Reusable):
     """Ray actor shell: one frozen copy of the base model."""
 
     def __init__(self, model_cfg, scoring_cfg, num_threads: int | list[int] | None = None, pad_id: int | None = None):
         import time
-
 
         started = time.time()
         use_cores(num_threads)
