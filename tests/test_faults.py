@@ -249,11 +249,16 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def fill(disk):
-    """Write until the disk is full."""
+def fill(disk, most: int = 64 << 20):
+    """Write until the small disk is full: only while it is mounted, and never more than `most` bytes (a
+    thread that outlives its test must not fill the disk under it)."""
+    import os
+
+    if not os.path.ismount(disk):
+        return
     with open(disk / "filler", "wb") as f:
         try:
-            while True:
+            for _ in range(most >> 20):
                 f.write(b"\0" * (1 << 20))
                 f.flush()
         except OSError:
@@ -272,7 +277,7 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     args = ["train", *args_of(small_disk, small_data, *BATCHED_RUN)]
     folder = small_disk / "r"
     saved = (folder / "checkpoints" / "step_1" / "trainer_state.json").exists
-    thread = threading.Thread(target=lambda: (wait_for(saved), fill(small_disk)), daemon=True)
+    thread = threading.Thread(target=lambda: wait_for(saved) and fill(small_disk), daemon=True)
     thread.start()
     rc = main(args)
     thread.join(timeout=10)
@@ -290,9 +295,11 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     same_run(batched, folder)
 
 
-def wait_for(condition, timeout_s: float = 300) -> None:
+def wait_for(condition, timeout_s: float = 300) -> bool:
+    """Whether `condition` held within `timeout_s`."""
     import time
 
     deadline = time.time() + timeout_s
     while time.time() < deadline and not condition():
         time.sleep(0.02)
+    return condition()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -141,6 +142,9 @@ def role_bundle(request: RoleRequest) -> dict[str, float]:
     return {**bundle, **{k: v for k, v in request.resources.items() if v > 0}}
 
 
+_PLACEMENT_GROUPS = itertools.count()  # this process's placement groups, numbered
+
+
 def role_placement_group(request: RoleRequest, timeout_s: float = 600):
     """One bundle per worker, packed; None when a worker asks for no resources at all."""
     import ray
@@ -152,7 +156,7 @@ def role_placement_group(request: RoleRequest, timeout_s: float = 600):
     pg = placement_group(
         [dict(bundle) for _ in range(request.count)],
         strategy="PACK",
-        name=f"opsd_ray_{request.role}_{os.getpid()}",
+        name=f"opsd_ray_{request.role}_{os.getpid()}_{next(_PLACEMENT_GROUPS)}",  # a driver may hold several (a pool)
     )
     try:
         ray.get(pg.ready(), timeout=timeout_s)
