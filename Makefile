@@ -52,7 +52,7 @@ endif
 # Two test workers: the end-to-end tests (marked slow) in order on one, the rest on the other (tests/conftest.py).
 # TEST_WORKERS=0 runs everything in this process, in file order.
 test: install
-	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 lint: install
 	$(VENV)/bin/ruff check opsd_ray tests cluster

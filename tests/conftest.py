@@ -27,19 +27,18 @@ if WORKER:
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 
-# End-to-end tests that run their own Ray (a head, a subprocess) and share no run with the others: the
-# second test worker takes them first, so that both workers finish at about the same time.
-SIDE = {"test_cluster.py", "test_gpuproof.py"}
+# The longest test files (end to end, on real Ray), longest first. `make test` runs two test workers
+# (pytest -n 2 --dist loadfile): each file runs whole on one worker, so its module-scoped runs are made
+# once, and a worker takes the next file when it is done. The long ones go first, so that neither
+# worker is left with one at the end while the other idles.
+LONGEST = ("test_train_e2e.py", "test_faults.py", "test_scale.py", "test_gpu_path.py", "test_cluster.py",
+           "test_multinode.py", "test_gpuproof.py")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs two test workers (pytest -n 2 --dist loadgroup): the end-to-end tests (marked slow)
-    run one after another on one worker, sharing its Ray session and their modules' runs, while the
-    other worker takes the rest. They are CPU-bound already: two of them at once were only 13% faster
-    in all, while the other tests leave a core idle half the time."""
-    for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("side" if item.path.name in SIDE else "e2e"))
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST)))  # stable: file order otherwise
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from opsd_ray.common import lora_config, pad_id_of
 from opsd_ray.models.loading import default_device, load_model, load_tokenizer, to_torch_dtype
@@ -103,6 +102,9 @@ def load_student_base(cfg, device: str, fsdp: bool):
 def learner_settings(cfg):
     """The part of a run's config a learner reads, and all it keeps: what it is built from, so runs that
     differ elsewhere (name, steps, evaluation) can share a warm learner (opsd_ray.run.pool)."""
+    # imported here: gpucheck imports this module on GPU nodes that have only torch, transformers and peft
+    from omegaconf import OmegaConf
+
     return OmegaConf.create({"run": {"seed": cfg.run.seed}, "model": cfg.model, "learner": cfg.learner,
                              "objective": cfg.objective, "rollout": {"one_step_off": cfg.rollout.one_step_off}})
 
