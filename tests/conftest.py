@@ -187,6 +187,13 @@ def _no_warm_workers_unless_asked(request):
         POOL.clear()
 
 
+def probes(groups, prompt, response) -> list[dict]:
+    """Every rollout worker's log-probabilities of a response, with its adapter and without, and its version."""
+    import ray
+
+    return ray.get([w.probe_logprobs.remote(prompt, response) for w in groups.rollout.workers])
+
+
 def own_ray(**init):
     """Stop the shared session and start a Ray of one's own (stopped by the caller)."""
     import ray

