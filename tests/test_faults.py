@@ -147,6 +147,7 @@ def test_killed_rollout_and_scoring_workers_are_restarted_and_the_run_is_unchang
     # each loss counts once, however many calls were queued on the worker when it died
     assert out.count(" was lost (") == 2 and "restart 2 of" not in out, out
     same_run(uninterrupted, hit)  # every trajectory has its seed, every part is scored as one unit
+    assert len(pool) == 2  # the pool kept the 2 learners; the restarted rollout and scoring workers ended
 
 
 # The default batched mode's uninterrupted run: 3 steps, a checkpoint after each

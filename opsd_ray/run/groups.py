@@ -43,10 +43,6 @@ class Workers:
     def __len__(self) -> int:
         return len(self.workers)
 
-    def intact(self) -> bool:
-        """No worker was replaced (a reused worker starts with its whole restart budget)."""
-        return not self.restarts
-
     def incarnation(self, k: int) -> int:
         """How many times worker k has been replaced: a call records it when it is sent."""
         return self.restarts.get(k, 0)
@@ -268,9 +264,6 @@ class LearnerGroup(Workers):
             address, port = self.gather([self.calls.submit(self.workers[0], "group_address")])[0]
             self.gather([self.calls.submit(a, "join_group", address, port) for a in self.workers])
 
-    def intact(self) -> bool:
-        return not any(self.known)  # each member's Ray restart count when the group last formed
-
     def gather(self, handles: list) -> list:
         """The results of learner calls, waiting on all at once: a lost learner, or a collective that
         failed because a member was lost, becomes LearnersLost (the driver restarts the group); any other
@@ -485,8 +478,8 @@ class Groups:
         for g in (self.rollout, self.scoring, self.learner):
             if g is None:
                 continue
-            if pool is not None and g.role in self.keys and g.intact():
-                pool.park(self.keys[g.role], g.workers, self.pgs.pop(g.role))
+            if pool is not None and g.role in self.keys and pool.park(self.keys[g.role], g.workers, self.pgs[g.role]):
+                del self.pgs[g.role]  # the pool keeps workers that are as new (alive, never restarted)
             else:
                 ending.append((self.pgs.pop(g.role, None), g.workers))
         for pg, actors in ending:

@@ -23,6 +23,8 @@ import json
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from opsd_ray.run.faults import actor_state
+
 
 def worker_key(role: str, cls, request, max_restarts: int, args: list[tuple]) -> str:
     """What a group of workers is: its role, class, resources, restart budget and each worker's
@@ -38,6 +40,11 @@ def worker_key(role: str, cls, request, max_restarts: int, args: list[tuple]) ->
     return json.dumps([role, cls.__qualname__, repr(request), max_restarts, plain(args)], sort_keys=True, default=repr)
 
 
+def as_new(actors: list) -> bool:
+    """Alive and never restarted by Ray: a reused worker starts with its whole restart budget."""
+    return all(actor_state(a) == ("ALIVE", 0) for a in actors)
+
+
 class WorkerPool:
     """The workers runs left behind, by key, in the Ray session they live in."""
 
@@ -51,15 +58,26 @@ class WorkerPool:
         return self.parked.pop(key, None)
 
     def claim(self, keys: dict[str, str]) -> dict[str, tuple[list, object]]:
-        """The parked workers whose key is one of `keys` (by the same names); the others end, freeing
-        their resources for the run that claims."""
-        claimed = {name: got for name, key in keys.items() if (got := self.take(key))}
+        """The parked workers whose key is one of `keys` (by the same names) and that are still as new
+        (a parked worker may have died); all others end, freeing their resources for the run that claims."""
+        claimed = {}
+        for name, key in keys.items():
+            got = self.take(key)
+            if got and as_new(got[0]):
+                claimed[name] = got
+            elif got:
+                self.parked[key] = got  # ends below, with the rest
         self.clear()
         return claimed
 
-    def park(self, key: str, actors: list, pg) -> None:
+    def park(self, key: str, actors: list, pg) -> bool:
+        """Keep a run's workers for the next run, if they are as new (alive, never restarted); False if not
+        (the caller ends them)."""
         self._same_session()
+        if not as_new(actors):
+            return False
         self.parked[key] = (actors, pg)
+        return True
 
     def clear(self) -> None:
         """End every parked worker (and its placement group)."""
