@@ -50,14 +50,29 @@ def parts_of(cfg, n_parts=4):
     return [(p, score(model, p, variants=VARIANTS)) for p in parts]
 
 
-def start_group(cfg, n):
+@pytest.fixture(scope="module")
+def learner_actors(local_ray):
+    """Three learner processes: one alone and two in a group (gloo). Each test gets them new for its
+    config: the first builds them, the next resets them (Reusable.reset, as a pool does: the group is
+    left and formed again)."""
     from opsd_ray.workers.learner import Learner
 
-    learners = [ray.remote(Learner).options(num_cpus=1).remote(cfg, 1, r, n) for r in range(n)]
-    if n > 1:
-        address, port = ray.get(learners[0].group_address.remote())
-        ray.get([learner.join_group.remote(address, port) for learner in learners])
-    return learners
+    made = []
+
+    def start(cfg):
+        args = [(cfg, 1, 0, 1), (cfg, 1, 0, 2), (cfg, 1, 1, 2)]
+        if made:
+            ray.get([a.reset.remote(*x) for a, x in zip(made, args)])
+        else:
+            made.extend(ray.remote(Learner).options(num_cpus=1).remote(*x) for x in args)
+        single, group = made[:1], made[1:]
+        address, port = ray.get(group[0].group_address.remote())
+        ray.get([learner.join_group.remote(address, port) for learner in group])
+        return single, group
+
+    yield start
+    for a in made:
+        ray.kill(a)
 
 
 def everyone(learners, method, *args, num_returns=1):
@@ -80,39 +95,35 @@ def group_step(learners, parts):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_learners_make_the_same_update_as_one(local_ray, tmp_path, small_data, strategy):
+def test_two_learners_make_the_same_update_as_one(learner_actors, tmp_path, small_data, strategy):
     """Also: the group's checkpoint resumes the single learner, and the single learner's resumes the group
     (the same actors: a load replaces the state of their own step whole)."""
     cfg = cfg_of(tmp_path, small_data, f"learner.strategy={strategy}")
     parts = parts_of(cfg)
-    single, group = start_group(cfg, 1), start_group(cfg, 2)
-    try:
-        files_init = ray.get(single[0].checkpoint_files.remote())  # the adapter as initialised (B = 0)
-        (one,), state_one, _ = group_step(single, parts)
-        two, state_two, files_two = group_step(group, parts)
-        for k in ("loss", "jsd", "grad_norm", "num_tokens", "cos_total_ref", "kl_target_base", "wire_bytes_per_token"):
-            assert two[0][k] == pytest.approx(one[k], rel=1e-6), k
-        drop = ("start", "end")
-        assert {k: v for k, v in two[0].items() if k not in drop} == {k: v for k, v in two[1].items() if k not in drop}
-        assert set(state_two) == set(state_one)
-        for k, v in state_one.items():
-            # Two partial gradients summed differ from one sum in the last bits; Adam's first step, about
-            # lr * sign(g), amplifies that for the few near-zero gradients (8e-7 seen; a step moves 1e-2).
-            torch.testing.assert_close(state_two[k], v, rtol=1e-5, atol=1e-5 * cfg.learner.lr / 1e-2)
-        assert any((v != 0).any() for k, v in state_one.items() if "lora_B" in k)  # it learned
+    single, group = learner_actors(cfg)
+    files_init = ray.get(single[0].checkpoint_files.remote())  # the adapter as initialised (B = 0)
+    (one,), state_one, _ = group_step(single, parts)
+    two, state_two, files_two = group_step(group, parts)
+    for k in ("loss", "jsd", "grad_norm", "num_tokens", "cos_total_ref", "kl_target_base", "wire_bytes_per_token"):
+        assert two[0][k] == pytest.approx(one[k], rel=1e-6), k
+    drop = ("start", "end")
+    assert {k: v for k, v in two[0].items() if k not in drop} == {k: v for k, v in two[1].items() if k not in drop}
+    assert set(state_two) == set(state_one)
+    for k, v in state_one.items():
+        # Two partial gradients summed differ from one sum in the last bits; Adam's first step, about
+        # lr * sign(g), amplifies that for the few near-zero gradients (8e-7 seen; a step moves 1e-2).
+        torch.testing.assert_close(state_two[k], v, rtol=1e-5, atol=1e-5 * cfg.learner.lr / 1e-2)
+    assert any((v != 0).any() for k, v in state_one.items() if "lora_B" in k)  # it learned
 
-        # checkpoints move between a group and a single learner: the group goes back to the start, the
-        # single learner takes the group's step, and the group takes it back from the single learner
-        ray.get([a.load_checkpoint_files.remote(files_init) for a in group])
-        start = everyone(group, "adapter_state", num_returns=2)
-        assert all((v == 0).all() for k, v in start.items() if "lora_B" in k)
-        assert ray.get(single[0].load_checkpoint_files.remote(files_two)) == 1
-        back = ray.get(single[0].adapter_state.options(num_returns=2).remote()[1])
-        ray.get([a.load_checkpoint_files.remote(ray.get(single[0].checkpoint_files.remote())) for a in group])
-        again = everyone(group, "adapter_state", num_returns=2)
-    finally:
-        for a in (*single, *group):
-            ray.kill(a)
+    # checkpoints move between a group and a single learner: the group goes back to the start, the
+    # single learner takes the group's step, and the group takes it back from the single learner
+    ray.get([a.load_checkpoint_files.remote(files_init) for a in group])
+    start = everyone(group, "adapter_state", num_returns=2)
+    assert all((v == 0).all() for k, v in start.items() if "lora_B" in k)
+    assert ray.get(single[0].load_checkpoint_files.remote(files_two)) == 1
+    back = ray.get(single[0].adapter_state.options(num_returns=2).remote()[1])
+    ray.get([a.load_checkpoint_files.remote(ray.get(single[0].checkpoint_files.remote())) for a in group])
+    again = everyone(group, "adapter_state", num_returns=2)
     for k, v in state_two.items():
         assert torch.equal(back[k], v) and torch.equal(again[k], v), k
 
