@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,14 @@ def test_it_needs_no_ray_and_no_vllm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_the_tiny_models_folder_goes_when_the_check_ends():
+    code = "import torch; from opsd_ray.tools import gpucheck; gpucheck.tiny('cpu', torch.float32); print(gpucheck._TINY_DIR[0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder = Path(out.stdout.strip().splitlines()[-1])
+    assert folder.name.startswith("opsd_ray_gpucheck_") and not folder.exists()  # 75 MB per run, before
 
 
 # ----------------------------------------------------------------------------- doctor

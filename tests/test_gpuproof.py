@@ -4,6 +4,8 @@ table and the JSON); a paper shape says that there is no GPU and what it would r
 
 import json
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_the_tiny_proof_runs_the_whole_path_on_the_cpu_and_passes(tmp_path):
     out = tmp_path / "gpu-proof.json"
+    earlier = set(Path(tempfile.gettempdir()).glob("gpuproof_*"))
     args = f"--engine hf --prompt-tokens 64 --reference-tokens 64 --new-tokens 16 --steps 2 --out {out}"
     res = subprocess.run(["make", "--no-print-directory", "-s", "-o", ".venv/.installed", "gpu-proof", "SHAPE=tiny",
                           f"PROOF_ARGS={args}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -30,6 +33,7 @@ def test_the_tiny_proof_runs_the_whole_path_on_the_cpu_and_passes(tmp_path):
     assert all(r["response_length"] == 16 for r in result["records"])  # forced lengths
     assert result["sync"]["bytes"] > 0 and result["sync"]["max_abs_adapter_effect"] > 0
     assert all(c["ok"] for c in result["numerics"])
+    assert set(Path(tempfile.gettempdir()).glob("gpuproof_*")) <= earlier  # its synthetic data is removed
 
 
 def test_a_paper_shape_without_a_gpu_says_what_it_would_run_and_exits_0():

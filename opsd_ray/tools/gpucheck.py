@@ -88,12 +88,14 @@ _TINY_DIR: list[str] = []
 
 def tiny(device: str, dtype: torch.dtype, attn: str = "sdpa"):
     """The tiny model loaded as models.load_model loads every model (from_pretrained in `dtype`, onto
-    `device`, with `attn`), from a folder written once per process."""
+    `device`, with `attn`), from a folder written once per process (and removed when it exits)."""
+    import atexit
+    import shutil
     import tempfile
-
 
     if not _TINY_DIR:
         _TINY_DIR.append(tempfile.mkdtemp(prefix="opsd_ray_gpucheck_"))
+        atexit.register(shutil.rmtree, _TINY_DIR[0], True)
         build_tiny_model().save_pretrained(_TINY_DIR[0])
     spec = SimpleNamespace(path=_TINY_DIR[0], dtype=dtype, attn_implementation=attn)
     return load_model(spec, device=device).eval()

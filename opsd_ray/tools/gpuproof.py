@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -231,6 +232,7 @@ def run(args) -> dict:
             groups.shutdown()
         if started:
             ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)  # the synthetic data: the proof's numbers go to --out
     shapes = find_shapes(cfg.model)
     numbers = role_numbers(cfg, tok, examples, records, gpu.tflops * 1e12 if gpu else None, shapes)
     for role, n in numbers.items():
