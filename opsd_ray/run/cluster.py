@@ -148,7 +148,7 @@ _PLACEMENT_GROUPS = itertools.count()  # this process's placement groups, number
 def role_placement_group(request: RoleRequest, timeout_s: float = 600):
     """One bundle per worker, packed; None when a worker asks for no resources at all."""
     import ray
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import placement_group, remove_placement_group
 
     bundle = role_bundle(request)
     if not bundle:
@@ -161,6 +161,7 @@ def role_placement_group(request: RoleRequest, timeout_s: float = 600):
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)  # granted later, it would hold resources no run owns
         raise ConfigError(
             f"placement group for {request.role} ({request.count} x {bundle}) not ready after "
             f"{timeout_s:.0f}s: the cluster cannot place it"

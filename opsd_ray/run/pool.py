@@ -50,7 +50,7 @@ class WorkerPool:
 
     def __init__(self):
         self.parked: dict[str, tuple[list, object]] = {}  # key -> (actors, placement group)
-        self.session: str | None = None
+        self.session: tuple | None = None  # (the driver's node, its job)
 
     def take(self, key: str) -> tuple[list, object] | None:
         """A parked group of workers with this key (now the caller's), or None."""
@@ -105,9 +105,11 @@ class WorkerPool:
             self.clear()
 
     def _same_session(self) -> None:
-        """Workers of an earlier Ray session are gone with it: forget them."""
+        """Workers of an earlier Ray session (or job: they end with the driver's connection) are gone with
+        it, and their handles are not valid in a new one: forget them."""
         import ray
 
-        session = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        session = (ctx.get_node_id(), ctx.get_job_id()) if ctx else None
         if session != self.session:
             self.parked, self.session = {}, session

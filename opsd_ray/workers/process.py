@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import re
 import resource
@@ -53,6 +55,18 @@ def peak_memory() -> dict:
         return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "how": "peak RSS"}
 
 
+def free_memory() -> None:
+    """Hand what was freed back: to the GPU's allocator pool, and (glibc) the heap's free pages to the OS,
+    so that the resident set, and a peak measured from now, start from what is still in use."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def reset_peak_memory() -> None:
     """Start the peak over: a worker reused by a later run reports that run's peak, not an earlier one's."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -71,6 +85,8 @@ class Reusable:
 
     def reset(self, *args) -> dict:
         self.release()
+        vars(self).clear()  # the old model, optimizer and gradients go before the new ones load
+        free_memory()
         reset_peak_memory()
         self.__init__(*args)
         return self.ready()
