@@ -49,7 +49,7 @@ ifeq ($(FLASH_ATTN),1)
 endif
 	$(PY) -m opsd_ray doctor
 
-# Two test workers: the end-to-end tests (marked slow) in order on one, the rest on the other (tests/conftest.py).
+# Two test workers: each test file whole on one of them, the longest files first (LONGEST in tests/conftest.py).
 # TEST_WORKERS=0 runs everything in this process, in file order.
 test: install
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)

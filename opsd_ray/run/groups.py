@@ -348,7 +348,6 @@ class Groups:
     info: list[dict] = field(default_factory=list)  # where each worker runs
     pgs: dict = field(default_factory=dict)
     keys: dict = field(default_factory=dict)  # role -> its workers' key in a pool (opsd_ray.run.pool)
-    ready: dict = field(default_factory=dict)  # role -> handles of its workers' info, as they start
     claimed: dict = field(default_factory=dict)  # role -> (actors, placement group) from a pool, not yet launched
 
     @classmethod
@@ -379,13 +378,15 @@ class Groups:
                 groups.keys = {role: worker_key(role, spec[0], requests[role], *spec[1:]) for role, spec in specs.items()
                                if not first and (role != "rollout" or reusable(engine))}
                 groups.claimed = pool.claim(groups.keys)
-            groups.rollout.workers = groups.launch(requests["rollout"], *specs["rollout"])
+            groups.rollout.workers, ready = groups.launch(requests["rollout"], *specs["rollout"])
             if engine == "vllm":
-                ray.get(groups.ready["rollout"])
-            groups.scoring = ScoringGroup(groups.launch(requests["scoring"], *specs["scoring"]), calls, faults)
+                ray.get(ready)
+            scoring, ready_scoring = groups.launch(requests["scoring"], *specs["scoring"])
+            groups.scoring = ScoringGroup(scoring, calls, faults)
             fsdp = cfg.learner.strategy == "fsdp" and n > 1
-            groups.learner = LearnerGroup(groups.launch(requests["learner"], *specs["learner"]), calls, faults, fsdp, [])
-            groups.info = ray.get([h for role in ("rollout", "scoring", "learner") for h in groups.ready[role]])
+            learners, ready_learners = groups.launch(requests["learner"], *specs["learner"])
+            groups.learner = LearnerGroup(learners, calls, faults, fsdp, [])
+            groups.info = ray.get(ready + ready_scoring + ready_learners)
             groups.learner.started = [i["started"] for i in groups.info[-n:]]
             groups.learner.form()
         except BaseException:  # a role that fails to start must not leave the others running
@@ -393,11 +394,11 @@ class Groups:
             raise
         return groups
 
-    def launch(self, request, cls_, restarts: int, args: list[tuple]) -> list:
-        """A role's actors (its claimed workers reset to new, or new ones); `ready[role]`: their info."""
-        claimed = self.claimed.pop(request.role, None)
-        actors, self.pgs[request.role], self.ready[request.role] = start_actors(request, cls_, restarts, args, claimed)
-        return actors
+    def launch(self, request, cls_, restarts: int, args: list[tuple]) -> tuple[list, list]:
+        """A role's actors (its claimed workers reset to new, or new ones) and handles of their info."""
+        actors, self.pgs[request.role], ready = start_actors(request, cls_, restarts, args,
+                                                             self.claimed.pop(request.role, None))
+        return actors, ready
 
     @classmethod
     def in_process(cls, cfg, engine: str, threads: int | None = None) -> Groups:
