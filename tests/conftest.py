@@ -5,8 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from opsd_ray.run.pool import WorkerPool
-from opsd_ray.workers.engines import vllm_available
+# Before torch loads its OpenMP runtime: threads that wait sleep instead of spinning. Two test workers share
+# two cores with the Ray workers they start; spinning threads took the cores the others needed (a test that
+# takes 54 s beside a busy core took 88 s with spinning threads). The actors get the same (run.cluster).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from opsd_ray.run.pool import WorkerPool  # noqa: E402
+from opsd_ray.workers.engines import vllm_available  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
