@@ -15,14 +15,14 @@ from omegaconf import OmegaConf
 from opsd_ray.config.recipes import ConfigError, RunStopped, known_presets, load_train_config, parse_overrides
 
 
-def _train(args: list[str], show_config: bool, verbose: bool = False) -> int:
+def _train(args: list[str], show_config: bool, verbose: bool = False, pool=None) -> int:
     cfg = load_train_config([*args, "logging.verbose=true"] if verbose else args)
     if show_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
     from opsd_ray.run.driver import train  # heavy imports only after validation
 
-    train(cfg)
+    train(cfg, pool)
     return 0
 
 
@@ -133,11 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, pool=None) -> int:
+    """The command line; a Python caller may pass a `WorkerPool` (opsd_ray.run.pool) to `train`."""
     ns = build_parser().parse_args(argv)
     try:
         if ns.command == "train":
-            return _train(ns.overrides, ns.show_config, ns.verbose)
+            return _train(ns.overrides, ns.show_config, ns.verbose, pool)
         if ns.command == "prepare-data":
             return _prepare_data(ns.overrides)
         if ns.command == "plan":

@@ -9,6 +9,9 @@ import pytest
 # two cores with the Ray workers they start; spinning threads took the cores the others needed (a test that
 # takes 54 s beside a busy core took 88 s with spinning threads). The actors get the same (run.cluster).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Ray starts idle Python workers for tasks when the first driver connects; every worker of ours is an actor
+# with its own runtime environment, which those cannot serve (about 2 CPU-seconds each, twice per session).
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 from opsd_ray.run.pool import WorkerPool  # noqa: E402
 from opsd_ray.workers.engines import vllm_available  # noqa: E402
@@ -174,13 +177,14 @@ def _stop_ray_at_the_end():
         sys.modules["ray"].shutdown()
 
 
-POOL = WorkerPool()
+POOL = WorkerPool(spare=2)
 
 
 @pytest.fixture(scope="session")
 def pool():
     """Workers kept warm between the end-to-end runs of this test process (opsd_ray.run.pool): a run takes
-    the workers of the run before it that were built from the same settings."""
+    the workers of the runs before it that were built from the same settings (the two most recent groups it
+    does not take stay for later runs)."""
     return POOL
 
 

@@ -200,13 +200,13 @@ def test_a_killed_learner_restarts_the_group_from_the_last_checkpoint(uninterrup
     same_run(uninterrupted, hit)
 
 
-def test_a_learner_error_is_that_error_and_a_lost_learner_restarts_the_group(local_ray, tmp_path, small_data):
+def test_a_learner_error_is_that_error_and_a_lost_learner_restarts_the_group(local_ray, tmp_path, small_data, pool):
     """An error inside a learner call (a bug, an OOM) reaches the user as it is; only a lost learner
     (dead, or restarted by Ray) turns into a group restart."""
     from opsd_ray.run.faults import LearnersLost
     from opsd_ray.run.groups import Groups
 
-    groups = Groups.start(load_train_config(args_of(tmp_path, small_data)), "hf")
+    groups = Groups.start(load_train_config(args_of(tmp_path, small_data)), "hf", pool=pool)
     learner = groups.learner
     try:
         with pytest.raises(ray.exceptions.RayTaskError, match="KeyError"):
@@ -219,7 +219,7 @@ def test_a_learner_error_is_that_error_and_a_lost_learner_restarts_the_group(loc
         learner.restart(RuntimeError("test"))
         assert not learner.a_member_was_lost(grace_s=0)
     finally:
-        groups.shutdown()
+        groups.shutdown(pool)  # the rollout and scoring workers stay warm; the restarted learner ends
 
 
 def test_a_role_that_keeps_losing_workers_stops_the_run(local_ray, tmp_path, small_data, capsys):
@@ -267,7 +267,7 @@ def fill(disk, most: int = 64 << 20):
 
 
 def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishes_it(batched, small_disk, small_data,
-                                                                                      capsys):
+                                                                                      capsys, pool):
     """The disk fills once step 1's checkpoint is written: step 2's metrics line or checkpoint cannot be
     written. The run stops (exit 1) naming the checkpoint; nothing is half-written; once space is freed
     the same command continues and ends where an uninterrupted run ends."""
@@ -280,7 +280,7 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     saved = (folder / "checkpoints" / "step_1" / "trainer_state.json").exists
     thread = threading.Thread(target=lambda: wait_for(saved) and fill(small_disk), daemon=True)
     thread.start()
-    rc = main(args)
+    rc = main(args, pool)  # on the batched run's warm workers
     thread.join(timeout=10)
     err = capsys.readouterr().err
     assert rc == 1 and "No space left on device" in err and "Traceback" not in err, err[-2000:]
@@ -291,7 +291,7 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     assert not [p for p in folder.rglob("*") if ".tmp-" in p.name]  # no half-written file or folder
 
     (small_disk / "filler").unlink()
-    assert main(args) == 0
+    assert main(args, pool) == 0
     assert "resumed from" in capsys.readouterr().out
     same_run(batched, folder)
 

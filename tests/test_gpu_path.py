@@ -389,7 +389,7 @@ def test_vllm_says_stop_when_the_turn_ends_with_a_second_end_token(local_ray, hu
 
 
 @pytest.mark.slow
-def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small_data):
+def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small_data, pool):
     """Item 8: two CPU rollout workers share an evaluation, and its summary equals one worker's."""
     from opsd_ray.run.evaluation import evaluate_step
     from opsd_ray.run.groups import Groups, RolloutGroup
@@ -397,13 +397,13 @@ def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small
 
     cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=hf", "rollout.num_workers=2", "eval.every=1",
                    "eval.benchmarks=[gsm8k,amc23]", "eval.limit=2", "eval.n_samples=3", "eval.max_new_tokens=6")
-    groups = Groups.start(cfg, "hf")
+    groups = Groups.start(cfg, "hf", pool=pool)
     try:
         two = evaluate_step(cfg, groups.rollout, RunFolder(str(tmp_path / "two")), 0)
         alone = RolloutGroup(groups.rollout.workers[:1], groups.rollout.calls, groups.rollout.faults)
         one = evaluate_step(cfg, alone, RunFolder(str(tmp_path / "one")), 0)
     finally:
-        groups.shutdown()
+        groups.shutdown(pool)
     assert {k: v for k, v in two.items() if k != "time/eval"} == {k: v for k, v in one.items() if k != "time/eval"}
     lines = {n: [json.loads(x) for x in (tmp_path / n / "eval" / "step_0" / "generations.jsonl").read_text().splitlines()]
              for n in ("one", "two")}

@@ -96,8 +96,9 @@ def test_a_lost_node_takes_its_rollout_worker_along_and_the_run_is_unchanged(two
         deadline = time.time() + 300
         while time.time() < deadline and not (path.exists() and path.read_text().strip()):
             time.sleep(0.05)
-        (pg,) = [p for p in ray.util.placement_group_table().values()
-                 if p["name"].startswith("opsd_ray_rollout") and p["state"] == "CREATED"]
+        (pg,) = [p for p in ray.util.placement_group_table().values()  # (a pool may hold an earlier run's)
+                 if p["name"].startswith("opsd_ray_rollout") and p["state"] == "CREATED"
+                 and "rollout_node" in p["bundles"][0]]
         (node,) = [n for n in nodes if n.node_id == pg["bundles_to_node_id"][0]]
         cluster.remove_node(node)
         lost.append(node.node_id)

@@ -55,3 +55,50 @@ def test_a_run_on_warm_workers_equals_a_run_on_new_ones(local_ray, tmp_path, sma
     other = train(cfg("other", "learner.lr=5e-3"), pool)
     assert pids(other)["learner"] != pids(new)["learner"]
     assert (pids(other)["rollout"], pids(other)["scoring"]) == (pids(new)["rollout"], pids(new)["scoring"])
+    back = train(cfg("back"), pool)  # the first learner waited as a spare (the suite's pool keeps spare=2)
+    assert pids(back) == pids(new) and numbers(back) == numbers(new)
+
+
+@ray.remote(num_cpus=0)
+class Idle:
+    pass
+
+
+def ended(actor, wait_s: float = 30) -> bool:
+    """The actor is dead in the GCS (a kill takes effect a moment later)."""
+    import time
+
+    from opsd_ray.run.faults import actor_state
+
+    deadline = time.time() + wait_s
+    while actor_state(actor)[0] != "DEAD" and time.time() < deadline:
+        time.sleep(0.1)
+    return actor_state(actor)[0] == "DEAD"
+
+
+def test_spare_groups_stay_while_they_fit_beside_the_run_and_the_oldest_end_first(local_ray):
+    """Each parked group holds a 2-CPU placement group. A run that takes one keeps the two others as spares
+    while everything fits in 8 CPUs; a run that needs 5 CPUs ends the oldest spare, not the newest."""
+    from ray.util.placement_group import placement_group
+
+    from opsd_ray.run.faults import actor_state
+    from opsd_ray.run.pool import WorkerPool
+
+    pool = WorkerPool(spare=2)
+    groups = {}
+    for key in "abc":
+        pg = placement_group([{"CPU": 2}])
+        ray.get(pg.ready())
+        groups[key] = [Idle.remote()]
+        ray.get(groups[key][0].__ray_ready__.remote())
+        assert pool.park(key, groups[key], pg)
+    assert pool.held() == {"CPU": 6}
+    claimed = pool.claim({"scoring": "b"}, {"CPU": 2}, {"CPU": 8})
+    assert claimed["scoring"][0] == groups["b"] and list(pool.parked) == ["a", "c"]  # 4 + 2 of 8: both stay
+    assert pool.claim({}, {"CPU": 5}, {"CPU": 8}) == {} and list(pool.parked) == ["c"]  # 2 + 5 fit; 4 + 5 did not
+    assert ended(groups["a"][0]) and actor_state(groups["c"][0]) == ("ALIVE", 0)
+    pool.spare = 0
+    pool.claim({}, {}, {"CPU": 8})
+    assert not pool.parked and ended(groups["c"][0])
+    ray.util.remove_placement_group(claimed["scoring"][1])
+    ray.kill(groups["b"][0])

@@ -107,7 +107,7 @@ def test_the_papers_command_gets_past_configuration_and_stops_at_the_unreachable
     """`make train MODEL=qwen3-8b DATA=<d>` on a machine without the Hub: the message says so (never
     "pip install datasets" or a missing data.path). HF_HUB_OFFLINE=1 stands for no network (no retries).
     With a local tokenizer the run gets past the model to the data, which is on the Hub too."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPSD_RAY_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the suite's cache: its built-in tiny, and no Hub data
     local = ["model.tokenizer=builtin:tiny"] if stage == "data.path" else []
     res = subprocess.run([sys.executable, "-m", "opsd_ray", "train", "model=qwen3-8b", f"data={data}",
                           f"run.output_dir={tmp_path}", *local], cwd=recipes_dir().parent, capture_output=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 from opsd_ray.common import ConfigError
@@ -140,6 +141,14 @@ def role_bundle(request: RoleRequest) -> dict[str, float]:
     actor holds them and vLLM's "mp" executor runs one process per GPU (rollout.vllm_engine_args)."""
     bundle = {k: v for k, v in (("CPU", request.cpus), ("GPU", request.gpus)) if v > 0}
     return {**bundle, **{k: v for k, v in request.resources.items() if v > 0}}
+
+
+def resources_of(requests) -> Counter:
+    """What the roles' placement groups hold together, by resource name."""
+    total = Counter()
+    for r in requests:
+        total.update({k: v * r.count for k, v in role_bundle(r).items()})
+    return total
 
 
 _PLACEMENT_GROUPS = itertools.count()  # this process's placement groups, numbered

@@ -22,7 +22,7 @@ from opsd_ray.config.recipes import EVAL_GPU_MEMORY
 from opsd_ray.models.loading import load_tokenizer
 from opsd_ray.run.busy import BusyLog
 from opsd_ray.run.calls import LocalCalls, RayCalls
-from opsd_ray.run.cluster import check_fits, role_requests, start_actors
+from opsd_ray.run.cluster import check_fits, resources_of, role_requests, start_actors
 from opsd_ray.run.console import say
 from opsd_ray.run.faults import Faults, LearnersLost, actor_state, is_actor_loss
 from opsd_ray.run.pool import WorkerPool, worker_key
@@ -373,11 +373,12 @@ class Groups:
         }
         groups = cls(RolloutGroup([], calls, faults))
         try:
-            if pool is not None:  # a vLLM engine sizes its KV cache by a GPU's free memory: it starts first
-                first = engine == "vllm" and requests["rollout"].gpus > 0
+            if pool is not None and engine == "vllm" and requests["rollout"].gpus > 0:
+                pool.clear()  # a vLLM engine sizes its KV cache by a GPU's free memory: it starts first, alone
+            elif pool is not None:
                 groups.keys = {role: worker_key(role, spec[0], requests[role], *spec[1:]) for role, spec in specs.items()
-                               if not first and (role != "rollout" or reusable(engine))}
-                groups.claimed = pool.claim(groups.keys)
+                               if role != "rollout" or reusable(engine)}
+                groups.claimed = pool.claim(groups.keys, resources_of(requests.values()), ray.cluster_resources())
             groups.rollout.workers, ready = groups.launch(requests["rollout"], *specs["rollout"])
             if engine == "vllm":
                 ray.get(ready)

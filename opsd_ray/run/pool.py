@@ -5,8 +5,9 @@ loading the tokenizer (about 7 CPU-seconds per worker on a CPU; on a GPU also th
 given a pool leaves its workers there when it ends; the next run takes those that were built from the
 same arguments, with the same resources and restart budget, and `reset`s them: each is then what a new
 worker built from those arguments would be (tested bit for bit), and Ray, if it restarts one, rebuilds
-it from the same arguments. Workers a run does not take end before it starts its own, so a pool never
-holds more than one run's workers.
+it from the same arguments. Workers a run does not take end before it starts its own, unless the pool keeps
+`spare` groups: then the most recent groups a run did not take stay warm for a later run, as long as
+they and the run fit in the cluster's resources together (they hold their placement groups meanwhile).
 
 Not reused: vLLM engines (an engine holds processes, a memory budget, LoRA slots and a prefix cache of
 its own; a second engine in one process is not something vLLM supports), and workers Ray has restarted
@@ -15,11 +16,16 @@ its own; a second engine in one process is not something vLLM supports), and wor
     with WorkerPool() as pool:
         for lr in (1e-5, 3e-5):
             train(load_train_config([..., f"learner.lr={lr}"]), pool)  # scoring and rollout start once
+
+    with WorkerPool(spare=1) as pool:  # runs that alternate two settings keep both learners
+        for mode in ("pmi", "standard", "pmi", "standard"):
+            train(load_train_config([..., f"objective.mode={mode}"]), pool)
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -46,9 +52,10 @@ def as_new(actors: list) -> bool:
 
 
 class WorkerPool:
-    """The workers runs left behind, by key, in the Ray session they live in."""
+    """The workers runs left behind, by key, in the Ray session they live in (oldest first)."""
 
-    def __init__(self):
+    def __init__(self, spare: int = 0):
+        self.spare = spare  # groups a run did not take that stay warm for later runs
         self.parked: dict[str, tuple[list, object]] = {}  # key -> (actors, placement group)
         self.session: tuple | None = None  # (the driver's node, its job)
 
@@ -57,17 +64,20 @@ class WorkerPool:
         self._same_session()
         return self.parked.pop(key, None)
 
-    def claim(self, keys: dict[str, str]) -> dict[str, tuple[list, object]]:
+    def claim(self, keys: dict[str, str], need: dict[str, float] | None = None,
+              have: dict[str, float] | None = None) -> dict[str, tuple[list, object]]:
         """The parked workers whose key is one of `keys` (by the same names) and that are still as new
-        (a parked worker may have died); all others end, freeing their resources for the run that claims."""
+        (a parked worker may have died). Of the others, the `spare` most recent stay if they fit in `have`
+        (the cluster's resources) beside the run's `need`; the rest end, freeing their resources."""
         claimed = {}
         for name, key in keys.items():
             got = self.take(key)
             if got and as_new(got[0]):
                 claimed[name] = got
             elif got:
-                self.parked[key] = got  # ends below, with the rest
-        self.clear()
+                self._end([got])
+        while self.parked and (len(self.parked) > self.spare or not fits(self.held() + Counter(need or {}), have or {})):
+            self._end([self.parked.pop(next(iter(self.parked)))])  # the oldest first
         return claimed
 
     def park(self, key: str, actors: list, pg) -> bool:
@@ -76,17 +86,31 @@ class WorkerPool:
         self._same_session()
         if not as_new(actors):
             return False
+        if key in self.parked:  # an older group of the same workers
+            self._end([self.parked.pop(key)])
         self.parked[key] = (actors, pg)
         return True
 
+    def held(self) -> Counter:
+        """The resources the parked workers' placement groups hold."""
+        held = Counter()
+        for _, pg in self.parked.values():
+            for bundle in pg.bundle_specs if pg is not None else []:
+                held.update(bundle)
+        return held
+
     def clear(self) -> None:
         """End every parked worker (and its placement group)."""
+        self._same_session()
+        parked, self.parked = self.parked, {}
+        self._end(parked.values())
+
+    @staticmethod
+    def _end(groups) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        self._same_session()
-        parked, self.parked = self.parked, {}
-        for actors, pg in parked.values():
+        for actors, pg in groups:
             for a in actors:
                 ray.kill(a)
             if pg is not None:
@@ -113,3 +137,7 @@ class WorkerPool:
         session = (ctx.get_node_id(), ctx.get_job_id()) if ctx else None
         if session != self.session:
             self.parked, self.session = {}, session
+
+
+def fits(need: Counter, have: dict[str, float]) -> bool:
+    return all(amount <= have.get(name, 0) + 1e-9 for name, amount in need.items())
