@@ -164,7 +164,7 @@ def local_ray(actor_tmp):
     if not ray.is_initialized():
         env = runtime_env()
         env["env_vars"]["TMPDIR"] = str(actor_tmp)
-        ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False, runtime_env=env)
+        ray.init(num_cpus=16, include_dashboard=False, configure_logging=False, log_to_driver=False, runtime_env=env)
     return actor_tmp
 
 
@@ -186,14 +186,6 @@ def pool():
     the workers of the runs before it that were built from the same settings (the two most recent groups it
     does not take stay for later runs)."""
     return POOL
-
-
-@pytest.fixture(autouse=True)
-def _no_warm_workers_unless_asked(request):
-    """A test that does not ask for the pool finds no parked worker: it has the resources, and the only
-    worker processes, of its own run (the fault tests find the workers they kill by name)."""
-    if "pool" not in request.fixturenames and POOL.parked:
-        POOL.clear()
 
 
 def probes(groups, prompt, response) -> list[dict]:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from conftest import own_ray
+from conftest import POOL, own_ray
 
 from opsd_ray.config.recipes import load_train_config
 from opsd_ray.run.cluster import runtime_env
@@ -62,15 +62,19 @@ def test_a_model_that_gives_nan_targets_skips_updates_then_stops(local_ray, tmp_
 
 # ----------------------------------------------------------------------------- lost workers
 def actor_pid(name: str) -> int:
-    """The process of the (one) Ray actor of class `name` (Ray titles actor processes `ray::<Class>...`) in
-    this process's Ray session: its raylet is our child (another test worker's session has one of its own)."""
+    """The process of the running run's Ray actor of class `name` (Ray titles actor processes `ray::<Class>...`)
+    in this process's Ray session (its raylet is our child: another test worker's session has one of its
+    own), not one of the pool's spare workers."""
     import os
 
     import psutil
+    from ray._private.state import actors
 
+    spare = {actors(a._actor_id.hex())["Pid"] for group, _ in POOL.parked.values() for a in group}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if cmd and cmd[0].startswith(f"ray::{name}") and os.getpid() in {p.pid for p in proc.parents()}:
+        if (cmd and cmd[0].startswith(f"ray::{name}") and proc.info["pid"] not in spare
+                and os.getpid() in {p.pid for p in proc.parents()}):
             return proc.info["pid"]
     raise LookupError(name)
 
@@ -222,11 +226,12 @@ def test_a_learner_error_is_that_error_and_a_lost_learner_restarts_the_group(loc
         groups.shutdown(pool)  # the rollout and scoring workers stay warm; the restarted learner ends
 
 
-def test_a_role_that_keeps_losing_workers_stops_the_run(local_ray, tmp_path, small_data, capsys):
+def test_a_role_that_keeps_losing_workers_stops_the_run(local_ray, tmp_path, small_data, capsys, pool):
     from opsd_ray.cli import main
 
     thread, killed = kill_when(tmp_path / "r", [(1, "ScoringWorker"), (2, "ScoringWorker")])
-    rc = main(["train", *args_of(tmp_path, small_data, "train.steps=8", "fault.max_restarts=1", "checkpoint.every=1")])
+    rc = main(["train", *args_of(tmp_path, small_data, "train.steps=8", "fault.max_restarts=1", "checkpoint.every=1")],
+              pool)
     thread.join(timeout=10)
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err, err[-2000:]
@@ -280,8 +285,9 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     saved = (folder / "checkpoints" / "step_1" / "trainer_state.json").exists
     thread = threading.Thread(target=lambda: wait_for(saved) and fill(small_disk), daemon=True)
     thread.start()
-    rc = main(args, pool)  # on the batched run's warm workers
+    rc = main(args, pool)  # on warm workers
     thread.join(timeout=10)
+    pids = worker_pids(folder)
     err = capsys.readouterr().err
     assert rc == 1 and "No space left on device" in err and "Traceback" not in err, err[-2000:]
     assert f"The last complete checkpoint is {folder}/checkpoints/step_1" in err
@@ -294,6 +300,11 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     assert main(args, pool) == 0
     assert "resumed from" in capsys.readouterr().out
     same_run(batched, folder)
+    assert worker_pids(folder) == pids  # a run that stopped left its workers warm
+
+
+def worker_pids(folder) -> list[tuple[str, int]]:
+    return [(w["role"], w["pid"]) for w in json.loads((folder / "logs" / "workers.json").read_text())]
 
 
 def wait_for(condition, timeout_s: float = 300) -> bool:

