@@ -12,6 +12,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Ray starts idle Python workers for tasks when the first driver connects; every worker of ours is an actor
 # with its own runtime environment, which those cannot serve (about 2 CPU-seconds each, twice per session).
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+# Nothing here reads Ray's metrics; collecting them cost a quarter of an idle Ray session's CPU (3.8% -> 2.9%
+# of a core) and of an idle actor's (0.77% -> 0.57%).
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 from opsd_ray.run.pool import WorkerPool  # noqa: E402
 from opsd_ray.workers.engines import vllm_available  # noqa: E402
