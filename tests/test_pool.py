@@ -61,7 +61,10 @@ def test_a_run_on_warm_workers_equals_a_run_on_new_ones(local_ray, tmp_path, sma
 
 @ray.remote(num_cpus=0)
 class Idle:
-    pass
+    def sleep(self, seconds: float) -> None:
+        import time
+
+        time.sleep(seconds)
 
 
 def ended(actor, wait_s: float = 30) -> bool:
@@ -101,4 +104,7 @@ def test_spare_groups_stay_while_they_fit_beside_the_run_and_the_oldest_end_firs
     pool.claim({}, {}, {"CPU": 8})
     assert not pool.parked and ended(groups["c"][0])
     ray.util.remove_placement_group(claimed["scoring"][1])
-    ray.kill(groups["b"][0])
+    busy = groups["b"][0]
+    busy.sleep.remote(60)  # a call its run left running (a run that stopped)
+    assert not pool.park("b", [busy], None) and not pool.parked  # a busy worker is not kept
+    ray.kill(busy)

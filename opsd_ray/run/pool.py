@@ -8,6 +8,8 @@ worker built from those arguments would be (tested bit for bit), and Ray, if it 
 it from the same arguments. Workers a run does not take end before it starts its own, unless the pool keeps
 `spare` groups: then the most recent groups a run did not take stay warm for a later run, as long as
 they and the run fit in the cluster's resources together (they hold their placement groups meanwhile).
+Spares never hold GPUs, and the fit is checked on the cluster's totals: on several nodes a spare can
+still keep a bundle of the run from being placed (keep spare=0 there).
 
 Not reused: vLLM engines (an engine holds processes, a memory budget, LoRA slots and a prefix cache of
 its own; a second engine in one process is not something vLLM supports), and workers Ray has restarted
@@ -51,6 +53,9 @@ def as_new(actors: list) -> bool:
     return all(actor_state(a) == ("ALIVE", 0) for a in actors)
 
 
+IDLE_WAIT_S = 2.0  # a parked worker answers a no-op call within this: no call of the run is still running
+
+
 class WorkerPool:
     """The workers runs left behind, by key, in the Ray session they live in (oldest first)."""
 
@@ -81,15 +86,24 @@ class WorkerPool:
 
     def fit(self, need: dict[str, float], have: dict[str, float]) -> None:
         """End parked groups, the oldest first, until at most `spare` are left and they fit in `have` (the
-        cluster's resources) beside `need`."""
+        cluster's resources) beside `need`. Groups on GPUs never stay as spares: Ray counts a GPU's share,
+        not its memory, which their models keep and a vLLM engine sizes its KV cache by."""
+        self._same_session()
+        for key in [k for k, (_, pg) in self.parked.items() if pg is not None and held_by([pg]).get("GPU")]:
+            self._end([self.parked.pop(key)])
         while self.parked and (len(self.parked) > self.spare or not fits(self.held() + Counter(need), have)):
             self._end([self.parked.pop(next(iter(self.parked)))])
 
     def park(self, key: str, actors: list, pg) -> bool:
-        """Keep a run's workers for the next run, if they are as new (alive, never restarted); False if not
-        (the caller ends them)."""
+        """Keep a run's workers for the next run, if they are as new (alive, never restarted) and idle (a run
+        that stopped may have left a call running); False if not (the caller ends them)."""
+        import ray
+
         self._same_session()
         if not as_new(actors):
+            return False
+        idle, _ = ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=len(actors), timeout=IDLE_WAIT_S)
+        if len(idle) < len(actors):
             return False
         if key in self.parked:  # an older group of the same workers
             self._end([self.parked.pop(key)])
@@ -98,11 +112,7 @@ class WorkerPool:
 
     def held(self) -> Counter:
         """The resources the parked workers' placement groups hold."""
-        held = Counter()
-        for _, pg in self.parked.values():
-            for bundle in pg.bundle_specs if pg is not None else []:
-                held.update(bundle)
-        return held
+        return held_by([pg for _, pg in self.parked.values()])
 
     def clear(self) -> None:
         """End every parked worker (and its placement group)."""
@@ -146,3 +156,12 @@ class WorkerPool:
 
 def fits(need: Counter, have: dict[str, float]) -> bool:
     return all(amount <= have.get(name, 0) + 1e-9 for name, amount in need.items())
+
+
+def held_by(pgs: list) -> Counter:
+    """The resources placement groups hold, by name."""
+    held = Counter()
+    for pg in pgs:
+        for bundle in pg.bundle_specs if pg is not None else []:
+            held.update(bundle)
+    return held
