@@ -67,16 +67,13 @@ class Idle:
         time.sleep(seconds)
 
 
-def ended(actor, wait_s: float = 30) -> bool:
+def ended(actor) -> bool:
     """The actor is dead in the GCS (a kill takes effect a moment later)."""
-    import time
+    from test_faults import wait_for
 
     from opsd_ray.run.faults import actor_state
 
-    deadline = time.time() + wait_s
-    while actor_state(actor)[0] != "DEAD" and time.time() < deadline:
-        time.sleep(0.1)
-    return actor_state(actor)[0] == "DEAD"
+    return wait_for(lambda: actor_state(actor)[0] == "DEAD", timeout_s=30)
 
 
 def test_spare_groups_stay_while_they_fit_beside_the_run_and_the_oldest_end_first(local_ray):

@@ -36,13 +36,9 @@ def role_requests(cfg) -> list[RoleRequest]:
 
 def check_fits(requests: list[RoleRequest], available: dict[str, float]) -> None:
     """Fail before anything loads: what was asked, what exists, what to change."""
-    need_cpu = sum(r.total()[0] for r in requests)
-    need_gpu = sum(r.total()[1] for r in requests)
+    custom = resources_of(requests)  # what the placement groups will hold
+    need_cpu, need_gpu = custom.pop("CPU", 0.0), custom.pop("GPU", 0.0)
     have_cpu, have_gpu = available.get("CPU", 0.0), available.get("GPU", 0.0)
-    custom: dict[str, float] = {}
-    for r in requests:
-        for name, v in r.resources.items():
-            custom[name] = custom.get(name, 0.0) + r.count * v
     for name, need in custom.items():
         if need > available.get(name, 0.0) + 1e-9:
             raise ConfigError(
