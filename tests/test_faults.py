@@ -37,8 +37,13 @@ def read_metrics(folder):
 
 
 # ----------------------------------------------------------------------------- bad numbers
-def test_a_model_that_gives_nan_targets_skips_updates_then_stops(local_ray, tmp_path, small_data, capsys):
-    """A corrupted embedding row (NaN) that only the teacher prompt uses: every step's target is NaN."""
+def test_a_model_that_gives_nan_targets_skips_updates_then_stops(local_ray, tmp_path, small_data, capsys, pool):
+    """A corrupted embedding row (NaN) that only the teacher prompt uses: every step's target is NaN.
+
+    Its workers stay in the pool, and the runs below take them (reset to their own settings). Ray restarts
+    a killed worker with the arguments it was created with, these: the NaN model, another objective,
+    another rollout temperature and scoring precision. A run that did not reset a restarted worker to its
+    own settings (Workers.renew) would not equal its uninterrupted run."""
     from opsd_ray.cli import main
     from opsd_ray.models.loading import load_model, load_tokenizer, resolve_model_path
 
@@ -49,7 +54,9 @@ def test_a_model_that_gives_nan_targets_skips_updates_then_stops(local_ray, tmp_
     load_tokenizer(resolve_model_path("builtin:tiny")).save_pretrained(tmp_path / "nan-model")
 
     rc = main(["train", *args_of(tmp_path, small_data, f"model.path={tmp_path / 'nan-model'}", "train.steps=6",
-                                 "prompt.reference_begin=<|box_start|>", "fault.max_skipped_steps=3")])
+                                 "prompt.reference_begin=<|box_start|>", "fault.max_skipped_steps=3",
+                                 "learner.num_workers=2", "objective.mode=standard", "rollout.temperature=0.5",
+                                 "scoring.dtype=bfloat16")], pool)
     err = capsys.readouterr().err
     assert rc == 1 and "3 steps in a row (1, 2, 3) had a non-finite loss or gradient norm" in err
     assert "Likely causes: NaN or Inf in the model weights" in err and "Traceback" not in err

@@ -1,5 +1,5 @@
-"""Warm workers between runs in one driver process (opsd_ray.run.pool): a run on the workers an earlier
-run left equals a run on new ones, and a worker built from other settings is not reused."""
+"""Warm workers between runs in one driver process (opsd_ray.run.pool): a run takes the workers with its
+resources whatever settings built them, and equals a run on new ones."""
 
 import json
 
@@ -8,25 +8,26 @@ import pytest
 from opsd_ray.config.recipes import load_train_config
 from opsd_ray.run.cluster import RoleRequest
 from opsd_ray.run.pool import worker_key
-from opsd_ray.workers.learner import Learner, learner_settings
+from opsd_ray.workers.learner import Learner
+from opsd_ray.workers.scoring import ScoringWorker
 
 ray = pytest.importorskip("ray")
 TIMES = ("time/", "util/", "tokens_per_s")  # how long things took: the only numbers a run may change
 
 
-def test_a_worker_key_is_its_settings_by_value():
+def test_a_worker_key_is_its_resources_restart_budget_and_threads():
     request = RoleRequest("learner", 1, 1.0, 0.0, {})
-
-    def key(*overrides):
-        cfg = load_train_config(["model=tiny", "data=gsm8k", *overrides])
-        return worker_key("learner", Learner, request, -1, [(learner_settings(cfg), 2, 0, 1, 0)])
-
-    assert key() == key("run.name=other", "train.steps=9", "train.batch_size=4", "checkpoint.every=5")  # not a learner's
-    for changed in ("learner.lr=5e-3", "run.seed=1", "objective.mode=standard", "rollout.one_step_off=true",
-                    "model.lora.r=4"):
-        assert key(changed) != key(), changed
-    assert worker_key("learner", Learner, RoleRequest("learner", 1, 2.0, 0.0, {}), -1, [()]) != \
-        worker_key("learner", Learner, request, -1, [()])  # other resources
+    key = worker_key("learner", Learner, request, -1, 2)
+    assert key == worker_key("learner", Learner, RoleRequest("learner", 1, 1.0, 0.0, {}), -1, 2)
+    others = {
+        "group size": worker_key("learner", Learner, RoleRequest("learner", 2, 1.0, 0.0, {}), -1, 2),
+        "resources": worker_key("learner", Learner, RoleRequest("learner", 1, 2.0, 0.0, {"node": 1.0}), -1, 2),
+        "restart budget": worker_key("learner", Learner, request, 3, 2),
+        "threads": worker_key("learner", Learner, request, -1, [0, 1]),
+        "class": worker_key("learner", ScoringWorker, request, -1, 2),
+    }
+    for what, other in others.items():
+        assert other != key, what
 
 
 def numbers(folder) -> list[dict]:
@@ -49,14 +50,14 @@ def test_a_run_on_warm_workers_equals_a_run_on_new_ones(local_ray, tmp_path, sma
     pool.clear()
     new = train(cfg("new"), pool)
     assert len(pool) == 3  # the run's rollout, scoring and learner workers wait for the next run
-    warm = train(cfg("warm", "checkpoint.every=1"), pool)  # settings no worker reads
-    assert pids(warm) == pids(new)
-    assert numbers(warm) == numbers(new)  # every loss, entropy, norm, sync check and marker, bit for bit
-    other = train(cfg("other", "learner.lr=5e-3"), pool)
-    assert pids(other)["learner"] != pids(new)["learner"]
-    assert (pids(other)["rollout"], pids(other)["scoring"]) == (pids(new)["rollout"], pids(new)["scoring"])
-    back = train(cfg("back"), pool)  # the first learner waited as a spare (the suite's pool keeps spare=2)
-    assert pids(back) == pids(new) and numbers(back) == numbers(new)
+    # every role's settings differ: each worker is built again from them, in the same process
+    other = train(cfg("other", "learner.lr=5e-3", "objective.mode=standard", "model.lora.r=4",
+                      "rollout.temperature=0.5", "scoring.dtype=bfloat16"), pool)
+    assert pids(other) == pids(new)
+    assert numbers(other)[0]["loss"] != numbers(new)[0]["loss"]
+    back = train(cfg("back"), pool)
+    assert pids(back) == pids(new)
+    assert numbers(back) == numbers(new)  # every loss, entropy, norm, sync check and marker, bit for bit
 
 
 @ray.remote(num_cpus=0)

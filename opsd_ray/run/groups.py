@@ -39,6 +39,14 @@ class Workers:
         self.role, self.workers, self.calls, self.faults = role, workers, calls, faults
         self.restarts: dict[int, int] = {}  # worker -> times it was replaced
         self.busy = BusyLog()
+        self.reused: list[tuple] | None = None  # the run's arguments of workers taken from a pool
+
+    def renew(self, k: int) -> dict | None:
+        """Ray restarts an actor with the arguments it was created with: worker k, taken from a pool (made
+        by an earlier run, maybe with other settings), is reset to this run's. Its info, or None."""
+        if self.reused is None:
+            return None
+        return self.calls.get(self.calls.submit(self.workers[k], "reset", *self.reused[k]))
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -55,6 +63,7 @@ class Workers:
             return  # counted, and the worker restarted and restored, when an earlier call failed
         self.faults.count(self.role, f"{self.role} worker {k}", error)
         self.faults.wait_restarted(self.workers[k], f"{self.role} worker {k}")
+        self.renew(k)
         self.restarts[k] = sent_at + 1
         if restore:
             self.restore(k)
@@ -333,6 +342,7 @@ class LearnerGroup(Workers):
             ray.kill(learner, no_restart=False)
         # ray.kill only asks: wait for each learner's new process (a later construction time)
         fresh = [self.faults.wait_restarted(a, f"learner {r}", after=self.started[r]) for r, a in enumerate(self.workers)]
+        fresh = [self.renew(r) or info for r, info in enumerate(fresh)]
         self.started = [i["started"] for i in fresh]
         self.form()
         self.busy = BusyLog()  # calls of the abandoned step never report back
@@ -376,18 +386,18 @@ class Groups:
             if pool is not None and engine == "vllm" and requests["rollout"].gpus > 0:
                 pool.clear()  # a vLLM engine sizes its KV cache by a GPU's free memory: it starts first, alone
             elif pool is not None:
-                groups.keys = {role: worker_key(role, spec[0], requests[role], *spec[1:]) for role, spec in specs.items()
-                               if role != "rollout" or reusable(engine)}
+                groups.keys = {role: worker_key(role, spec[0], requests[role], spec[1], threads[role])
+                               for role, spec in specs.items() if role != "rollout" or reusable(engine)}
                 groups.claimed = pool.claim(groups.keys, resources_of(requests.values()), ray.cluster_resources())
-            groups.rollout.workers, ready = groups.launch(requests["rollout"], *specs["rollout"])
+            ready = groups.launch(groups.rollout, requests["rollout"], *specs["rollout"])
             if engine == "vllm":
                 ray.get(ready)
-            scoring, ready_scoring = groups.launch(requests["scoring"], *specs["scoring"])
-            groups.scoring = ScoringGroup(scoring, calls, faults)
+            groups.scoring = ScoringGroup([], calls, faults)
+            ready += groups.launch(groups.scoring, requests["scoring"], *specs["scoring"])
             fsdp = cfg.learner.strategy == "fsdp" and n > 1
-            learners, ready_learners = groups.launch(requests["learner"], *specs["learner"])
-            groups.learner = LearnerGroup(learners, calls, faults, fsdp, [])
-            groups.info = ray.get(ready + ready_scoring + ready_learners)
+            groups.learner = LearnerGroup([], calls, faults, fsdp, [])
+            ready += groups.launch(groups.learner, requests["learner"], *specs["learner"])
+            groups.info = ray.get(ready)
             groups.learner.started = [i["started"] for i in groups.info[-n:]]
             groups.learner.form()
         except BaseException:  # a role that fails to start must not leave the others running
@@ -395,11 +405,13 @@ class Groups:
             raise
         return groups
 
-    def launch(self, request, cls_, restarts: int, args: list[tuple]) -> tuple[list, list]:
-        """A role's actors (its claimed workers reset to new, or new ones) and handles of their info."""
-        actors, self.pgs[request.role], ready = start_actors(request, cls_, restarts, args,
-                                                             self.claimed.pop(request.role, None))
-        return actors, ready
+    def launch(self, group: Workers, request, cls_, restarts: int, args: list[tuple]) -> list:
+        """A role's actors: its claimed workers reset to what new ones built from `args` would be (and reset
+        so again after Ray restarts one: `Workers.renew`), or new ones. Handles of their info."""
+        claimed = self.claimed.pop(request.role, None)
+        group.workers, self.pgs[request.role], ready = start_actors(request, cls_, restarts, args, claimed)
+        group.reused = args if claimed else None
+        return ready
 
     @classmethod
     def in_process(cls, cfg, engine: str, threads: int | None = None) -> Groups:
@@ -449,12 +461,8 @@ class Groups:
 
     def peak_memory(self) -> dict[str, dict]:
         """Each role's largest peak memory over its workers ({bytes, how})."""
-        out = {}
-        for g in (self.rollout, self.scoring, self.learner):
-            if g is not None:
-                peaks = [g.retry(k, "peak_memory") for k in range(len(g))]
-                out[g.role] = max(peaks, key=lambda m: m["bytes"])
-        return out
+        return {g.role: max((g.retry(k, "peak_memory") for k in range(len(g))), key=lambda m: m["bytes"])
+                for g in (self.rollout, self.scoring, self.learner) if g is not None}
 
     def utilization(self, t0: float, t1: float) -> dict[str, float]:
         """util/<role>: the share of [t0, t1] the role's workers were busy, averaged over its workers."""
@@ -484,11 +492,9 @@ class Groups:
                 del self.pgs[g.role]  # the pool keeps workers that are as new (alive, never restarted)
             else:
                 ending.append((self.pgs.pop(g.role, None), g.workers))
+        ending += [(pg, []) for pg in self.pgs.values()]  # a role whose actors never started
         for pg, actors in ending:
             for a in actors:
                 ray.kill(a)
-            if pg is not None:
-                remove_placement_group(pg)
-        for pg in self.pgs.values():  # a role whose actors never started
             if pg is not None:
                 remove_placement_group(pg)

@@ -2,14 +2,15 @@
 
 Most of a worker's start is its process: Ray's worker, then importing torch, transformers and peft, and
 loading the tokenizer (about 7 CPU-seconds per worker on a CPU; on a GPU also the CUDA context). A run
-given a pool leaves its workers there when it ends; the next run takes those that were built from the
-same arguments, with the same resources and restart budget, and `reset`s them: each is then what a new
-worker built from those arguments would be (tested bit for bit), and Ray, if it restarts one, rebuilds
-it from the same arguments. Workers a run does not take end before it starts its own, unless the pool keeps
-`spare` groups: then the most recent groups a run did not take stay warm for a later run, as long as
-they and the run fit in the cluster's resources together (they hold their placement groups meanwhile).
-Spares never hold GPUs, and the fit is checked on the cluster's totals: on several nodes a spare can
-still keep a bundle of the run from being placed (keep spare=0 there).
+given a pool leaves its workers there when it ends; the next run takes those of each role that have the
+same resources, restart budget and compute threads, and `reset`s them with its own arguments: each is
+then what a new worker built from those arguments would be (tested bit for bit, also across settings).
+Ray restarts a lost actor with the arguments it was created with: the run resets a restarted worker it
+took from the pool to its own (`Workers.renew`). Workers a run does not take end before it starts its
+own, unless the pool keeps `spare` groups: then the most recent groups a run did not take stay warm for a
+later run, as long as they and the run fit in the cluster's resources together (they hold their placement
+groups meanwhile). Spares never hold GPUs, and the fit is checked on the cluster's totals: on several
+nodes a spare can still keep a bundle of the run from being placed (keep spare=0 there).
 
 Not reused: vLLM engines (an engine holds processes, a memory budget, LoRA slots and a prefix cache of
 its own; a second engine in one process is not something vLLM supports), and workers Ray has restarted
@@ -17,11 +18,11 @@ its own; a second engine in one process is not something vLLM supports), and wor
 
     with WorkerPool() as pool:
         for lr in (1e-5, 3e-5):
-            train(load_train_config([..., f"learner.lr={lr}"]), pool)  # scoring and rollout start once
+            train(load_train_config([..., f"learner.lr={lr}"]), pool)  # every worker starts once
 
-    with WorkerPool(spare=1) as pool:  # runs that alternate two settings keep both learners
-        for mode in ("pmi", "standard", "pmi", "standard"):
-            train(load_train_config([..., f"objective.mode={mode}"]), pool)
+    with WorkerPool(spare=1) as pool:  # runs that alternate two group sizes keep both groups
+        for n in (1, 2, 1, 2):
+            train(load_train_config([..., f"scoring.num_workers={n}"]), pool)
 """
 
 from __future__ import annotations
@@ -29,23 +30,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
 from opsd_ray.run.faults import actor_state
 
 
-def worker_key(role: str, cls, request, max_restarts: int, args: list[tuple]) -> str:
-    """What a group of workers is: its role, class, resources, restart budget and each worker's
-    constructor arguments (configs by value)."""
-
-    def plain(x):
-        if isinstance(x, DictConfig | ListConfig):
-            return OmegaConf.to_container(x, resolve=True)
-        if isinstance(x, tuple | list):
-            return [plain(v) for v in x]
-        return x
-
-    return json.dumps([role, cls.__qualname__, repr(request), max_restarts, plain(args)], sort_keys=True, default=repr)
+def worker_key(role: str, cls, request, max_restarts: int, threads) -> str:
+    """Which workers a run can reuse: the same role, class, resources, restart budget and compute threads
+    (what the process keeps). The rest of a run's settings need not match: `reset` builds the worker anew
+    from the run's own arguments."""
+    return json.dumps([role, cls.__qualname__, repr(request), max_restarts, threads], default=repr)
 
 
 def as_new(actors: list) -> bool:

@@ -100,8 +100,7 @@ def load_student_base(cfg, device: str, fsdp: bool):
 
 
 def learner_settings(cfg):
-    """The part of a run's config a learner reads, and all it keeps: what it is built from, so runs that
-    differ elsewhere (name, steps, evaluation) can share a warm learner (opsd_ray.run.pool)."""
+    """The part of a run's config a learner reads, and all it keeps."""
     # imported here: gpucheck imports this module on GPU nodes that have only torch, transformers and peft
     from omegaconf import OmegaConf
 
