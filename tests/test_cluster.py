@@ -187,37 +187,28 @@ def ray_head(tmp_path_factory):
 
 @pytest.mark.slow
 def test_make_submit_runs_a_job_through_the_job_api(ray_head, tmp_path):
-    """`make submit` with the tiny model: the job succeeds and its logs show both steps."""
+    """`make submit WAIT=1` with the tiny model: the job succeeds, the console follows its logs to the end,
+    and the printed commands follow and stop it by its id. (A resubmitted job with the same run name
+    resumes as any run does: checkpoint.resume=auto, tested with a killed driver in test_train_e2e.)"""
     env, address = ray_head["env"], ray_head["address"]
     job_env = f"OPSD_RAY_CACHE={os.environ['OPSD_RAY_CACHE']} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false"
     res = subprocess.run(
         ["make", "--no-print-directory", "-o", ".venv/.installed", "submit", "MODEL=tiny", "DATA=gsm8k", "STEPS=2", "RUN=job",
-         f"RAY_ADDRESS={address}", f"OUTPUT_DIR={tmp_path / 'runs'}", f"JOB_ENV={job_env}",
-         f"ARGS=rollout.engine=hf data.path={small_gsm8k(tmp_path)}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
-    job_id = re.search(r"^job (\S+) on ", res.stdout, re.M).group(1)
-    follow = re.search(r"follow the logs:\s+(.+)$", res.stdout, re.M).group(1)
-    assert re.search(r"stop it:\s+.+ job stop --address \S+ " + re.escape(job_id), res.stdout)
-
-    # The printed command follows the logs until the job ends.
-    logs = subprocess.run(shlex.split(follow), env=env, capture_output=True, text=True, timeout=300).stdout
-    status = subprocess.run([str(VENV_BIN / "ray"), "job", "status", "--address", address, job_id], env=env,
-                            capture_output=True, text=True, timeout=60).stdout
-    assert f"Job '{job_id}' succeeded" in status, status + logs
-    assert "1/2" in logs and "2/2" in logs and "done: 2 steps" in logs, logs
-    assert len((tmp_path / "runs" / "job" / "metrics.jsonl").read_text().splitlines()) == 2
-
-    # A resubmitted job with the same run name continues the run (here: one more step).
-    res = subprocess.run(
-        ["make", "--no-print-directory", "-o", ".venv/.installed", "submit", "MODEL=tiny", "DATA=gsm8k", "STEPS=3", "RUN=job",
          f"RAY_ADDRESS={address}", f"OUTPUT_DIR={tmp_path / 'runs'}", f"JOB_ENV={job_env}", "WAIT=1",
          f"ARGS=rollout.engine=hf data.path={small_gsm8k(tmp_path)}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "resumed from" in res.stdout and "(step 2)" in res.stdout and "done: 3 steps" in res.stdout, res.stdout
-    steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / "job" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    assert "1/2" in res.stdout and "2/2" in res.stdout and "done: 2 steps" in res.stdout, res.stdout
+    job_id = re.search(r"^job (\S+) on ", res.stdout, re.M).group(1)
+    follow = re.search(r"follow the logs:\s+(.+)$", res.stdout, re.M).group(1)
+    assert re.search(r"stop it:\s+.+ job stop --address \S+ " + re.escape(job_id), res.stdout)
+
+    logs = subprocess.run(shlex.split(follow), env=env, capture_output=True, text=True, timeout=300).stdout
+    assert "done: 2 steps" in logs, logs  # the printed command reads the job's logs
+    status = subprocess.run([str(VENV_BIN / "ray"), "job", "status", "--address", address, job_id], env=env,
+                            capture_output=True, text=True, timeout=60).stdout
+    assert f"Job '{job_id}' succeeded" in status, status + logs
+    assert len((tmp_path / "runs" / "job" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 @pytest.mark.slow

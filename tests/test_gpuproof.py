@@ -16,14 +16,16 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_the_tiny_proof_runs_the_whole_path_on_the_cpu_and_passes(tmp_path):
+def test_the_tiny_proof_runs_the_whole_path_on_the_cpu_and_passes(local_ray, tmp_path, pool, capsys):
+    """In this process, on the suite's Ray and warm workers (`make gpu-proof` itself: the test below)."""
+    from opsd_ray.tools.gpuproof import main
+
     out = tmp_path / "gpu-proof.json"
     earlier = set(Path(tempfile.gettempdir()).glob("gpuproof_*"))
-    args = f"--engine hf --prompt-tokens 64 --reference-tokens 64 --new-tokens 16 --steps 2 --out {out}"
-    res = subprocess.run(["make", "--no-print-directory", "-s", "-o", ".venv/.installed", "gpu-proof", "SHAPE=tiny",
-                          f"PROOF_ARGS={args}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "passed: every check" in res.stdout and "gpu-proof: tiny on cpu (hf rollout" in res.stdout
+    args = f"--shape tiny --engine hf --prompt-tokens 64 --reference-tokens 64 --new-tokens 16 --steps 2 --out {out}"
+    assert main(args.split(), pool) == 0
+    res = capsys.readouterr()
+    assert "passed: every check" in res.out and "gpu-proof: tiny on cpu (hf rollout" in res.out
     result = json.loads(out.read_text())
     assert result["passed"] and all(result["checks"].values()) and result["steps"] == 2
     assert set(result["roles"]) == {"rollout", "scoring", "learner"}

@@ -190,7 +190,7 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> dict:
+def run(args, pool=None) -> dict:
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     mem = torch.cuda.get_device_properties(0).total_memory if on_gpu else 0
@@ -215,7 +215,7 @@ def run(args) -> dict:
     started = init_ray(cfg)
     groups = None
     try:
-        groups = Groups.start(cfg, engine)
+        groups = Groups.start(cfg, engine, pool=pool)
         conf, dtype = adapter_config(cfg), adapter_dtype(cfg, engine)
         version = groups.sync(conf, dtype)["version"]
         check = SyncCheck(1, probe_sequence(tok, examples[0], cfg))
@@ -229,7 +229,7 @@ def run(args) -> dict:
         memory = groups.peak_memory()
     finally:
         if groups is not None:
-            groups.shutdown()
+            groups.shutdown(pool)
         if started:
             ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)  # the synthetic data: the proof's numbers go to --out
@@ -266,7 +266,8 @@ def run(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, pool=None) -> int:
+    """The proof from the command line (`pool`: warm workers for a Python caller, opsd_ray.run.pool)."""
     parser = argparse.ArgumentParser(prog="python -m opsd_ray.tools.gpuproof", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="auto", choices=["auto", *SHAPES, "tiny"],
                         help="the model's shapes (auto: the largest that fits this GPU; tiny without one)")
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.steps} steps of {args.batch} prompts x {args.prompt_tokens} tokens, references of "
               f"{args.reference_tokens}, completions of {args.new_tokens}; `--shape tiny` runs that path on the CPU.")
         return 0
-    result = run(args)
+    result = run(args, pool)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(table(result))
     print(f"wrote {args.out}")
