@@ -180,14 +180,15 @@ def _stop_ray_at_the_end():
         sys.modules["ray"].shutdown()
 
 
-POOL = WorkerPool(spare=2)
+# Spares: a group of each role in the two sizes the tests use (1 and 2 workers) stays warm beside a run.
+POOL = WorkerPool(spare=4)
 
 
 @pytest.fixture(scope="session")
 def pool():
     """Workers kept warm between the end-to-end runs of this test process (opsd_ray.run.pool): a run takes
-    the workers of the runs before it that were built from the same settings (the two most recent groups it
-    does not take stay for later runs)."""
+    the groups of the runs before it with the same resources, whatever their settings (the four most recent
+    groups it does not take stay for later runs)."""
     return POOL
 
 

