@@ -38,12 +38,14 @@ if WORKER:
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 
-# The longest test files (end to end, on real Ray), longest first. `make test` runs two test workers
-# (pytest -n 2 --dist loadfile): each file runs whole on one worker, so its module-scoped runs are made
-# once, and a worker takes the next file when it is done. The long ones go first, so that neither
-# worker is left with one at the end while the other idles.
-LONGEST = ("test_train_e2e.py", "test_faults.py", "test_scale.py", "test_gpu_path.py", "test_cluster.py",
-           "test_multinode.py", "test_gpuproof.py")
+# The test files that start Ray, in the order the test workers take them (pytest -n 2 --dist loadfile: each
+# file runs whole on one worker, so its module-scoped runs are made once, and a worker takes the next file
+# when it is done). First those with Ray sessions of their own (the fault tests kill processes; a two-node
+# cluster; a head with the job API), so that the files on the shared session (`local_ray`) follow one
+# another on a worker and take the warm workers the files before them left (`pool`); the long ones first,
+# so that neither worker is left with one at the end while the other idles.
+LONGEST = ("test_console.py", "test_faults.py", "test_cluster.py", "test_multinode.py",  # Ray sessions of their own
+           "test_train_e2e.py", "test_gpu_path.py", "test_scale.py", "test_gpuproof.py", "test_pool.py")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -103,16 +103,20 @@ def test_make_train_picks_the_recipe_up():
 @NEEDS_VLLM  # the paper's recipes roll out with vLLM
 @pytest.mark.parametrize("data", ["math-cot-20k", "dasd-10k"])
 @pytest.mark.parametrize("stage", ["model.path", "data.path"])
-def test_the_papers_command_gets_past_configuration_and_stops_at_the_unreachable_hub(data, stage, tmp_path):
+def test_the_papers_command_gets_past_configuration_and_stops_at_the_unreachable_hub(data, stage, tmp_path, capsys,
+                                                                                     monkeypatch):
     """`make train MODEL=qwen3-8b DATA=<d>` on a machine without the Hub: the message says so (never
-    "pip install datasets" or a missing data.path). HF_HUB_OFFLINE=1 stands for no network (no retries).
-    With a local tokenizer the run gets past the model to the data, which is on the Hub too."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the suite's cache: its built-in tiny, and no Hub data
+    "pip install datasets" or a missing data.path). HF_HUB_OFFLINE=1 (the suite's) stands for no network
+    (no retries). With a local tokenizer the run gets past the model to the data, which is on the Hub too.
+    The command line's main in this process (a subprocess would import torch and vLLM again for each)."""
+    from opsd_ray.cli import main
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # the suite's cache: its built-in tiny, and no Hub data
+    monkeypatch.chdir(recipes_dir().parent)
     local = ["model.tokenizer=builtin:tiny"] if stage == "data.path" else []
-    res = subprocess.run([sys.executable, "-m", "opsd_ray", "train", "model=qwen3-8b", f"data={data}",
-                          f"run.output_dir={tmp_path}", *local], cwd=recipes_dir().parent, capture_output=True,
-                         text=True, timeout=300, env=env)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert f"{stage}=" in res.stderr and "the Hugging Face Hub cannot be reached" in res.stderr, res.stderr[-2000:]
-    assert "pip install datasets" not in res.stderr and "missing required" not in res.stderr
-    assert "Traceback" not in res.stderr
+    rc = main(["train", "model=qwen3-8b", f"data={data}", f"run.output_dir={tmp_path}", *local])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert f"{stage}=" in err and "the Hugging Face Hub cannot be reached" in err, err[-2000:]
+    assert "pip install datasets" not in err and "missing required" not in err
+    assert "Traceback" not in err

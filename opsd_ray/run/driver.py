@@ -133,10 +133,10 @@ def train_loop(cfg, run: RunFolder, lock: DriverLock, engine: str, sampler: Prom
         adapter_files = groups.learner.whole("adapter_files")
         final = run.write_files("final", with_card(cfg, adapter_files, T, log.records()))
         end_eval = points and not inline(cfg)  # eval.schedule=end: the GPUs are free for evaluation now
-        groups.shutdown(None if end_eval else pool)
+        groups.shutdown(pool)
         groups = None
         if end_eval:
-            if pool is not None:  # its engines take every worker slot of the run: spares stay only beside them
+            if pool is not None:  # its engines take every worker slot of the run: its workers stay only beside them
                 pool.fit(resources_of(role_requests(cfg)), ray.cluster_resources())
             evaluate_checkpoints(cfg, run, log, engine)
         return final, log.wandb_where
