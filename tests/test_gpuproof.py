@@ -34,7 +34,9 @@ def test_the_tiny_proof_runs_the_whole_path_on_the_cpu_and_passes(local_ray, tmp
         assert n["mfu"] is None  # a CPU: no peak in the table
     assert all(r["response_length"] == 16 for r in result["records"])  # forced lengths
     assert result["sync"]["bytes"] > 0 and result["sync"]["max_abs_adapter_effect"] > 0
-    assert all(c["ok"] for c in result["numerics"])
+    # the whole GPU self-check (opsd_ray.tools.gpucheck), in bf16 on the CPU: the same code a GPU runs
+    assert {c["name"].split("/")[0] for c in result["numerics"]} == {"scoring", "loss", "learner"}
+    assert len(result["numerics"]) == 11 and all(c["ok"] for c in result["numerics"]), result["numerics"]
     assert set(Path(tempfile.gettempdir()).glob("gpuproof_*")) <= earlier  # its synthetic data is removed
 
 
