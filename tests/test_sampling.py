@@ -14,7 +14,7 @@ from opsd_ray.workers import sampling
 from opsd_ray.workers.engines import HFEngine
 from opsd_ray.workers.sampling import droppable, filter_top_p, generate_batch
 
-MODEL = load_train_config([]).model  # the CPU default: builtin:tiny with its LoRA
+MODEL = load_train_config(["model=tiny"]).model  # builtin:tiny (2 layers, the real Qwen3 tokenizer) with its LoRA
 
 
 def nucleus_reference(p: list[float], top_p: float) -> list[float]:

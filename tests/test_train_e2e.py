@@ -245,15 +245,18 @@ def test_scoring_workers_give_the_same_targets_whichever_scores_a_part(local_ray
 
 
 def _driver(tmp_path, small_data, *extra):
+    """A driver process that joins this process's Ray session, as a driver joins a cluster (its actors end
+    with it)."""
+    address = ray.get_runtime_context().gcs_address
     args = ["model=tiny", "data=gsm8k", f"data.path={small_data}", f"run.output_dir={tmp_path}", *FOUR_STEPS,
-            "ray.num_cpus=4", *extra]
+            f"ray.address={address}", *extra]
     return subprocess.Popen([sys.executable, "-m", "opsd_ray", "train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def test_killed_driver_resumes_to_the_same_metrics(uninterrupted, tmp_path, small_data, capsys, pool):
-    """The driver's process group is killed once step 2's checkpoint is complete; the same run goes on
-    (resumed here in this process, on the workers the uninterrupted run left warm)."""
+    """The driver's process group is killed once step 2's checkpoint is complete (Ray ends its actors); the
+    same run goes on (resumed here in this process, on the workers the uninterrupted run left warm)."""
     from opsd_ray.run.driver import train
 
     crashed = _driver(tmp_path, small_data, "run.name=crash")
@@ -266,7 +269,7 @@ def test_killed_driver_resumes_to_the_same_metrics(uninterrupted, tmp_path, smal
     crashed.wait()
     assert len(read_metrics(tmp_path / "crash")) < 4
     capsys.readouterr()
-    train(tiny_cfg(tmp_path, small_data, *FOUR_STEPS, "ray.num_cpus=4", "run.name=crash", "checkpoint.resume=auto"), pool)
+    train(tiny_cfg(tmp_path, small_data, *FOUR_STEPS, "run.name=crash", "checkpoint.resume=auto"), pool)
     assert "resumed from" in capsys.readouterr().out
     a, b = read_metrics(uninterrupted), read_metrics(tmp_path / "crash")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
