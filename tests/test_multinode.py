@@ -86,7 +86,8 @@ def test_a_lost_node_takes_its_rollout_worker_along_and_the_run_is_unchanged(two
                                   "learner.micro_batch_size=2", "rollout.max_new_tokens=8", "train.steps=3",
                                   "checkpoint.every=0", "train.diagnostics_every=0", "learner.lr=1e-2",
                                   "rollout.resources.rollout_node=1", "rollout.cpus_per_worker=1",
-                                  "rollout.deterministic=true"])
+                                  "rollout.deterministic=true",
+                                  "learner.resources.learner_node=1"])  # where the test above left a warm learner
 
     full = train(cfg("full"), pool)
     lost = []
