@@ -52,34 +52,22 @@ def parts_of(cfg, n_parts=4):
 
 @pytest.fixture
 def learner_actors(local_ray, pool):
-    """Three learner processes: one alone and two in a group (gloo), held as a run holds its learners, so
-    they come warm from the pool (the learners of earlier tests' runs) and go back to it after the test, for
-    the next. A test gets them new for its config: Reusable.reset, as a pool does (the group is left and
-    formed again)."""
+    """`start(cfg)`: three learner processes built from `cfg`, one alone and two in a group (gloo), held as a
+    run holds its learners: they come warm from the pool (reset, as a run's are: the group is left and
+    formed again) and go back to it after the test, for the next."""
     import os
 
-    from opsd_ray.run.cluster import role_requests, start_actors
-    from opsd_ray.run.pool import as_new, worker_key
+    from opsd_ray.run.cluster import resources_of, role_requests, start_actors
+    from opsd_ray.run.pool import worker_key
     from opsd_ray.workers.learner import Learner
 
     held = {}  # group size -> (its key in the pool, actors, placement group)
 
-    def end(actors, pg):
-        for a in actors:
-            ray.kill(a)
-        ray.util.remove_placement_group(pg)
-
     def start(cfg):
         for n, args in {1: [(cfg, 1, 0, 1)], 2: [(cfg, 1, 0, 2), (cfg, 1, 1, 2)]}.items():
-            if n in held:
-                ray.get([a.reset.remote(*x) for a, x in zip(held[n][1], args)])
-                continue
             (request,) = [r for r in role_requests(load_train_config([f"learner.num_workers={n}"])) if r.role == "learner"]
             key = worker_key("learner", Learner, request, -1, os.cpu_count())  # as Groups.start keys a run's learners
-            warm = pool.take(key)
-            if warm and not as_new(warm[0]):  # restarted by Ray since it was parked
-                end(*warm)
-                warm = None
+            warm = pool.claim({"learner": key}, resources_of([request]), ray.cluster_resources()).get("learner")
             actors, pg, ready = start_actors(request, Learner, -1, args, warm)
             ray.get(ready)
             held[n] = (key, actors, pg)
@@ -91,7 +79,9 @@ def learner_actors(local_ray, pool):
     yield start
     for key, actors, pg in held.values():
         if not pool.park(key, actors, pg):
-            end(actors, pg)
+            for a in actors:
+                ray.kill(a)
+            ray.util.remove_placement_group(pg)
 
 
 def everyone(learners, method, *args, num_returns=1):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import logging
 import os
@@ -345,19 +346,9 @@ def _gguf_parsed_once():
     is made once per set of arguments (both are only read; transformers imports them from gguf when called)."""
     import gguf
 
-    def once(make):
-        made = {}
-
-        def cached(*args):
-            if args not in made:
-                made[args] = make(*args)
-            return made[args]
-
-        return cached
-
     real = {"GGUFReader": gguf.GGUFReader, "get_tensor_name_map": gguf.get_tensor_name_map}
     for name, make in real.items():
-        setattr(gguf, name, once(make))
+        setattr(gguf, name, functools.cache(make))
     try:
         yield
     finally:
