@@ -183,13 +183,13 @@ def _stop_ray_at_the_end():
 
 
 # Spares: a group of each role in the two sizes the tests use (1 and 2 workers) stays warm beside a run.
-POOL = WorkerPool(spare=4)
+POOL = WorkerPool(spare=6)
 
 
 @pytest.fixture(scope="session")
 def pool():
     """Workers kept warm between the end-to-end runs of this test process (opsd_ray.run.pool): a run takes
-    the groups of the runs before it with the same resources, whatever their settings (the four most recent
+    the groups of the runs before it with the same resources, whatever their settings (the six most recent
     groups it does not take stay for later runs)."""
     return POOL
 

@@ -57,6 +57,8 @@ def learner_actors(local_ray, pool):
     formed again) and go back to it after the test, for the next."""
     import os
 
+    from omegaconf import OmegaConf
+
     from opsd_ray.run.cluster import resources_of, role_requests, start_actors
     from opsd_ray.run.pool import worker_key
     from opsd_ray.workers.learner import Learner
@@ -65,8 +67,9 @@ def learner_actors(local_ray, pool):
 
     def start(cfg):
         for n, args in {1: [(cfg, 1, 0, 1)], 2: [(cfg, 1, 0, 2), (cfg, 1, 1, 2)]}.items():
-            (request,) = [r for r in role_requests(load_train_config([f"learner.num_workers={n}"])) if r.role == "learner"]
-            key = worker_key("learner", Learner, request, -1, os.cpu_count())  # as Groups.start keys a run's learners
+            (request,) = [r for r in role_requests(OmegaConf.merge(cfg, {"learner": {"num_workers": n}}))
+                          if r.role == "learner"]
+            key = worker_key("learner", Learner, request, -1, os.cpu_count())  # as Groups.start keys a run's
             warm = pool.claim({"learner": key}, resources_of([request]), ray.cluster_resources()).get("learner")
             actors, pg, ready = start_actors(request, Learner, -1, args, warm)
             ray.get(ready)
