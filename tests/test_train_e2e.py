@@ -230,6 +230,32 @@ def test_scoring_workers_give_the_same_targets_whichever_scores_a_part(local_ray
         assert torch.equal(a.tensors[v], b.tensors[v])
 
 
+def test_evaluation_is_split_over_the_rollout_workers(local_ray, tmp_path, small_data, pool):
+    """Two CPU rollout workers share an evaluation, and its summary equals one worker's (on the groups of
+    two that the tests above leave warm)."""
+    from opsd_ray.run.evaluation import evaluate_step
+    from opsd_ray.run.groups import Groups, RolloutGroup
+    from opsd_ray.run.runfolder import RunFolder
+
+    cfg = tiny_cfg(tmp_path, small_data, "rollout.engine=hf", "rollout.num_workers=2", "eval.every=1",
+                   "eval.benchmarks=[gsm8k,amc23]", "eval.limit=2", "eval.n_samples=3", "eval.max_new_tokens=6")
+    groups = Groups.start(cfg, "hf", pool=pool)
+    try:
+        two = evaluate_step(cfg, groups.rollout, RunFolder(str(tmp_path / "two")), 0)
+        alone = RolloutGroup(groups.rollout.workers[:1], groups.rollout.calls, groups.rollout.faults)
+        one = evaluate_step(cfg, alone, RunFolder(str(tmp_path / "one")), 0)
+    finally:
+        groups.shutdown(pool)
+    assert {k: v for k, v in two.items() if k != "time/eval"} == {k: v for k, v in one.items() if k != "time/eval"}
+    lines = {n: [json.loads(x) for x in (tmp_path / n / "eval" / "step_0" / "generations.jsonl").read_text().splitlines()]
+             for n in ("one", "two")}
+    assert {r["rollout_worker"] for r in lines["two"]} == {0, 1}  # both worked
+    assert [(r["benchmark"], r["problem_id"], r["sample"], r["response"]) for r in lines["two"]] == \
+        [(r["benchmark"], r["problem_id"], r["sample"], r["response"]) for r in lines["one"]]
+    summary = json.loads((tmp_path / "two" / "eval" / "step_0" / "summary.json").read_text())
+    assert summary["settings"]["rollout_workers"] == 2 and math.isfinite(summary["mean"]["avg"])
+
+
 def _driver(tmp_path, small_data, *extra):
     """A driver process that joins this process's Ray session, as a driver joins a cluster (its actors end
     with it)."""
