@@ -1,4 +1,5 @@
-"""End to end on real local Ray with the tiny model: both modes, both engines, sync, S=1 vs S=2, resume."""
+"""End to end on real local Ray with the tiny model: both modes, both engines, sync, S=1 vs S=2, an evaluation
+split over two rollout workers, resume."""
 
 import json
 import math
