@@ -233,6 +233,48 @@ def test_a_learner_error_is_that_error_and_a_lost_learner_restarts_the_group(loc
         groups.shutdown(pool)  # the rollout and scoring workers stay warm; the restarted learner ends
 
 
+def test_a_worker_lost_again_while_it_is_reset_is_one_more_loss_and_is_reset_once_back(local_ray, tmp_path):
+    """Ray restarts a lost worker with the arguments it was created with, and a run resets a worker it took
+    from a pool to its own (Workers.renew). A worker that dies during that reset is lost once more: the loss
+    counts, and the worker is reset when Ray has restarted it again."""
+    import os
+
+    from opsd_ray.run.calls import RayCalls
+    from opsd_ray.run.faults import Faults
+    from opsd_ray.run.groups import Workers
+
+    class Flaky:
+        """Built with a setting; dies during a reset while `marker` exists (and removes it)."""
+
+        def __init__(self, setting, marker):
+            self.setting, self.marker = setting, marker
+
+        def ready(self):
+            return {"setting": self.setting}
+
+        def reset(self, setting, marker):
+            if os.path.exists(marker):
+                os.remove(marker)
+                os._exit(1)
+            self.__init__(setting, marker)
+            return self.ready()
+
+        def die(self):
+            os._exit(1)
+
+    marker = tmp_path / "dies-in-reset"
+    worker = ray.remote(Flaky).options(num_cpus=0, max_restarts=5).remote("the pool's", str(marker))
+    group = Workers("scoring", [worker], RayCalls(), Faults(3))
+    group.reused = [("the run's", str(marker))]  # taken from a pool by a run with other settings
+    marker.touch()
+    with pytest.raises(ray.exceptions.RayActorError) as lost:
+        ray.get(worker.die.remote())
+    group.lost(0, lost.value, sent_at=0)
+    assert group.faults.counts == {"scoring": 2} and group.incarnation(0) == 1 and not marker.exists()
+    assert ray.get(worker.ready.remote()) == {"setting": "the run's"}
+    ray.kill(worker)
+
+
 def test_a_role_that_keeps_losing_workers_stops_the_run(local_ray, tmp_path, small_data, capsys, pool):
     from opsd_ray.cli import main
 

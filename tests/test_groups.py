@@ -10,7 +10,8 @@ from opsd_ray.run.schedule import micro_batch_bounds
 
 def test_the_adapters_kept_for_restarted_workers_are_the_last_sent_whatever_their_versions():
     """A learner reloaded from a checkpoint sends version 0 again after versions 1..5: it is kept."""
-    kept = RecentAdapters(keep=3)
+    kept = RecentAdapters()
+    assert kept.KEEP == 3
     for version in (0, 1, 2, 3, 4, 5):
         kept.add(version, ("state", version))
     assert list(kept) == [3, 4, 5]

@@ -61,7 +61,6 @@ class Faults:
         given: a process that is still being killed may answer first); RunStopped if it will not."""
         import ray
 
-
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             try:
@@ -82,6 +81,18 @@ class Faults:
             f"{what} did not come back within {self.timeout:.0f} s (no node with room for its placement-group "
             "bundle?). Add capacity, then continue with checkpoint.resume=auto"
         )
+
+    def call_through_losses(self, calls, actor, role: str, what: str, method: str, *args):
+        """`method` of `actor`, called again after each loss of the actor (once Ray has restarted it): each
+        loss counts for `role` (RunStopped past the budget)."""
+        while True:
+            try:
+                return calls.get(calls.submit(actor, method, *args))
+            except Exception as e:
+                if not is_actor_loss(e):
+                    raise
+                self.count(role, what, e)
+                self.wait_restarted(actor, what)
 
 
 class SkipCounter:

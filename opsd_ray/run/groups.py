@@ -42,11 +42,12 @@ class Workers:
         self.reused: list[tuple] | None = None  # the run's arguments of workers taken from a pool
 
     def renew(self, k: int) -> dict | None:
-        """Ray restarts an actor with the arguments it was created with: worker k, taken from a pool (made
-        by an earlier run, maybe with other settings), is reset to this run's. Its info, or None."""
+        """Ray restarts an actor with the arguments it was created with: worker k, taken from a pool (built by an
+        earlier run), is reset to this run's; a loss meanwhile counts too. Its info, or None."""
         if self.reused is None:
             return None
-        return self.calls.get(self.calls.submit(self.workers[k], "reset", *self.reused[k]))
+        what = f"{self.role} worker {k}"
+        return self.faults.call_through_losses(self.calls, self.workers[k], self.role, what, "reset", *self.reused[k])
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -84,17 +85,15 @@ class Workers:
 
 
 class RecentAdapters(dict):
-    """The adapters sent most recently, by version: the last `keep` sent, whatever their numbers (a
+    """The adapters sent most recently, by version: the last KEEP sent, whatever their numbers (a
     learner reloaded from a checkpoint sends lower versions again)."""
 
-    def __init__(self, keep: int = 3):
-        super().__init__()
-        self.keep = keep
+    KEEP = 3
 
     def add(self, version: int, adapter: tuple) -> None:
         self.pop(version, None)  # re-sent: now the newest
         self[version] = adapter
-        while len(self) > self.keep:
+        while len(self) > self.KEEP:
             del self[next(iter(self))]  # dicts keep insertion order: the oldest sent goes
 
 
